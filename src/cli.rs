@@ -1,0 +1,135 @@
+//! The command line: parsed by clap, then each command runs against validated settings.
+//! `main.rs` only calls [`run`]; everything here is testable without a process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::settings::{Settings, SettingsError};
+
+/// driftless: webhook-first GitOps reconciler for Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "driftless", version, about, long_about = None)]
+pub struct Cli {
+    /// Settings file (TOML). Environment variables DRIFTLESS__SECTION__KEY override it.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "DRIFTLESS_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the webhook receiver, the workers and the drift timer.
+    Serve,
+    /// Reconcile one app now, against every object (not only the changed ones).
+    Sync {
+        /// App name from the settings.
+        app: String,
+    },
+    /// Show how the cluster differs from the app's last applied revision.
+    Diff {
+        /// App name from the settings.
+        app: String,
+    },
+    /// Check every app for drift and missed pushes.
+    Drift {
+        /// Run one sweep, carry out what it finds and exit (for a CronJob).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Manage the forge webhooks that point at this receiver.
+    Hooks {
+        #[command(subcommand)]
+        command: HooksCommand,
+    },
+    /// Validate the settings and list the apps they define.
+    CheckConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HooksCommand {
+    /// Make sure exactly one webhook per repo points at <public_url>/hooks/<forge>.
+    Register {
+        /// Only this app's repo.
+        #[arg(long)]
+        app: Option<String>,
+        /// Print what would change, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Loads the settings named on the command line.
+pub fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
+    Settings::load(cli.config.as_deref()).map_err(anyhow::Error::from)
+}
+
+/// Runs a parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = load_settings(&cli)?;
+    match cli.command {
+        Command::CheckConfig => {
+            print!("{}", check_config_report(&settings));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve => crate::server::serve(settings)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Sync { .. } => not_implemented("sync", "the reconcile engine (issue 5)"),
+        Command::Diff { .. } => not_implemented("diff", "drift detection (issue 6)"),
+        Command::Drift { .. } => not_implemented("drift", "drift detection (issue 6)"),
+        Command::Hooks { .. } => {
+            not_implemented("hooks register", "webhook registration (issue 7)")
+        }
+    }
+}
+
+fn not_implemented(command: &str, what: &str) -> anyhow::Result<ExitCode> {
+    eprintln!("driftless {command}: not implemented yet; it arrives with {what}");
+    Ok(ExitCode::from(2))
+}
+
+/// What `check-config` prints: the apps understood and where each secret comes from.
+pub fn check_config_report(settings: &Settings) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let n = settings.apps.len();
+    let _ = writeln!(
+        out,
+        "settings OK: {n} app{}, listening on {}",
+        if n == 1 { "" } else { "s" },
+        settings.server.listen
+    );
+    for app in &settings.apps {
+        let path = if app.path.is_empty() { "." } else { &app.path };
+        let _ = writeln!(
+            out,
+            "app {name}: {forge} {repo} branch {branch} path {path} namespace {ns} prune={prune} drift={drift} health_timeout={ht}",
+            name = app.name,
+            forge = app.forge,
+            repo = app.repo,
+            branch = app.branch,
+            ns = app.namespace.as_deref().unwrap_or("(from manifests)"),
+            prune = app.prune,
+            drift = app.drift,
+            ht = humantime::format_duration(app.health_timeout),
+        );
+    }
+    for secret in settings.secret_refs() {
+        let state = match secret.resolve() {
+            Ok(_) => "available".to_string(),
+            Err(SettingsError { message, .. }) => format!("NOT AVAILABLE here: {message}"),
+        };
+        let _ = writeln!(out, "secret {secret}: {state}");
+    }
+    out
+}

@@ -1,0 +1,13 @@
+//! driftless: a webhook-first GitOps reconciler for Kubernetes.
+//!
+//! A push webhook (or the drift timer, or `driftless sync`) becomes a [`queue::Job`]; a worker
+//! fetches the app's subtree from the forge, turns it into Kubernetes objects and applies them
+//! with server-side apply. See `README.md` and `docs/architecture.md` for the whole picture.
+
+pub mod cli;
+pub mod metrics;
+pub mod queue;
+pub mod server;
+pub mod settings;
+pub mod telemetry;
+pub mod webhook;

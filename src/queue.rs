@@ -1,0 +1,256 @@
+//! The one path all work takes: a webhook, a drift tick or a manual sync becomes a [`Job`].
+//! At most one job is pending per app (the newest revision wins; a request to consider every
+//! object is kept when jobs merge), and an app is handed to one worker at a time. Memory is
+//! bounded by the number of configured apps, so no producer can flood it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use tokio::sync::Notify;
+
+/// Why a job was queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobReason {
+    /// A push webhook, with the forge's delivery id when it sent one.
+    Push { delivery: Option<String> },
+    /// The drift timer's periodic check.
+    DriftCheck,
+    /// The branch head moved without a webhook (caught by the timer or at start-up).
+    MissedPush,
+    /// `driftless sync` or an operator request.
+    Manual,
+}
+
+impl JobReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            JobReason::Push { .. } => "push",
+            JobReason::DriftCheck => "drift",
+            JobReason::MissedPush => "missed_push",
+            JobReason::Manual => "manual",
+        }
+    }
+}
+
+/// One unit of work for one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub app: String,
+    /// The commit to reconcile to; `None` means "the branch head when the job runs".
+    pub revision: Option<String>,
+    pub reason: JobReason,
+    /// Consider every object, not only those that changed since the last applied revision.
+    pub full: bool,
+    pub queued_at: Instant,
+}
+
+impl Job {
+    pub fn new(app: impl Into<String>, revision: Option<String>, reason: JobReason) -> Self {
+        let full = !matches!(reason, JobReason::Push { .. } | JobReason::MissedPush);
+        Self {
+            app: app.into(),
+            revision,
+            reason,
+            full,
+            queued_at: Instant::now(),
+        }
+    }
+}
+
+/// What happened to an enqueued job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// A new pending job.
+    New,
+    /// Merged into the job already pending for the app.
+    Coalesced,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueueError {
+    #[error("the queue is shut down")]
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<String, Job>,
+    order: VecDeque<String>,
+    running: HashSet<String>,
+    closed: bool,
+}
+
+/// Per-app coalescing queue shared by producers (webhook, timer, CLI) and workers.
+#[derive(Default)]
+pub struct JobQueue {
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+impl JobQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn enqueue(&self, job: Job) -> Result<Enqueued, QueueError> {
+        let mut st = self.state.lock().expect("queue lock poisoned");
+        if st.closed {
+            return Err(QueueError::Closed);
+        }
+        let outcome = match st.pending.get_mut(&job.app) {
+            Some(existing) => {
+                let full = existing.full || job.full;
+                let queued_at = existing.queued_at;
+                // The newest request names the revision to apply; a drift check that carries
+                // no revision does not undo a push's revision.
+                let revision = job.revision.clone().or_else(|| existing.revision.clone());
+                *existing = Job {
+                    revision,
+                    full,
+                    queued_at,
+                    ..job
+                };
+                Enqueued::Coalesced
+            }
+            None => {
+                st.order.push_back(job.app.clone());
+                st.pending.insert(job.app.clone(), job);
+                Enqueued::New
+            }
+        };
+        drop(st);
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+        Ok(outcome)
+    }
+
+    /// Waits for a job whose app is not running elsewhere. `None` once the queue is closed and
+    /// drained of runnable work.
+    pub async fn next(&self) -> Option<Job> {
+        loop {
+            let notified = self.wake.notified();
+            {
+                let mut st = self.state.lock().expect("queue lock poisoned");
+                if let Some(job) = take_runnable(&mut st) {
+                    return Some(job);
+                }
+                if st.closed {
+                    return None;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Marks the app's job finished so its next pending job can run.
+    pub fn done(&self, app: &str) {
+        self.state
+            .lock()
+            .expect("queue lock poisoned")
+            .running
+            .remove(app);
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+    }
+
+    /// Refuses new jobs and wakes waiting workers so they can finish.
+    pub fn close(&self) {
+        self.state.lock().expect("queue lock poisoned").closed = true;
+        self.wake.notify_waiters();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().expect("queue lock poisoned").closed
+    }
+
+    /// Jobs waiting to run (not counting running ones).
+    pub fn pending_len(&self) -> usize {
+        self.state
+            .lock()
+            .expect("queue lock poisoned")
+            .pending
+            .len()
+    }
+
+    /// A copy of the pending job for an app, if any.
+    pub fn pending(&self, app: &str) -> Option<Job> {
+        self.state
+            .lock()
+            .expect("queue lock poisoned")
+            .pending
+            .get(app)
+            .cloned()
+    }
+}
+
+fn take_runnable(st: &mut State) -> Option<Job> {
+    let pos = st.order.iter().position(|a| !st.running.contains(a))?;
+    let app = st.order.remove(pos)?;
+    let job = st.pending.remove(&app)?;
+    st.running.insert(app);
+    Some(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn push(app: &str, rev: &str) -> Job {
+        Job::new(app, Some(rev.into()), JobReason::Push { delivery: None })
+    }
+
+    #[tokio::test]
+    async fn newest_revision_wins_and_full_is_kept() {
+        let q = JobQueue::new();
+        assert_eq!(
+            q.enqueue(Job::new("a", None, JobReason::DriftCheck)),
+            Ok(Enqueued::New)
+        );
+        assert_eq!(q.enqueue(push("a", "r1")), Ok(Enqueued::Coalesced));
+        assert_eq!(q.enqueue(push("a", "r2")), Ok(Enqueued::Coalesced));
+        assert_eq!(q.pending_len(), 1);
+        let job = q.next().await.unwrap();
+        assert_eq!(job.revision.as_deref(), Some("r2"));
+        assert!(job.full, "the drift check asked for every object");
+    }
+
+    #[tokio::test]
+    async fn drift_check_keeps_a_pending_push_revision() {
+        let q = JobQueue::new();
+        q.enqueue(push("a", "r1")).unwrap();
+        q.enqueue(Job::new("a", None, JobReason::DriftCheck))
+            .unwrap();
+        assert_eq!(q.next().await.unwrap().revision.as_deref(), Some("r1"));
+    }
+
+    #[tokio::test]
+    async fn one_job_per_app_at_a_time() {
+        let q = JobQueue::new();
+        q.enqueue(push("a", "r1")).unwrap();
+        q.enqueue(push("b", "r1")).unwrap();
+        let first = q.next().await.unwrap();
+        assert_eq!(first.app, "a");
+        q.enqueue(push("a", "r2")).unwrap();
+        // "a" is running, so "b" comes next even though "a" was queued again.
+        assert_eq!(q.next().await.unwrap().app, "b");
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), q.next()).await;
+        assert!(
+            waiting.is_err(),
+            "a second job for a running app was handed out"
+        );
+        q.done("a");
+        assert_eq!(q.next().await.unwrap().revision.as_deref(), Some("r2"));
+    }
+
+    #[tokio::test]
+    async fn close_stops_workers() {
+        let q = std::sync::Arc::new(JobQueue::new());
+        let q2 = q.clone();
+        let worker = tokio::spawn(async move { q2.next().await });
+        tokio::task::yield_now().await;
+        q.close();
+        assert_eq!(worker.await.unwrap(), None);
+        assert_eq!(q.enqueue(push("a", "r")), Err(QueueError::Closed));
+    }
+}

@@ -1,0 +1,546 @@
+//! The HTTP receiver (actix-web): webhook routes, health, readiness and metrics. A webhook
+//! request is verified, parsed, matched and enqueued, and answered at once; it never calls a
+//! forge or Kubernetes. Bodies are read under a size limit and a deadline, so neither a large
+//! nor a slow client can hold a worker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::http::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::metrics::{ForgeLabels, Metrics};
+use crate::queue::{Job, JobQueue, JobReason};
+use crate::settings::{
+    AppSettings, ForgeKind, GithubSettings, GitlabSettings, Secret, Settings, SettingsError,
+};
+use crate::webhook::dedup::DeliveryCache;
+use crate::webhook::gitlab::{GitlabSecrets, ProofHeaders};
+use crate::webhook::{self, github, gitlab, Event, GitRef, WebhookError};
+
+/// How long a delivery id is remembered: GitHub and GitLab retry within minutes, and a manual
+/// "Redeliver" an hour later is rare enough to apply (applying is idempotent anyway).
+const DEDUP_WINDOW: Duration = Duration::from_secs(3600);
+/// Delivery ids remembered at most: ~100k ids is ~25 MiB worst case and covers over 25
+/// deliveries a second for the whole window.
+const DEDUP_CAPACITY: usize = 100_000;
+
+/// Everything a request handler needs, shared by all workers of the server.
+pub struct Receiver {
+    apps: Vec<AppSettings>,
+    github: Option<Vec<Secret>>,
+    gitlab: Option<GitlabSecrets>,
+    pub queue: Arc<JobQueue>,
+    deliveries: DeliveryCache,
+    pub metrics: Arc<Metrics>,
+    body_limit: usize,
+    read_timeout: Duration,
+}
+
+impl Receiver {
+    /// Resolves the webhook secrets. Fails, naming the setting, when one cannot be read: there
+    /// is no unsigned mode.
+    pub fn new(
+        settings: &Settings,
+        queue: Arc<JobQueue>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, SettingsError> {
+        let github = settings
+            .forges
+            .github
+            .as_ref()
+            .map(github_secrets)
+            .transpose()?;
+        let gitlab = settings
+            .forges
+            .gitlab
+            .as_ref()
+            .map(gitlab_secrets)
+            .transpose()?;
+        Ok(Self {
+            apps: settings.apps.clone(),
+            github,
+            gitlab,
+            queue,
+            deliveries: DeliveryCache::new(DEDUP_WINDOW, DEDUP_CAPACITY),
+            metrics,
+            body_limit: settings.server.body_limit,
+            read_timeout: settings.server.read_timeout,
+        })
+    }
+}
+
+fn github_secrets(gh: &GithubSettings) -> Result<Vec<Secret>, SettingsError> {
+    let mut secrets = vec![gh.webhook_secret.resolve()?];
+    if let Some(prev) = &gh.previous_webhook_secret {
+        secrets.push(prev.resolve()?);
+    }
+    Ok(secrets)
+}
+
+fn gitlab_secrets(gl: &GitlabSettings) -> Result<GitlabSecrets, SettingsError> {
+    let mut out = GitlabSecrets::default();
+    for r in [&gl.webhook_token, &gl.previous_webhook_token]
+        .into_iter()
+        .flatten()
+    {
+        out.tokens.push(r.resolve()?);
+    }
+    if let Some(r) = &gl.signing_token {
+        let key = webhook::gitlab::signing_key(r.resolve()?.expose()).map_err(|message| {
+            SettingsError {
+                key: r.key().to_string(),
+                message,
+            }
+        })?;
+        out.signing_keys.push(key);
+    }
+    Ok(out)
+}
+
+/// Registers the routes; used by `serve` and by tests through actix's test service.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/hooks/github", web::post().to(github_hook))
+        .route("/hooks/gitlab", web::post().to(gitlab_hook))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "alive"}))
+}
+
+async fn readyz(rx: web::Data<Receiver>) -> HttpResponse {
+    let queue_open = !rx.queue.is_closed();
+    let body = json!({
+        "ready": queue_open,
+        "checks": {"settings": true, "queue_accepting": queue_open},
+    });
+    if queue_open {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+async fn metrics(rx: web::Data<Receiver>) -> HttpResponse {
+    rx.metrics.queue_pending.set(rx.queue.pending_len() as i64);
+    HttpResponse::Ok()
+        .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .body(rx.metrics.render())
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> HttpResponse {
+    HttpResponse::build(status).json(json!({"error": message.to_string()}))
+}
+
+/// A refused request: its status, what the sender is told, and the metric label.
+#[derive(Debug)]
+struct Rejection {
+    status: StatusCode,
+    message: String,
+    label: &'static str,
+}
+
+impl Rejection {
+    fn new(status: StatusCode, label: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            label,
+        }
+    }
+
+    fn response(&self) -> HttpResponse {
+        error(self.status, &self.message)
+    }
+}
+
+impl From<WebhookError> for Rejection {
+    fn from(e: WebhookError) -> Self {
+        let status = if e.is_unauthorized() {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        Rejection::new(status, e.metric_label(), e.to_string())
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers.get(name).map(|v| v.as_bytes())
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Cuts a sender-supplied string before it goes into a response or a log line.
+fn clip(s: &str) -> &str {
+    let mut end = s.len().min(64);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Refuses anything but JSON (GitHub can be set to send form-encoded bodies).
+fn check_content_type(req: &HttpRequest) -> Result<(), Rejection> {
+    let ct = header_str(req.headers(), CONTENT_TYPE.as_str()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "content type must be application/json, got {:?}; set the webhook's content type to JSON",
+                clip(ct)
+            ),
+        ))
+    }
+}
+
+/// Reads the body under the size limit (refusing early on a large Content-Length, never
+/// buffering more than the limit) and the read deadline.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    deadline: Duration,
+) -> Result<Bytes, Rejection> {
+    let too_large = || {
+        Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body larger than the limit of {limit} bytes"),
+        )
+    };
+    if let Some(len) = header_str(req.headers(), CONTENT_LENGTH.as_str()) {
+        match len.trim().parse::<u64>() {
+            Ok(n) if n > limit as u64 => return Err(too_large()),
+            Ok(_) => {}
+            Err(_) => {
+                return Err(Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "invalid Content-Length",
+                ))
+            }
+        }
+    }
+    let read = async {
+        let mut buf = BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| {
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("reading the body: {e}"),
+                )
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    };
+    tokio::time::timeout(deadline, read)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Rejection::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("body not received within {}s", deadline.as_secs()),
+            ))
+        })
+}
+
+/// The metric label for an event kind.
+fn event_label(event: &Event) -> &'static str {
+    match event {
+        Event::Push(p) if matches!(p.git_ref, GitRef::Tag(_)) => "tag_push",
+        Event::Push(_) => "push",
+        Event::Ping { .. } => "ping",
+        Event::Ignored { .. } => "ignored",
+    }
+}
+
+/// The delivery id a forge repeats on retries and manual redeliveries.
+fn delivery_id(forge: ForgeKind, headers: &HeaderMap) -> Option<String> {
+    let candidates: &[&str] = match forge {
+        ForgeKind::Github => &[github::DELIVERY_HEADER],
+        ForgeKind::Gitlab => &[
+            gitlab::ID_HEADER,
+            gitlab::IDEMPOTENCY_HEADER,
+            gitlab::UUID_HEADER,
+        ],
+    };
+    candidates
+        .iter()
+        .find_map(|h| header_str(headers, h))
+        .map(str::to_string)
+}
+
+async fn github_hook(
+    req: HttpRequest,
+    payload: web::Payload,
+    rx: web::Data<Receiver>,
+) -> HttpResponse {
+    receive(ForgeKind::Github, req, payload, rx).await
+}
+
+async fn gitlab_hook(
+    req: HttpRequest,
+    payload: web::Payload,
+    rx: web::Data<Receiver>,
+) -> HttpResponse {
+    receive(ForgeKind::Gitlab, req, payload, rx).await
+}
+
+/// One delivery: check the forge is configured and the content type, read the body under the
+/// limits, verify, parse, then deduplicate, match and enqueue.
+async fn receive(
+    forge: ForgeKind,
+    req: HttpRequest,
+    payload: web::Payload,
+    rx: web::Data<Receiver>,
+) -> HttpResponse {
+    let started = Instant::now();
+    let delivery = delivery_id(forge, req.headers());
+    let verified = async {
+        let configured = match forge {
+            ForgeKind::Github => rx.github.is_some(),
+            ForgeKind::Gitlab => rx.gitlab.is_some(),
+        };
+        if !configured {
+            return Err(Rejection::new(
+                StatusCode::NOT_FOUND,
+                "forge_not_configured",
+                format!("{forge} is not configured on this receiver ([forges.{forge}])"),
+            ));
+        }
+        check_content_type(&req)?;
+        let body = read_body(&req, payload, rx.body_limit, rx.read_timeout).await?;
+        verify_and_parse(forge, &rx, req.headers(), &body)
+    }
+    .await;
+    match verified {
+        Ok(event) => {
+            let resp = dispatch(&rx, forge, event, delivery);
+            rx.metrics
+                .webhook_ack_seconds
+                .get_or_create(&ForgeLabels {
+                    forge: forge.as_str(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            resp
+        }
+        Err(rejection) => {
+            warn!(forge = forge.as_str(), delivery = clip(delivery.as_deref().unwrap_or("-")),
+                status = rejection.status.as_u16(), reason = %rejection.message, "webhook refused");
+            rx.metrics
+                .delivery(forge.as_str(), "unknown", rejection.label);
+            rejection.response()
+        }
+    }
+}
+
+/// Verifies the sender's proof before anything in the body is looked at, then parses.
+fn verify_and_parse(
+    forge: ForgeKind,
+    rx: &Receiver,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Event, Rejection> {
+    let event_header = match forge {
+        ForgeKind::Github => {
+            let secrets = rx.github.as_deref().unwrap_or_default();
+            github::verify_signature(secrets, header(headers, github::SIGNATURE_HEADER), body)?;
+            github::EVENT_HEADER
+        }
+        ForgeKind::Gitlab => {
+            let none = GitlabSecrets::default();
+            let secrets = rx.gitlab.as_ref().unwrap_or(&none);
+            let proof = ProofHeaders {
+                token: header(headers, gitlab::TOKEN_HEADER),
+                signature: header(headers, gitlab::SIGNATURE_HEADER),
+                id: header(headers, gitlab::ID_HEADER),
+                timestamp: header(headers, gitlab::TIMESTAMP_HEADER),
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0);
+            gitlab::verify(secrets, proof, body, now)?;
+            gitlab::EVENT_HEADER
+        }
+    };
+    let name = header_str(headers, event_header).ok_or_else(|| {
+        Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("missing {event_header} header"),
+        )
+    })?;
+    Ok(match forge {
+        ForgeKind::Github => github::parse(name, body)?,
+        ForgeKind::Gitlab => gitlab::parse(name, body)?,
+    })
+}
+
+/// Acts on a verified, parsed event: deduplicate, match, enqueue, answer.
+fn dispatch(
+    rx: &Receiver,
+    forge: ForgeKind,
+    event: Event,
+    delivery: Option<String>,
+) -> HttpResponse {
+    let forge_label = forge.as_str();
+    let event_label = event_label(&event);
+    if let Some(id) = &delivery {
+        if rx.deliveries.check_and_insert(id, Instant::now()) {
+            info!(forge = forge_label, delivery = %id, "duplicate delivery ignored");
+            rx.metrics.delivery(forge_label, event_label, "duplicate");
+            return HttpResponse::Ok().json(json!({"status": "duplicate", "delivery": id}));
+        }
+    }
+    match event {
+        Event::Ping { hook_id } => {
+            info!(forge = forge_label, hook_id = ?hook_id, "webhook ping");
+            rx.metrics.delivery(forge_label, event_label, "pong");
+            HttpResponse::Ok().json(json!({"status": "pong", "hook_id": hook_id}))
+        }
+        Event::Ignored { event } => {
+            info!(forge = forge_label, event = %clip(&event), "event ignored");
+            rx.metrics.delivery(forge_label, event_label, "ignored");
+            HttpResponse::Accepted().json(json!({"status": "ignored", "event": clip(&event)}))
+        }
+        Event::Push(push) => {
+            if push.deleted {
+                info!(forge = forge_label, repo = %push.repo, git_ref = %push.git_ref, "ref deleted; nothing to apply");
+                rx.metrics.delivery(forge_label, event_label, "deleted");
+                return HttpResponse::Ok().json(json!({"status": "deleted", "apps": []}));
+            }
+            let apps = webhook::match_apps(&rx.apps, &push);
+            if apps.is_empty() {
+                rx.metrics.delivery(forge_label, event_label, "no_match");
+                return HttpResponse::Ok().json(json!({"status": "no_match", "apps": []}));
+            }
+            let mut queued = Vec::with_capacity(apps.len());
+            for app in apps {
+                let job = Job::new(
+                    app.name.clone(),
+                    Some(push.after.clone()),
+                    JobReason::Push {
+                        delivery: delivery.clone(),
+                    },
+                );
+                match rx.queue.enqueue(job) {
+                    Ok(_) => queued.push(app.name.clone()),
+                    Err(e) => {
+                        warn!(app = %app.name, error = %e, "cannot queue");
+                        rx.metrics.delivery(forge_label, event_label, "unavailable");
+                        // 503, never 4xx: GitLab disables hooks after repeated 4xx answers.
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "shutting down; retry later",
+                        );
+                    }
+                }
+            }
+            info!(forge = forge_label, repo = %push.repo, git_ref = %push.git_ref, after = %push.after, apps = ?queued, "push queued");
+            rx.metrics.delivery(forge_label, event_label, "queued");
+            rx.metrics
+                .jobs_queued
+                .get_or_create(&ForgeLabels { forge: forge_label })
+                .inc_by(queued.len() as u64);
+            HttpResponse::Accepted().json(json!({
+                "status": "queued",
+                "apps": queued,
+                "revision": push.after,
+                "delivery": delivery,
+            }))
+        }
+    }
+}
+
+/// Runs the receiver until SIGINT or SIGTERM.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let queue = Arc::new(JobQueue::new());
+    let metrics = Arc::new(Metrics::new());
+    let receiver = web::Data::new(Receiver::new(&settings, queue.clone(), metrics)?);
+    let shutdown = CancellationToken::new();
+
+    let worker = tokio::spawn(unimplemented_worker(queue.clone()));
+
+    let body_limit = settings.server.body_limit;
+    let server = actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(receiver.clone())
+            .app_data(web::PayloadConfig::new(body_limit))
+            .configure(routes)
+    })
+    .client_request_timeout(settings.server.header_timeout)
+    .client_disconnect_timeout(Duration::from_secs(5))
+    .shutdown_timeout(30)
+    .disable_signals()
+    .bind(settings.server.listen)
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "server.listen: cannot listen on {}: {e}",
+            settings.server.listen
+        )
+    })?
+    .run();
+    let handle = server.handle();
+    info!(listen = %settings.server.listen, apps = settings.apps.len(), "driftless receiver started");
+
+    let signals = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("shutdown requested");
+            shutdown.cancel();
+            handle.stop(true).await;
+        })
+    };
+    let result = server.await;
+    shutdown.cancel();
+    queue.close();
+    signals.abort();
+    let _ = worker.await;
+    result.map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Until the reconcile engine exists, queued jobs are reported as not carried out, loudly.
+async fn unimplemented_worker(queue: Arc<JobQueue>) {
+    while let Some(job) = queue.next().await {
+        tracing::error!(app = %job.app, revision = ?job.revision, reason = job.reason.as_str(),
+            "job not carried out: the reconcile engine is not implemented yet");
+        queue.done(&job.app);
+    }
+}

@@ -1,0 +1,1266 @@
+//! Settings: built-in defaults, then a TOML file, then `DRIFTLESS__SECTION__KEY` environment
+//! variables, layered by the `config` crate into raw values and converted once into validated,
+//! typed [`Settings`]. Every error names the key at fault (`apps[2].path: ...`).
+//!
+//! The module is called `settings` rather than `config` so that it never shadows the `config`
+//! crate it is built on.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The public GitHub REST API.
+pub const GITHUB_API_URL: &str = "https://api.github.com";
+/// The public GitLab REST API.
+pub const GITLAB_API_URL: &str = "https://gitlab.com/api/v4";
+
+/// A settings error: the key at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct SettingsError {
+    /// Dotted key path, e.g. `apps[2].path` or `forges.github.token_env`.
+    pub key: String,
+    /// What is wrong and, where it helps, what to write instead.
+    pub message: String,
+}
+
+impl SettingsError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Every problem found in one settings source, so a user fixes them in one pass.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading settings from {source_name}: {message}")]
+    Read {
+        source_name: String,
+        message: String,
+    },
+    #[error("invalid settings:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<SettingsError>),
+}
+
+impl LoadError {
+    /// The individual key errors, if this is a validation failure.
+    pub fn errors(&self) -> &[SettingsError] {
+        match self {
+            LoadError::Invalid(errors) => errors,
+            LoadError::Read { .. } => &[],
+        }
+    }
+}
+
+/// Validated settings. Built only through [`Settings::load`] or [`Settings::from_toml_str`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub kubernetes: KubernetesSettings,
+    pub forges: ForgeSettings,
+    pub drift: DriftSettings,
+    pub apps: Vec<AppSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Address the HTTP receiver listens on.
+    pub listen: SocketAddr,
+    /// Public base URL, used for webhook registration and commit-status links.
+    pub public_url: Option<String>,
+    /// Largest accepted request body, in bytes.
+    pub body_limit: usize,
+    /// Time a client has to send its request headers (slowloris guard).
+    pub header_timeout: Duration,
+    /// Time a client has to send the whole request body.
+    pub read_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct KubernetesSettings {
+    /// Namespace holding the per-app state objects and Leases.
+    pub state_namespace: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ForgeSettings {
+    pub github: Option<GithubSettings>,
+    pub gitlab: Option<GitlabSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GithubSettings {
+    pub api_url: String,
+    pub auth: GithubAuth,
+    /// Secret GitHub signs deliveries with (`X-Hub-Signature-256`).
+    pub webhook_secret: SecretRef,
+    /// A second accepted secret while a new one is rolled out.
+    pub previous_webhook_secret: Option<SecretRef>,
+    /// Register the webhook on each repo when `serve` starts.
+    pub register_webhooks: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum GithubAuth {
+    Token(SecretRef),
+    App {
+        app_id: u64,
+        private_key: SecretRef,
+        installation_id: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct GitlabSettings {
+    pub api_url: String,
+    pub token: SecretRef,
+    /// Plain secret token, sent back in `X-Gitlab-Token`.
+    pub webhook_token: Option<SecretRef>,
+    /// Standard Webhooks signing token (`whsec_...`), verified from `webhook-signature`.
+    pub signing_token: Option<SecretRef>,
+    /// A second accepted webhook token while a new one is rolled out.
+    pub previous_webhook_token: Option<SecretRef>,
+    pub register_webhooks: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DriftSettings {
+    /// How often each app is checked.
+    pub interval: Duration,
+    /// Largest random offset added to each app's slot in the interval.
+    pub jitter: Duration,
+    /// Set the applied commit's status to failure while drift remains.
+    pub report_status: bool,
+}
+
+/// Which forge an app's repository lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ForgeKind {
+    Github,
+    Gitlab,
+}
+
+impl ForgeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForgeKind::Github => "github",
+            ForgeKind::Gitlab => "gitlab",
+        }
+    }
+}
+
+impl fmt::Display for ForgeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to do when the cluster no longer matches Git.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DriftPolicy {
+    /// Re-apply the drifted objects.
+    Heal,
+    /// Report only.
+    Alert,
+}
+
+impl fmt::Display for DriftPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DriftPolicy::Heal => "heal",
+            DriftPolicy::Alert => "alert",
+        })
+    }
+}
+
+/// A field that something other than Git legitimately owns, so it is never drift.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IgnoreRule {
+    /// Limit the rule to one kind (e.g. `Deployment`); `None` means every kind.
+    pub kind: Option<String>,
+    /// JSON pointer into the object, e.g. `/spec/replicas`.
+    pub pointer: String,
+}
+
+/// One app: a path in a repo branch, reconciled into the cluster.
+#[derive(Debug, Clone)]
+pub struct AppSettings {
+    pub name: String,
+    pub forge: ForgeKind,
+    /// `owner/name` on GitHub, `group/sub/project` on GitLab, as written.
+    pub repo: String,
+    pub branch: String,
+    /// Normalised relative path inside the repo; empty means the repo root.
+    pub path: String,
+    /// Namespace for namespaced objects that do not name one.
+    pub namespace: Option<String>,
+    pub prune: bool,
+    pub drift: DriftPolicy,
+    pub health_timeout: Duration,
+    /// Take ownership of fields another field manager holds (server-side apply `force`).
+    pub force_conflicts: bool,
+    pub ignore: Vec<IgnoreRule>,
+}
+
+/// A reference to a secret: never the secret itself.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env { key: String, var: String },
+    File { key: String, path: PathBuf },
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env { var, .. } => write!(f, "env:{var}"),
+            SecretRef::File { path, .. } => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env { key, var } => write!(f, "{key} = {var:?}"),
+            SecretRef::File { key, path } => write!(f, "{key} = {:?}", path.display()),
+        }
+    }
+}
+
+impl SecretRef {
+    /// The settings key this reference was written under.
+    pub fn key(&self) -> &str {
+        match self {
+            SecretRef::Env { key, .. } | SecretRef::File { key, .. } => key,
+        }
+    }
+
+    /// Reads the secret. Surrounding whitespace (a trailing newline in a file) is removed.
+    pub fn resolve(&self) -> Result<Secret, SettingsError> {
+        let raw = match self {
+            SecretRef::Env { key, var } => std::env::var(var).map_err(|_| {
+                SettingsError::new(key, format!("environment variable {var} is not set"))
+            })?,
+            SecretRef::File { key, path } => std::fs::read_to_string(path).map_err(|e| {
+                SettingsError::new(key, format!("cannot read {}: {e}", path.display()))
+            })?,
+        };
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(SettingsError::new(self.key(), "the secret is empty"));
+        }
+        Ok(Secret(trimmed.to_string()))
+    }
+}
+
+/// A resolved secret. `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (when given), then `DRIFTLESS__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Settings, LoadError> {
+        let mut builder = ::config::Config::builder();
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(LoadError::Read {
+                    source_name: path.display().to_string(),
+                    message: "no such file".into(),
+                });
+            }
+            builder = builder.add_source(
+                ::config::File::from(path)
+                    .format(::config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        builder = builder.add_source(
+            ::config::Environment::with_prefix("DRIFTLESS")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let source_name =
+            file.map_or_else(|| "environment".to_string(), |p| p.display().to_string());
+        let merged = builder.build().map_err(|e| LoadError::Read {
+            source_name: source_name.clone(),
+            message: e.to_string(),
+        })?;
+        let value: Value = merged.try_deserialize().map_err(|e| LoadError::Read {
+            source_name,
+            message: e.to_string(),
+        })?;
+        Self::from_value(value)
+    }
+
+    /// Parses and validates a TOML document (no environment layer). Used by tests and tools.
+    pub fn from_toml_str(text: &str) -> Result<Settings, LoadError> {
+        let merged = ::config::Config::builder()
+            .add_source(::config::File::from_str(text, ::config::FileFormat::Toml))
+            .build()
+            .map_err(|e| LoadError::Read {
+                source_name: "TOML text".into(),
+                message: e.to_string(),
+            })?;
+        let value: Value = merged.try_deserialize().map_err(|e| LoadError::Read {
+            source_name: "TOML text".into(),
+            message: e.to_string(),
+        })?;
+        Self::from_value(value)
+    }
+
+    fn from_value(value: Value) -> Result<Settings, LoadError> {
+        let raw: RawSettings = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            LoadError::Invalid(vec![shape_error(&path, &e.into_inner().to_string())])
+        })?;
+        raw.validate().map_err(LoadError::Invalid)
+    }
+
+    /// The app with this name.
+    pub fn app(&self, name: &str) -> Option<&AppSettings> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+
+    /// Every secret reference, for `check-config` to report on.
+    pub fn secret_refs(&self) -> Vec<&SecretRef> {
+        let mut refs = Vec::new();
+        if let Some(gh) = &self.forges.github {
+            match &gh.auth {
+                GithubAuth::Token(t) => refs.push(t),
+                GithubAuth::App { private_key, .. } => refs.push(private_key),
+            }
+            refs.push(&gh.webhook_secret);
+            refs.extend(gh.previous_webhook_secret.as_ref());
+        }
+        if let Some(gl) = &self.forges.gitlab {
+            refs.push(&gl.token);
+            refs.extend(gl.webhook_token.as_ref());
+            refs.extend(gl.signing_token.as_ref());
+            refs.extend(gl.previous_webhook_token.as_ref());
+        }
+        refs
+    }
+}
+
+/// Turns a serde error at `path` into a key-naming error. `unknown field` is reported on the
+/// unknown key itself.
+fn shape_error(path: &str, message: &str) -> SettingsError {
+    let join = |field: &str| {
+        if path.is_empty() || path == "." {
+            field.to_string()
+        } else {
+            format!("{path}.{field}")
+        }
+    };
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let field = rest.split('`').next().unwrap_or_default();
+        let expected = rest
+            .split_once(", expected ")
+            .map(|(_, e)| format!(" (known keys: {})", e.trim_start_matches("one of ")))
+            .unwrap_or_default();
+        // serde_path_to_error's path already ends with the unknown key.
+        let key = if path.is_empty() || path == "." {
+            field.to_string()
+        } else {
+            path.to_string()
+        };
+        return SettingsError::new(key, format!("unknown key{expected}"));
+    }
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or_default();
+        return SettingsError::new(join(field), "is required but missing");
+    }
+    let key = if path.is_empty() || path == "." {
+        "(top level)".to_string()
+    } else {
+        path.to_string()
+    };
+    SettingsError::new(key, message.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw settings: the shape of the file. Known inline-secret keys are accepted here only so that
+// validation can say what to write instead.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawSettings {
+    server: RawServer,
+    kubernetes: RawKubernetes,
+    forges: RawForges,
+    drift: RawDrift,
+    apps: Vec<RawApp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawServer {
+    listen: String,
+    public_url: Option<String>,
+    body_limit: Value,
+    header_timeout: String,
+    read_timeout: String,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            public_url: None,
+            body_limit: Value::String("25MiB".into()),
+            header_timeout: "5s".into(),
+            read_timeout: "30s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawKubernetes {
+    state_namespace: String,
+}
+
+impl Default for RawKubernetes {
+    fn default() -> Self {
+        Self {
+            state_namespace: "driftless".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawForges {
+    github: Option<RawGithub>,
+    gitlab: Option<RawGitlab>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawGithub {
+    api_url: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<String>,
+    token: Option<Value>,
+    app_id: Option<u64>,
+    private_key_file: Option<String>,
+    private_key_env: Option<String>,
+    private_key: Option<Value>,
+    installation_id: Option<u64>,
+    webhook_secret_env: Option<String>,
+    webhook_secret_file: Option<String>,
+    webhook_secret: Option<Value>,
+    previous_webhook_secret_env: Option<String>,
+    previous_webhook_secret_file: Option<String>,
+    previous_webhook_secret: Option<Value>,
+    register_webhooks: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawGitlab {
+    api_url: Option<String>,
+    token_env: Option<String>,
+    token_file: Option<String>,
+    token: Option<Value>,
+    webhook_token_env: Option<String>,
+    webhook_token_file: Option<String>,
+    webhook_token: Option<Value>,
+    signing_token_env: Option<String>,
+    signing_token_file: Option<String>,
+    signing_token: Option<Value>,
+    previous_webhook_token_env: Option<String>,
+    previous_webhook_token_file: Option<String>,
+    previous_webhook_token: Option<Value>,
+    register_webhooks: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawDrift {
+    interval: String,
+    jitter: String,
+    report_status: bool,
+}
+
+impl Default for RawDrift {
+    fn default() -> Self {
+        Self {
+            interval: "10m".into(),
+            jitter: "1m".into(),
+            report_status: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: String,
+    forge: String,
+    repo: String,
+    #[serde(default = "default_branch")]
+    branch: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default = "default_true")]
+    prune: bool,
+    #[serde(default = "default_drift")]
+    drift: String,
+    #[serde(default = "default_health_timeout")]
+    health_timeout: String,
+    #[serde(default = "default_true")]
+    force_conflicts: bool,
+    #[serde(default)]
+    ignore: Vec<RawIgnore>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIgnore {
+    #[serde(default)]
+    kind: Option<String>,
+    pointer: String,
+}
+
+fn default_branch() -> String {
+    "main".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_drift() -> String {
+    "heal".into()
+}
+fn default_health_timeout() -> String {
+    "5m".into()
+}
+
+/// Collects errors while the raw settings are converted.
+#[derive(Default)]
+struct Problems(Vec<SettingsError>);
+
+impl Problems {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(SettingsError::new(key, message));
+    }
+
+    fn duration(&mut self, key: &str, text: &str) -> Duration {
+        match parse_duration(text) {
+            Ok(d) => d,
+            Err(message) => {
+                self.push(key, message);
+                Duration::ZERO
+            }
+        }
+    }
+
+    /// Exactly one of `<base>_env` / `<base>_file`, or none when `required` is false.
+    fn secret(
+        &mut self,
+        section: &str,
+        base: &str,
+        env: &Option<String>,
+        file: &Option<String>,
+        inline: &Option<Value>,
+        required: bool,
+    ) -> Option<SecretRef> {
+        if inline.is_some() {
+            self.push(
+                format!("{section}.{base}"),
+                format!(
+                    "secrets are never written inline; name an environment variable with \
+                     {section}.{base}_env or a file with {section}.{base}_file"
+                ),
+            );
+            return None;
+        }
+        match (env, file) {
+            (Some(_), Some(_)) => {
+                self.push(
+                    format!("{section}.{base}_env"),
+                    format!("set only one of {base}_env and {base}_file"),
+                );
+                None
+            }
+            (Some(var), None) => {
+                let key = format!("{section}.{base}_env");
+                if !is_env_var_name(var) {
+                    self.push(&key, format!("not an environment variable name: {var:?}"));
+                    return None;
+                }
+                Some(SecretRef::Env {
+                    key,
+                    var: var.clone(),
+                })
+            }
+            (None, Some(path)) => {
+                let key = format!("{section}.{base}_file");
+                if path.trim().is_empty() {
+                    self.push(&key, "must not be empty");
+                    return None;
+                }
+                Some(SecretRef::File {
+                    key,
+                    path: PathBuf::from(path),
+                })
+            }
+            (None, None) => {
+                if required {
+                    self.push(
+                        format!("{section}.{base}_env"),
+                        format!("is required: set {base}_env or {base}_file"),
+                    );
+                }
+                None
+            }
+        }
+    }
+}
+
+impl RawSettings {
+    fn validate(self) -> Result<Settings, Vec<SettingsError>> {
+        let mut p = Problems::default();
+
+        let listen = match self.server.listen.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                p.push(
+                    "server.listen",
+                    format!(
+                        "must be an address and port like 0.0.0.0:8080, got {:?}",
+                        self.server.listen
+                    ),
+                );
+                SocketAddr::from(([0, 0, 0, 0], 8080))
+            }
+        };
+        let public_url = self.server.public_url.map(|u| {
+            let trimmed = u.trim_end_matches('/').to_string();
+            if let Err(m) = check_http_url(&trimmed) {
+                p.push("server.public_url", m);
+            }
+            trimmed
+        });
+        let body_limit = match parse_byte_size(&self.server.body_limit) {
+            Ok(0) => {
+                p.push("server.body_limit", "must be greater than zero");
+                0
+            }
+            Ok(n) => n,
+            Err(m) => {
+                p.push("server.body_limit", m);
+                0
+            }
+        };
+        let header_timeout = p.duration("server.header_timeout", &self.server.header_timeout);
+        let read_timeout = p.duration("server.read_timeout", &self.server.read_timeout);
+
+        if let Err(m) = check_dns_label(&self.kubernetes.state_namespace) {
+            p.push("kubernetes.state_namespace", m);
+        }
+
+        let github = self.forges.github.map(|g| {
+            let s = "forges.github";
+            let api_url = api_url(&mut p, s, g.api_url, GITHUB_API_URL);
+            let token = p.secret(s, "token", &g.token_env, &g.token_file, &g.token, false);
+            let private_key = p.secret(
+                s,
+                "private_key",
+                &g.private_key_env,
+                &g.private_key_file,
+                &g.private_key,
+                false,
+            );
+            let auth = match (token, g.app_id, private_key, g.installation_id) {
+                (Some(t), None, None, None) => Some(GithubAuth::Token(t)),
+                (None, Some(app_id), Some(private_key), Some(installation_id)) => {
+                    Some(GithubAuth::App {
+                        app_id,
+                        private_key,
+                        installation_id,
+                    })
+                }
+                (Some(_), _, _, _) => {
+                    p.push(
+                        format!("{s}.token_env"),
+                        "choose one way to authenticate: a token, or a GitHub App \
+                         (app_id, private_key_file, installation_id), not both",
+                    );
+                    None
+                }
+                (None, None, None, None) => {
+                    p.push(
+                        format!("{s}.token_env"),
+                        "is required: set token_env or token_file, or authenticate as a \
+                         GitHub App with app_id, private_key_file and installation_id",
+                    );
+                    None
+                }
+                (None, app_id, key, inst) => {
+                    let missing: Vec<&str> = [
+                        app_id.is_none().then_some("app_id"),
+                        key.is_none().then_some("private_key_file"),
+                        inst.is_none().then_some("installation_id"),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    p.push(
+                        format!("{s}.{}", missing[0]),
+                        format!(
+                            "GitHub App authentication needs app_id, private_key_file and \
+                             installation_id; missing: {}",
+                            missing.join(", ")
+                        ),
+                    );
+                    None
+                }
+            };
+            let webhook_secret = p.secret(
+                s,
+                "webhook_secret",
+                &g.webhook_secret_env,
+                &g.webhook_secret_file,
+                &g.webhook_secret,
+                true,
+            );
+            let previous_webhook_secret = p.secret(
+                s,
+                "previous_webhook_secret",
+                &g.previous_webhook_secret_env,
+                &g.previous_webhook_secret_file,
+                &g.previous_webhook_secret,
+                false,
+            );
+            auth.zip(webhook_secret)
+                .map(|(auth, webhook_secret)| GithubSettings {
+                    api_url,
+                    auth,
+                    webhook_secret,
+                    previous_webhook_secret,
+                    register_webhooks: g.register_webhooks,
+                })
+        });
+
+        let gitlab = self.forges.gitlab.map(|g| {
+            let s = "forges.gitlab";
+            let api_url = api_url(&mut p, s, g.api_url, GITLAB_API_URL);
+            let token = p.secret(s, "token", &g.token_env, &g.token_file, &g.token, true);
+            let webhook_token = p.secret(
+                s,
+                "webhook_token",
+                &g.webhook_token_env,
+                &g.webhook_token_file,
+                &g.webhook_token,
+                false,
+            );
+            let signing_token = p.secret(
+                s,
+                "signing_token",
+                &g.signing_token_env,
+                &g.signing_token_file,
+                &g.signing_token,
+                false,
+            );
+            let previous_webhook_token = p.secret(
+                s,
+                "previous_webhook_token",
+                &g.previous_webhook_token_env,
+                &g.previous_webhook_token_file,
+                &g.previous_webhook_token,
+                false,
+            );
+            if webhook_token.is_none()
+                && signing_token.is_none()
+                && g.webhook_token.is_none()
+                && g.signing_token.is_none()
+            {
+                p.push(
+                    format!("{s}.webhook_token_env"),
+                    "is required: set webhook_token_env/webhook_token_file and/or \
+                     signing_token_env/signing_token_file (driftless never accepts unsigned webhooks)",
+                );
+            }
+            token.map(|token| GitlabSettings {
+                api_url,
+                token,
+                webhook_token,
+                signing_token,
+                previous_webhook_token,
+                register_webhooks: g.register_webhooks,
+            })
+        });
+
+        let interval = p.duration("drift.interval", &self.drift.interval);
+        if interval < Duration::from_secs(10) && interval != Duration::ZERO {
+            p.push("drift.interval", "must be at least 10s");
+        }
+        let jitter = p.duration("drift.jitter", &self.drift.jitter);
+
+        let mut names = BTreeSet::new();
+        let mut apps = Vec::with_capacity(self.apps.len());
+        for (i, raw) in self.apps.into_iter().enumerate() {
+            let k = |field: &str| format!("apps[{i}].{field}");
+            if let Err(m) = check_dns_label(&raw.name) {
+                p.push(k("name"), m);
+            } else if !names.insert(raw.name.clone()) {
+                p.push(
+                    k("name"),
+                    format!(
+                        "duplicate app name {:?}: app names must be unique",
+                        raw.name
+                    ),
+                );
+            }
+            let forge = match raw.forge.as_str() {
+                "github" => Some(ForgeKind::Github),
+                "gitlab" => Some(ForgeKind::Gitlab),
+                other => {
+                    p.push(
+                        k("forge"),
+                        format!("must be \"github\" or \"gitlab\", got {other:?}"),
+                    );
+                    None
+                }
+            };
+            match forge {
+                Some(ForgeKind::Github) if github.is_none() => p.push(
+                    k("forge"),
+                    "\"github\" is used but [forges.github] is not configured",
+                ),
+                Some(ForgeKind::Gitlab) if gitlab.is_none() => p.push(
+                    k("forge"),
+                    "\"gitlab\" is used but [forges.gitlab] is not configured",
+                ),
+                _ => {}
+            }
+            if let Some(f) = forge {
+                if let Err(m) = check_repo(f, &raw.repo) {
+                    p.push(k("repo"), m);
+                }
+            }
+            if let Err(m) = check_branch(&raw.branch) {
+                p.push(k("branch"), m);
+            }
+            let path = match normalize_app_path(&raw.path) {
+                Ok(path) => path,
+                Err(m) => {
+                    p.push(k("path"), m);
+                    String::new()
+                }
+            };
+            if let Some(ns) = &raw.namespace {
+                if let Err(m) = check_dns_label(ns) {
+                    p.push(k("namespace"), m);
+                }
+            }
+            let drift = match raw.drift.as_str() {
+                "heal" => DriftPolicy::Heal,
+                "alert" => DriftPolicy::Alert,
+                other => {
+                    p.push(
+                        k("drift"),
+                        format!("must be \"heal\" or \"alert\", got {other:?}"),
+                    );
+                    DriftPolicy::Heal
+                }
+            };
+            let health_timeout = p.duration(&k("health_timeout"), &raw.health_timeout);
+            let mut ignore = Vec::new();
+            for (j, rule) in raw.ignore.into_iter().enumerate() {
+                if !rule.pointer.starts_with('/') {
+                    p.push(
+                        format!("apps[{i}].ignore[{j}].pointer"),
+                        format!(
+                            "must be a JSON pointer starting with '/', e.g. \"/spec/replicas\", got {:?}",
+                            rule.pointer
+                        ),
+                    );
+                }
+                ignore.push(IgnoreRule {
+                    kind: rule.kind,
+                    pointer: rule.pointer,
+                });
+            }
+            apps.push(AppSettings {
+                name: raw.name,
+                forge: forge.unwrap_or(ForgeKind::Github),
+                repo: raw.repo,
+                branch: raw.branch,
+                path,
+                namespace: raw.namespace,
+                prune: raw.prune,
+                drift,
+                health_timeout,
+                force_conflicts: raw.force_conflicts,
+                ignore,
+            });
+        }
+
+        let github = github.flatten();
+        let gitlab = gitlab.flatten();
+        if !p.0.is_empty() {
+            return Err(p.0);
+        }
+        Ok(Settings {
+            server: ServerSettings {
+                listen,
+                public_url,
+                body_limit,
+                header_timeout,
+                read_timeout,
+            },
+            kubernetes: KubernetesSettings {
+                state_namespace: self.kubernetes.state_namespace,
+            },
+            forges: ForgeSettings { github, gitlab },
+            drift: DriftSettings {
+                interval,
+                jitter,
+                report_status: self.drift.report_status,
+            },
+            apps,
+        })
+    }
+}
+
+fn api_url(p: &mut Problems, section: &str, url: Option<String>, default: &str) -> String {
+    let url = url
+        .unwrap_or_else(|| default.to_string())
+        .trim_end_matches('/')
+        .to_string();
+    if let Err(m) = check_http_url(&url) {
+        p.push(format!("{section}.api_url"), m);
+    }
+    url
+}
+
+fn check_http_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .ok_or_else(|| format!("must be an http:// or https:// URL, got {url:?}"))?;
+    if rest.is_empty() || rest.starts_with('/') || rest.contains(char::is_whitespace) {
+        return Err(format!(
+            "must be an http:// or https:// URL with a host, got {url:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn is_env_var_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// RFC 1123 label: what Kubernetes accepts as a namespace and what we accept as an app name.
+pub fn check_dns_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a DNS label (lowercase letters, digits and '-', starting and ending with \
+             a letter or digit, at most 63 characters), got {s:?}"
+        ))
+    }
+}
+
+fn check_repo(forge: ForgeKind, repo: &str) -> Result<(), String> {
+    let parts: Vec<&str> = repo.split('/').collect();
+    let part_ok = |s: &&str| {
+        !s.is_empty()
+            && *s != "."
+            && *s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    match forge {
+        ForgeKind::Github if parts.len() == 2 && parts.iter().all(part_ok) => Ok(()),
+        ForgeKind::Github => Err(format!(
+            "a GitHub repo is written \"owner/name\", got {repo:?}"
+        )),
+        ForgeKind::Gitlab if parts.len() >= 2 && parts.iter().all(part_ok) => Ok(()),
+        ForgeKind::Gitlab => Err(format!(
+            "a GitLab project is written \"group/project\" or \"group/subgroup/project\", got {repo:?}"
+        )),
+    }
+}
+
+/// The rules of `git check-ref-format` that matter for a branch name.
+fn check_branch(branch: &str) -> Result<(), String> {
+    let bad = branch.is_empty()
+        || branch.starts_with('/')
+        || branch.ends_with('/')
+        || branch.ends_with('.')
+        || branch.ends_with(".lock")
+        || branch.starts_with("refs/")
+        || branch.contains("..")
+        || branch.contains("//")
+        || branch.contains("@{")
+        || branch
+            .chars()
+            .any(|c| c.is_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\'));
+    if bad {
+        Err(format!(
+            "must be a branch name like \"main\" or \"release/1.2\" (without refs/heads/), got {branch:?}"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// Normalises an app path: relative, inside the repo, no `..`; `""` or `"."` is the root.
+pub fn normalize_app_path(path: &str) -> Result<String, String> {
+    let err = || format!("must be a relative path inside the repo, got {path:?}");
+    if path.starts_with('/')
+        || path.starts_with('\\')
+        || path.contains('\\')
+        || path.contains(char::is_control)
+    {
+        return Err(err());
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return Err(err()),
+            p => parts.push(p),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+/// Parses `"10m"`, `"1h 30m"`, `"45s"`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("must be a duration like \"30s\", \"5m\" or \"1h\", got {text:?} ({e})")
+    })
+}
+
+/// Parses a byte size: a number of bytes, or a number with `KB`, `MB`, `GB` (powers of 1000)
+/// or `KiB`, `MiB`, `GiB` (powers of 1024).
+pub fn parse_byte_size(value: &Value) -> Result<usize, String> {
+    let text = match value {
+        Value::Number(n) => {
+            return n
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| format!("must be a non-negative number of bytes, got {n}"));
+        }
+        Value::String(s) => s.trim(),
+        other => return Err(format!("must be a size like \"25MiB\", got {other}")),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let bad = || format!("must be a size like \"25MiB\", \"10MB\" or \"1048576\", got {text:?}");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+listen = "127.0.0.1:9999"
+body_limit = "1MiB"
+
+[forges.github]
+token_env = "GITHUB_TOKEN"
+webhook_secret_env = "GITHUB_WEBHOOK_SECRET"
+
+[[apps]]
+name = "web"
+forge = "github"
+repo = "acme/deploy"
+path = "apps/web/"
+"#;
+
+    fn errors(text: &str) -> Vec<SettingsError> {
+        match Settings::from_toml_str(text) {
+            Ok(_) => panic!("settings were accepted:\n{text}"),
+            Err(e) => {
+                assert!(!e.errors().is_empty(), "not a key error: {e}");
+                e.errors().to_vec()
+            }
+        }
+    }
+
+    fn with_app_line(line: &str) -> String {
+        format!("{GOOD}{line}\n")
+    }
+
+    #[test]
+    fn defaults_fill_what_the_file_leaves_out() {
+        let s = Settings::from_toml_str(GOOD).unwrap();
+        assert_eq!(s.server.body_limit, 1 << 20);
+        assert_eq!(s.kubernetes.state_namespace, "driftless");
+        assert_eq!(s.drift.interval, Duration::from_secs(600));
+        let app = &s.apps[0];
+        assert_eq!(app.branch, "main");
+        assert_eq!(app.path, "apps/web");
+        assert!(app.prune);
+        assert_eq!(app.drift, DriftPolicy::Heal);
+        assert_eq!(app.health_timeout, Duration::from_secs(300));
+        assert_eq!(s.forges.github.as_ref().unwrap().api_url, GITHUB_API_URL);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = errors(&with_app_line("colour = \"blue\""));
+        assert_eq!(e[0].key, "apps[0].colour", "{e:?}");
+        assert!(e[0].message.contains("unknown key"));
+        let e = errors(&format!("[serverr]\nlisten = \"x\"\n{GOOD}"));
+        assert_eq!(e[0].key, "serverr");
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let e = errors(
+            "[forges.github]\ntoken_env = \"T\"\nwebhook_secret_env = \"S\"\n[[apps]]\nname = \"a\"\nforge = \"github\"\n",
+        );
+        assert_eq!(e[0].key, "apps[0].repo");
+        assert!(e[0].message.contains("required"));
+    }
+
+    #[test]
+    fn paths_must_stay_inside_the_repo() {
+        for bad in ["/etc", "../up", "a/../../b"] {
+            let text = GOOD.replace("apps/web/", bad);
+            let e = errors(&text);
+            assert_eq!(e[0].key, "apps[0].path");
+            assert_eq!(
+                e[0].to_string(),
+                format!("apps[0].path: must be a relative path inside the repo, got {bad:?}")
+            );
+        }
+        assert_eq!(normalize_app_path("./a//b/.").unwrap(), "a/b");
+        assert_eq!(normalize_app_path(".").unwrap(), "");
+        assert!(normalize_app_path("a\\b").is_err());
+    }
+
+    #[test]
+    fn unknown_forge_and_duplicate_names_and_inline_secrets() {
+        let e = errors(&GOOD.replace("forge = \"github\"", "forge = \"bitbucket\""));
+        assert_eq!(e[0].key, "apps[0].forge");
+        assert!(e[0].message.contains("bitbucket"));
+
+        let dup = format!(
+            "{GOOD}\n[[apps]]\nname = \"web\"\nforge = \"github\"\nrepo = \"acme/other\"\n"
+        );
+        let e = errors(&dup);
+        assert_eq!(e[0].key, "apps[1].name");
+        assert!(e[0].message.contains("duplicate"));
+
+        let inline = GOOD.replace("token_env = \"GITHUB_TOKEN\"", "token = \"ghp_abc\"");
+        let e = errors(&inline);
+        assert_eq!(e[0].key, "forges.github.token");
+        assert!(!e[0].to_string().contains("ghp_abc"));
+    }
+
+    #[test]
+    fn several_problems_are_reported_together() {
+        let text = GOOD
+            .replace("127.0.0.1:9999", "nowhere")
+            .replace("acme/deploy", "acme");
+        let e = errors(&text);
+        let keys: Vec<_> = e.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, ["server.listen", "apps[0].repo"]);
+    }
+
+    #[test]
+    fn app_needs_its_forge_configured() {
+        let text = GOOD.replace("forge = \"github\"", "forge = \"gitlab\"");
+        let e = errors(&text);
+        assert_eq!(e[0].key, "apps[0].forge");
+        assert!(e[0].message.contains("[forges.gitlab]"));
+    }
+
+    #[test]
+    fn webhook_secret_is_required() {
+        let text = GOOD.replace("webhook_secret_env = \"GITHUB_WEBHOOK_SECRET\"\n", "");
+        let e = errors(&text);
+        assert_eq!(e[0].key, "forges.github.webhook_secret_env");
+    }
+
+    #[test]
+    fn gitlab_project_paths_may_nest() {
+        assert!(check_repo(ForgeKind::Gitlab, "group/sub/project").is_ok());
+        assert!(check_repo(ForgeKind::Github, "group/sub/project").is_err());
+        assert!(check_repo(ForgeKind::Gitlab, "project").is_err());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        let s = |t: &str| parse_byte_size(&Value::String(t.into()));
+        assert_eq!(s("25MiB").unwrap(), 25 << 20);
+        assert_eq!(s("10MB").unwrap(), 10_000_000);
+        assert_eq!(s("512").unwrap(), 512);
+        assert!(s("lots").is_err());
+        assert!(s("5 parsecs").is_err());
+        assert_eq!(parse_byte_size(&serde_json::json!(42)).unwrap(), 42);
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let secret = Secret::new("hunter2");
+        assert!(!format!("{secret:?}").contains("hunter2"));
+        let r = SecretRef::Env {
+            key: "k".into(),
+            var: "DRIFTLESS_TEST_UNSET_VAR_XYZ".into(),
+        };
+        let e = r.resolve().unwrap_err();
+        assert_eq!(e.key, "k");
+        assert!(e.message.contains("DRIFTLESS_TEST_UNSET_VAR_XYZ"));
+    }
+}

@@ -1,0 +1,369 @@
+//! GitLab deliveries: the signing token (Standard Webhooks: HMAC-SHA256 over
+//! `{webhook-id}.{webhook-timestamp}.{body}`, any of several `v1,<base64>` values may match,
+//! timestamp within five minutes) or, without a signature, the plain `X-Gitlab-Token`
+//! compared in constant time; and the `Push Hook` / `Tag Push Hook` payloads.
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+use subtle::ConstantTimeEq;
+
+use super::github::check_sha;
+use super::{payload_error, Event, GitRef, PushEvent, WebhookError, ZERO_SHA};
+use crate::settings::{ForgeKind, Secret};
+
+pub const EVENT_HEADER: &str = "X-Gitlab-Event";
+pub const TOKEN_HEADER: &str = "X-Gitlab-Token";
+pub const SIGNATURE_HEADER: &str = "webhook-signature";
+pub const ID_HEADER: &str = "webhook-id";
+pub const TIMESTAMP_HEADER: &str = "webhook-timestamp";
+pub const IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+pub const UUID_HEADER: &str = "X-Gitlab-Event-UUID";
+
+/// How far `webhook-timestamp` may be from now: GitLab names no window, five minutes is the
+/// Standard Webhooks recommendation and bounds how long a captured delivery can be replayed.
+pub const TIMESTAMP_TOLERANCE_SECS: i64 = 300;
+
+/// The secrets a GitLab delivery is checked against.
+#[derive(Debug, Clone, Default)]
+pub struct GitlabSecrets {
+    /// Plain tokens (current, then previous during a rotation).
+    pub tokens: Vec<Secret>,
+    /// Decoded signing keys (the bytes after `whsec_`).
+    pub signing_keys: Vec<Vec<u8>>,
+}
+
+/// Decodes a `whsec_<base64>` signing token into its key bytes.
+pub fn signing_key(token: &str) -> Result<Vec<u8>, String> {
+    let b64 = token.strip_prefix("whsec_").unwrap_or(token);
+    BASE64
+        .decode(b64)
+        .map_err(|_| "a signing token is \"whsec_\" followed by base64".to_string())
+}
+
+/// The headers that carry GitLab's proof, as raw bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProofHeaders<'a> {
+    pub token: Option<&'a [u8]>,
+    pub signature: Option<&'a [u8]>,
+    pub id: Option<&'a [u8]>,
+    pub timestamp: Option<&'a [u8]>,
+}
+
+/// Verifies a delivery: the signature when one is sent and a signing key is configured,
+/// else the plain token.
+pub fn verify(
+    secrets: &GitlabSecrets,
+    headers: ProofHeaders<'_>,
+    body: &[u8],
+    now_unix: i64,
+) -> Result<(), WebhookError> {
+    if let (Some(sig), false) = (headers.signature, secrets.signing_keys.is_empty()) {
+        return verify_signature(&secrets.signing_keys, sig, headers, body, now_unix);
+    }
+    if secrets.tokens.is_empty() {
+        return Err(WebhookError::MissingSignature {
+            header: SIGNATURE_HEADER,
+        });
+    }
+    let token = headers.token.ok_or(WebhookError::MissingSignature {
+        header: TOKEN_HEADER,
+    })?;
+    let mut ok = false;
+    for expected in &secrets.tokens {
+        ok |= bool::from(expected.expose().as_bytes().ct_eq(token));
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(WebhookError::BadToken)
+    }
+}
+
+fn verify_signature(
+    keys: &[Vec<u8>],
+    signature: &[u8],
+    headers: ProofHeaders<'_>,
+    body: &[u8],
+    now_unix: i64,
+) -> Result<(), WebhookError> {
+    let malformed = |reason| WebhookError::MalformedSignature {
+        header: SIGNATURE_HEADER,
+        reason,
+    };
+    let id = headers
+        .id
+        .ok_or(WebhookError::MissingSignature { header: ID_HEADER })?;
+    let ts_raw = headers.timestamp.ok_or(WebhookError::MissingSignature {
+        header: TIMESTAMP_HEADER,
+    })?;
+    let timestamp: i64 = std::str::from_utf8(ts_raw)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or(WebhookError::MalformedSignature {
+            header: TIMESTAMP_HEADER,
+            reason: "expected Unix seconds",
+        })?;
+    if now_unix.saturating_sub(timestamp).saturating_abs() > TIMESTAMP_TOLERANCE_SECS {
+        return Err(WebhookError::StaleTimestamp { timestamp });
+    }
+    let text = std::str::from_utf8(signature).map_err(|_| malformed("not ASCII"))?;
+    let mut candidates = Vec::new();
+    for part in text.split_ascii_whitespace() {
+        // Other versions may be listed beside v1; only v1 (HMAC-SHA256) is defined.
+        if let Some(b64) = part.strip_prefix("v1,") {
+            if let Ok(d) = BASE64.decode(b64) {
+                candidates.push(d);
+            }
+        }
+    }
+    if candidates.is_empty() {
+        return Err(malformed("expected space-separated v1,<base64> values"));
+    }
+    let mut ok = false;
+    for key in keys {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+        mac.update(id);
+        mac.update(b".");
+        mac.update(ts_raw);
+        mac.update(b".");
+        mac.update(body);
+        for c in &candidates {
+            ok |= mac.clone().verify_slice(c).is_ok();
+        }
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(WebhookError::BadSignature)
+    }
+}
+
+/// `v1,<base64>` for a delivery, as GitLab computes it (used by tests and the simulator).
+pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+}
+
+#[derive(Deserialize)]
+struct PushPayload {
+    object_kind: String,
+    #[serde(rename = "ref")]
+    git_ref: String,
+    before: String,
+    after: String,
+    project: Project,
+}
+
+#[derive(Deserialize)]
+struct Project {
+    path_with_namespace: String,
+}
+
+/// Parses a verified delivery. `event` is the `X-Gitlab-Event` header.
+pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
+    let expected_kind = match event {
+        "Push Hook" => "push",
+        "Tag Push Hook" => "tag_push",
+        other => {
+            return Ok(Event::Ignored {
+                event: other.to_string(),
+            })
+        }
+    };
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let p: PushPayload = serde_path_to_error::deserialize(de).map_err(payload_error)?;
+    if p.object_kind != expected_kind {
+        return Err(WebhookError::InvalidPayload(format!(
+            "object_kind: {event} carries {expected_kind:?}, got {:?}",
+            p.object_kind
+        )));
+    }
+    check_sha("before", &p.before)?;
+    check_sha("after", &p.after)?;
+    Ok(Event::Push(PushEvent {
+        forge: ForgeKind::Gitlab,
+        repo: p.project.path_with_namespace,
+        git_ref: GitRef::parse(&p.git_ref),
+        created: p.before == ZERO_SHA,
+        deleted: p.after == ZERO_SHA,
+        forced: false,
+        before: p.before,
+        after: p.after,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = format!(
+            "{}/../shared/fixtures/gitlab/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
+    }
+
+    const VECTOR_TOKEN: &str = "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    const VECTOR_ID: &str = "f5e5f430-f57b-4e6e-9fac-d9128cd7232f";
+    const VECTOR_TS: i64 = 1744578123;
+    const VECTOR_SIG: &str = "v1,JLr1TUpVl7HwcPinA5UmHsDYquXT9bJCMveVwM+wWTA=";
+
+    fn signing() -> GitlabSecrets {
+        GitlabSecrets {
+            tokens: vec![],
+            signing_keys: vec![signing_key(VECTOR_TOKEN).unwrap()],
+        }
+    }
+
+    fn headers<'a>(sig: &'a str, ts: &'a str) -> ProofHeaders<'a> {
+        ProofHeaders {
+            token: None,
+            signature: Some(sig.as_bytes()),
+            id: Some(VECTOR_ID.as_bytes()),
+            timestamp: Some(ts.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn documented_test_vector() {
+        let key = signing_key(VECTOR_TOKEN).unwrap();
+        assert_eq!(key, (0u8..32).collect::<Vec<_>>());
+        assert_eq!(
+            sign(&key, VECTOR_ID, VECTOR_TS, b"Hello, World!"),
+            VECTOR_SIG
+        );
+        let ts = VECTOR_TS.to_string();
+        assert_eq!(
+            verify(
+                &signing(),
+                headers(VECTOR_SIG, &ts),
+                b"Hello, World!",
+                VECTOR_TS + 10
+            ),
+            Ok(())
+        );
+        // Any one of several listed signatures may match.
+        let several = format!("v1,AAAA v2,xyz {VECTOR_SIG}");
+        assert_eq!(
+            verify(
+                &signing(),
+                headers(&several, &ts),
+                b"Hello, World!",
+                VECTOR_TS
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn signature_failures() {
+        let ts = VECTOR_TS.to_string();
+        assert_eq!(
+            verify(
+                &signing(),
+                headers(VECTOR_SIG, &ts),
+                b"Hello, World?",
+                VECTOR_TS
+            ),
+            Err(WebhookError::BadSignature)
+        );
+        assert_eq!(
+            verify(
+                &signing(),
+                headers(VECTOR_SIG, &ts),
+                b"Hello, World!",
+                VECTOR_TS + 301
+            ),
+            Err(WebhookError::StaleTimestamp {
+                timestamp: VECTOR_TS
+            })
+        );
+        assert!(matches!(
+            verify(
+                &signing(),
+                headers("garbage", &ts),
+                b"Hello, World!",
+                VECTOR_TS
+            ),
+            Err(WebhookError::MalformedSignature { .. })
+        ));
+        assert!(matches!(
+            verify(
+                &signing(),
+                headers(VECTOR_SIG, "soon"),
+                b"Hello, World!",
+                VECTOR_TS
+            ),
+            Err(WebhookError::MalformedSignature { .. })
+        ));
+        // No signature and no token configured: nothing proves the sender.
+        let none = ProofHeaders::default();
+        assert!(matches!(
+            verify(&signing(), none, b"x", VECTOR_TS),
+            Err(WebhookError::MissingSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn token_fallback() {
+        let secrets = GitlabSecrets {
+            tokens: vec![Secret::new("tok-new"), Secret::new("tok-old")],
+            signing_keys: vec![],
+        };
+        let with = |t: &'static str| ProofHeaders {
+            token: Some(t.as_bytes()),
+            ..Default::default()
+        };
+        assert_eq!(verify(&secrets, with("tok-old"), b"{}", 0), Ok(()));
+        assert_eq!(verify(&secrets, with("tok-new"), b"{}", 0), Ok(()));
+        assert_eq!(
+            verify(&secrets, with("tok"), b"{}", 0),
+            Err(WebhookError::BadToken)
+        );
+        assert!(matches!(
+            verify(&secrets, ProofHeaders::default(), b"{}", 0),
+            Err(WebhookError::MissingSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn fixtures_parse() {
+        let Event::Push(p) = parse("Push Hook", &fixture("push.json")).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.repo, "mike/diaspora");
+        assert_eq!(p.git_ref, GitRef::Branch("master".into()));
+        assert!(!p.created && !p.deleted);
+        let Event::Push(p) = parse("Tag Push Hook", &fixture("tag_push.json")).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(p.git_ref, GitRef::Tag(_)));
+        // The event header and object_kind must agree.
+        assert!(parse("Tag Push Hook", &fixture("push.json")).is_err());
+        assert_eq!(
+            parse("Issue Hook", b"{}").unwrap(),
+            Event::Ignored {
+                event: "Issue Hook".into()
+            }
+        );
+    }
+
+    #[test]
+    fn older_payload_shape_without_new_fields() {
+        let mut v: serde_json::Value = serde_json::from_slice(&fixture("push.json")).unwrap();
+        for k in ["message", "push_options"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        v["project"]
+            .as_object_mut()
+            .unwrap()
+            .remove("ci_config_path");
+        assert!(parse("Push Hook", &serde_json::to_vec(&v).unwrap()).is_ok());
+    }
+}

@@ -1,0 +1,8 @@
+//! One integration test binary (one link, shared helpers): the CLI, the webhook receiver over
+//! HTTP, the parsers under arbitrary input, and the real Kubernetes test control plane.
+
+mod cli;
+mod kubernetes;
+mod support;
+mod webhook;
+mod webhook_fuzz;

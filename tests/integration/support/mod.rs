@@ -1,0 +1,18 @@
+//! Helpers shared by the integration tests.
+
+pub mod cluster;
+
+use std::path::PathBuf;
+
+/// `../shared/fixtures/<rel>`: the real forge payloads this project is tested against.
+pub fn fixture(rel: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(rel);
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "fixture {}: {e} (the tests read ../shared/fixtures beside the checkout)",
+            path.display()
+        )
+    })
+}

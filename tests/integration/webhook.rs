@@ -1,0 +1,515 @@
+//! The webhook receiver over HTTP (actix's test service): signatures checked before anything
+//! else, matching, deduplication, limits, and the responses a forge sees.
+
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::{test, web, App};
+use driftless::metrics::Metrics;
+use driftless::queue::{JobQueue, JobReason};
+use driftless::server::{routes, Receiver};
+use driftless::settings::Settings;
+use driftless::webhook::{github, gitlab};
+use serde_json::Value;
+
+use crate::support::fixture;
+
+const GH_SECRET: &str = "gh-secret-for-tests";
+const GH_OLD_SECRET: &str = "gh-old-secret";
+const GL_TOKEN: &str = "gl-token-for-tests";
+const GL_SIGNING: &str = "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    queue: Arc<JobQueue>,
+    receiver: web::Data<Receiver>,
+}
+
+fn harness_with(extra: &str, body_limit: &str) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, value: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{value}\n")).unwrap();
+        p.display().to_string()
+    };
+    let text = format!(
+        r#"
+[server]
+body_limit = "{body_limit}"
+[forges.github]
+token_file = "{gh_token}"
+webhook_secret_file = "{gh_secret}"
+previous_webhook_secret_file = "{gh_old}"
+[forges.gitlab]
+token_file = "{gl_api}"
+webhook_token_file = "{gl_token}"
+signing_token_file = "{gl_signing}"
+[[apps]]
+name = "hello"
+forge = "github"
+repo = "Codertocat/Hello-World"
+branch = "master"
+[[apps]]
+name = "hello-api"
+forge = "github"
+repo = "codertocat/hello-world"
+branch = "master"
+path = "api"
+[[apps]]
+name = "diaspora"
+forge = "gitlab"
+repo = "mike/diaspora"
+branch = "master"
+{extra}
+"#,
+        gh_token = write("gh-token", "ghp_x"),
+        gh_secret = write("gh-secret", GH_SECRET),
+        gh_old = write("gh-old", GH_OLD_SECRET),
+        gl_api = write("gl-api", "glpat-x"),
+        gl_token = write("gl-token", GL_TOKEN),
+        gl_signing = write("gl-signing", GL_SIGNING),
+    );
+    let settings = Settings::from_toml_str(&text).unwrap();
+    let queue = Arc::new(JobQueue::new());
+    let receiver =
+        web::Data::new(Receiver::new(&settings, queue.clone(), Arc::new(Metrics::new())).unwrap());
+    Harness {
+        _dir: dir,
+        queue,
+        receiver,
+    }
+}
+
+fn harness() -> Harness {
+    harness_with("", "25MiB")
+}
+
+macro_rules! app {
+    ($h:expr) => {
+        test::init_service(App::new().app_data($h.receiver.clone()).configure(routes)).await
+    };
+}
+
+/// A push to refs/heads/master of Codertocat/Hello-World (fixture push-5, a branch creation).
+fn branch_push() -> Vec<u8> {
+    fixture("github/push-5.json")
+}
+
+fn github_request(event: &str, body: &[u8], signature: Option<String>) -> test::TestRequest {
+    let mut req = test::TestRequest::post()
+        .uri("/hooks/github")
+        .insert_header(("Content-Type", "application/json"))
+        .insert_header(("X-GitHub-Event", event))
+        .insert_header(("X-GitHub-Delivery", format!("{:x}", rand::random::<u128>())))
+        .set_payload(body.to_vec());
+    if let Some(sig) = signature {
+        req = req.insert_header(("X-Hub-Signature-256", sig));
+    }
+    req
+}
+
+async fn json_body(resp: actix_web::dev::ServiceResponse) -> Value {
+    let bytes = test::read_body(resp).await;
+    serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {bytes:?}"))
+}
+
+#[actix_web::test]
+async fn signed_github_push_queues_the_matching_apps() {
+    let h = harness();
+    let app = app!(h);
+    let body = branch_push();
+    let req = github_request("push", &body, Some(github::sign(GH_SECRET, &body))).to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let json = json_body(resp).await;
+    assert_eq!(json["status"], "queued");
+    assert_eq!(json["apps"], serde_json::json!(["hello", "hello-api"]));
+    assert_eq!(h.queue.pending_len(), 2);
+    let job = h.queue.pending("hello").unwrap();
+    assert_eq!(
+        job.revision.as_deref(),
+        Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246")
+    );
+    assert!(matches!(job.reason, JobReason::Push { delivery: Some(_) }));
+    assert!(!job.full, "a push reconciles incrementally");
+}
+
+#[actix_web::test]
+async fn previous_secret_is_accepted_during_rotation() {
+    let h = harness();
+    let app = app!(h);
+    let body = branch_push();
+    let req = github_request("push", &body, Some(github::sign(GH_OLD_SECRET, &body))).to_request();
+    assert_eq!(
+        test::call_service(&app, req).await.status(),
+        StatusCode::ACCEPTED
+    );
+}
+
+#[actix_web::test]
+async fn unsigned_or_badly_signed_github_deliveries_are_refused_and_do_nothing() {
+    let h = harness();
+    let app = app!(h);
+    let body = branch_push();
+    let sha1_only = test::TestRequest::post()
+        .uri("/hooks/github")
+        .insert_header(("Content-Type", "application/json"))
+        .insert_header(("X-GitHub-Event", "push"))
+        .insert_header((
+            "X-Hub-Signature",
+            "sha1=0123456789abcdef0123456789abcdef01234567",
+        ))
+        .set_payload(body.clone())
+        .to_request();
+    let cases = vec![
+        ("missing", github_request("push", &body, None).to_request()),
+        ("sha1 only", sha1_only),
+        (
+            "malformed",
+            github_request("push", &body, Some("sha256=nothex".into())).to_request(),
+        ),
+        (
+            "wrong secret",
+            github_request("push", &body, Some(github::sign("guess", &body))).to_request(),
+        ),
+        (
+            "signature of another body",
+            github_request("push", &body, Some(github::sign(GH_SECRET, b"{}"))).to_request(),
+        ),
+    ];
+    for (what, req) in cases {
+        let resp = test::call_service(&app, req).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{what}");
+        let json = json_body(resp).await;
+        assert!(json["error"].as_str().is_some(), "{what}");
+    }
+    assert_eq!(h.queue.pending_len(), 0);
+}
+
+#[actix_web::test]
+async fn signature_is_checked_before_the_json() {
+    let h = harness();
+    let app = app!(h);
+    // Garbage with no valid signature is 401, not 400: nothing reads an unauthenticated body.
+    let req = github_request(
+        "push",
+        b"{not json",
+        Some(github::sign("guess", b"{not json")),
+    )
+    .to_request();
+    assert_eq!(
+        test::call_service(&app, req).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // Signed garbage is 400 with a short reason.
+    let req = github_request(
+        "push",
+        b"{not json",
+        Some(github::sign(GH_SECRET, b"{not json")),
+    )
+    .to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(json_body(resp).await["error"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid payload"));
+    // Signed JSON with a wrong field type names the field.
+    let body = br#"{"ref": 12, "before": "x", "after": "y", "repository": {"full_name": "a/b"}}"#;
+    let req = github_request("push", body, Some(github::sign(GH_SECRET, body))).to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(json_body(resp).await["error"]
+        .as_str()
+        .unwrap()
+        .contains("ref"));
+}
+
+#[actix_web::test]
+async fn duplicate_delivery_is_answered_but_not_queued_twice() {
+    let h = harness();
+    let app = app!(h);
+    let body = branch_push();
+    let send = || {
+        test::TestRequest::post()
+            .uri("/hooks/github")
+            .insert_header(("Content-Type", "application/json"))
+            .insert_header(("X-GitHub-Event", "push"))
+            .insert_header(("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"))
+            .insert_header(("X-Hub-Signature-256", github::sign(GH_SECRET, &body)))
+            .set_payload(body.clone())
+            .to_request()
+    };
+    assert_eq!(
+        test::call_service(&app, send()).await.status(),
+        StatusCode::ACCEPTED
+    );
+    let job = h.queue.next().await.unwrap();
+    h.queue.done(&job.app);
+    let _ = h.queue.next().await.unwrap();
+    assert_eq!(h.queue.pending_len(), 0);
+    let resp = test::call_service(&app, send()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json_body(resp).await["status"], "duplicate");
+    assert_eq!(h.queue.pending_len(), 0, "a redelivery queued work again");
+}
+
+#[actix_web::test]
+async fn ping_other_events_tags_deletions_and_strangers() {
+    let h = harness();
+    let app = app!(h);
+    let ping = fixture("github/ping-1.json");
+    let resp = test::call_service(
+        &app,
+        github_request("ping", &ping, Some(github::sign(GH_SECRET, &ping))).to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json_body(resp).await["hook_id"], 109948940);
+
+    let issue = br#"{"action":"opened"}"#;
+    let resp = test::call_service(
+        &app,
+        github_request("issues", issue, Some(github::sign(GH_SECRET, issue))).to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(json_body(resp).await["status"], "ignored");
+
+    let tag = fixture("github/push-1.json");
+    let resp = test::call_service(
+        &app,
+        github_request("push", &tag, Some(github::sign(GH_SECRET, &tag))).to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json_body(resp).await["apps"], serde_json::json!([]));
+
+    let deleted = fixture("github/push-2.json");
+    let resp = test::call_service(
+        &app,
+        github_request("push", &deleted, Some(github::sign(GH_SECRET, &deleted))).to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json_body(resp).await["status"], "deleted");
+
+    let mut other: Value = serde_json::from_slice(&branch_push()).unwrap();
+    other["repository"]["full_name"] = "someone/else".into();
+    let other = serde_json::to_vec(&other).unwrap();
+    let resp = test::call_service(
+        &app,
+        github_request("push", &other, Some(github::sign(GH_SECRET, &other))).to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json_body(resp).await["status"], "no_match");
+    assert_eq!(h.queue.pending_len(), 0);
+}
+
+#[actix_web::test]
+async fn content_type_and_size_limits() {
+    let h = harness_with("", "4KiB");
+    let app = app!(h);
+    let body = branch_push();
+    let form = test::TestRequest::post()
+        .uri("/hooks/github")
+        .insert_header(("Content-Type", "application/x-www-form-urlencoded"))
+        .insert_header(("X-GitHub-Event", "push"))
+        .insert_header(("X-Hub-Signature-256", github::sign(GH_SECRET, &body)))
+        .set_payload(body.clone())
+        .to_request();
+    assert_eq!(
+        test::call_service(&app, form).await.status(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+
+    assert!(body.len() > 4096, "fixture is {} bytes", body.len());
+    let big = github_request("push", &body, Some(github::sign(GH_SECRET, &body))).to_request();
+    assert_eq!(
+        test::call_service(&app, big).await.status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(h.queue.pending_len(), 0);
+}
+
+fn gitlab_request(event: &str, body: &[u8]) -> test::TestRequest {
+    test::TestRequest::post()
+        .uri("/hooks/gitlab")
+        .insert_header(("Content-Type", "application/json"))
+        .insert_header(("X-Gitlab-Event", event))
+        .set_payload(body.to_vec())
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+#[actix_web::test]
+async fn gitlab_token_and_signature() {
+    let h = harness();
+    let app = app!(h);
+    let body = fixture("gitlab/push.json");
+
+    let resp = test::call_service(
+        &app,
+        gitlab_request("Push Hook", &body)
+            .insert_header(("X-Gitlab-Token", GL_TOKEN))
+            .insert_header(("Idempotency-Key", "idem-1"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(
+        json_body(resp).await["apps"],
+        serde_json::json!(["diaspora"])
+    );
+    assert_eq!(
+        h.queue.pending("diaspora").unwrap().revision.as_deref(),
+        Some("da1560886d4f094c3e6c9ef40349f7d38b5d27d7")
+    );
+
+    // Same Idempotency-Key again: duplicate.
+    let resp = test::call_service(
+        &app,
+        gitlab_request("Push Hook", &body)
+            .insert_header(("X-Gitlab-Token", GL_TOKEN))
+            .insert_header(("Idempotency-Key", "idem-1"))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(json_body(resp).await["status"], "duplicate");
+
+    for (what, req) in [
+        (
+            "wrong token",
+            gitlab_request("Push Hook", &body)
+                .insert_header(("X-Gitlab-Token", "nope"))
+                .to_request(),
+        ),
+        ("no token", gitlab_request("Push Hook", &body).to_request()),
+    ] {
+        assert_eq!(
+            test::call_service(&app, req).await.status(),
+            StatusCode::UNAUTHORIZED,
+            "{what}"
+        );
+    }
+
+    // Standard Webhooks signature, verified instead of the token when present.
+    let key = gitlab::signing_key(GL_SIGNING).unwrap();
+    let ts = now();
+    let signed = |id: &str, ts: i64, sig: String| {
+        gitlab_request("Push Hook", &body)
+            .insert_header(("webhook-id", id.to_string()))
+            .insert_header(("webhook-timestamp", ts.to_string()))
+            .insert_header(("webhook-signature", sig))
+            .to_request()
+    };
+    let resp = test::call_service(
+        &app,
+        signed("msg-2", ts, gitlab::sign(&key, "msg-2", ts, &body)),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+
+    let stale = ts - 600;
+    let resp = test::call_service(
+        &app,
+        signed("msg-3", stale, gitlab::sign(&key, "msg-3", stale, &body)),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert!(json_body(resp).await["error"]
+        .as_str()
+        .unwrap()
+        .contains("5 minutes"));
+
+    // A signature made for another delivery id does not verify.
+    let resp = test::call_service(
+        &app,
+        signed("msg-4", ts, gitlab::sign(&key, "msg-5", ts, &body)),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+#[actix_web::test]
+async fn gitlab_tag_pushes_and_other_events() {
+    let h = harness();
+    let app = app!(h);
+    let tag = fixture("gitlab/tag_push.json");
+    let resp = test::call_service(
+        &app,
+        gitlab_request("Tag Push Hook", &tag)
+            .insert_header(("X-Gitlab-Token", GL_TOKEN))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(json_body(resp).await["status"], "no_match");
+    let resp = test::call_service(
+        &app,
+        gitlab_request("Merge Request Hook", b"{}")
+            .insert_header(("X-Gitlab-Token", GL_TOKEN))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(json_body(resp).await["status"], "ignored");
+}
+
+#[actix_web::test]
+async fn health_readiness_and_metrics() {
+    let h = harness();
+    let app = app!(h);
+    let resp =
+        test::call_service(&app, test::TestRequest::get().uri("/healthz").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+
+    let body = branch_push();
+    test::call_service(
+        &app,
+        github_request("push", &body, Some(github::sign(GH_SECRET, &body))).to_request(),
+    )
+    .await;
+    test::call_service(&app, github_request("push", &body, None).to_request()).await;
+    let resp =
+        test::call_service(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+    assert!(
+        text.contains(
+            r#"driftless_webhook_deliveries_total{forge="github",event="push",outcome="queued"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"driftless_webhook_deliveries_total{forge="github",event="unknown",outcome="missing_signature"} 1"#),
+        "{text}"
+    );
+    assert!(text.contains("driftless_queue_pending 2"), "{text}");
+    assert!(
+        text.contains("driftless_webhook_ack_seconds_count{forge=\"github\"} 1"),
+        "{text}"
+    );
+
+    h.queue.close();
+    let resp = test::call_service(&app, test::TestRequest::get().uri("/readyz").to_request()).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // A push while shutting down is a 503 (retry later), never a 4xx.
+    let body = fixture("gitlab/push.json");
+    let resp = test::call_service(
+        &app,
+        gitlab_request("Push Hook", &body)
+            .insert_header(("X-Gitlab-Token", GL_TOKEN))
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
