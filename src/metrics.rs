@@ -14,7 +14,9 @@ pub struct DeliveryLabels {
     pub forge: &'static str,
     /// `push`, `ping`, `ignored` or `unknown` (before the event header was trusted).
     pub event: &'static str,
-    /// `queued`, `no_match`, `duplicate`, `ignored`, `pong`, `deleted`, or the rejection reason.
+    /// `accepted` (jobs queued), `no_match`, `deleted`, `duplicate`, `ignored`, `pong`,
+    /// `unauthorized`, `invalid`, `too_large`, `unsupported_media_type`, `timeout`,
+    /// `forge_not_configured` or `unavailable`.
     pub outcome: &'static str,
 }
 

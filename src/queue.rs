@@ -12,8 +12,12 @@ use tokio::sync::Notify;
 /// Why a job was queued.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobReason {
-    /// A push webhook, with the forge's delivery id when it sent one.
-    Push { delivery: Option<String> },
+    /// A push webhook, with the forge's delivery id when it sent one and the revision the
+    /// branch pointed at before the push.
+    Push {
+        delivery: Option<String>,
+        before: String,
+    },
     /// The drift timer's periodic check.
     DriftCheck,
     /// The branch head moved without a webhook (caught by the timer or at start-up).
@@ -42,6 +46,7 @@ pub struct Job {
     pub reason: JobReason,
     /// Consider every object, not only those that changed since the last applied revision.
     pub full: bool,
+    /// When the first of the requests merged into this job was received.
     pub queued_at: Instant,
 }
 
@@ -197,7 +202,14 @@ mod tests {
     use super::*;
 
     fn push(app: &str, rev: &str) -> Job {
-        Job::new(app, Some(rev.into()), JobReason::Push { delivery: None })
+        Job::new(
+            app,
+            Some(rev.into()),
+            JobReason::Push {
+                delivery: None,
+                before: String::new(),
+            },
+        )
     }
 
     #[tokio::test]

@@ -231,7 +231,7 @@ async fn read_body(
             Err(_) => {
                 return Err(Rejection::new(
                     StatusCode::BAD_REQUEST,
-                    "bad_request",
+                    "invalid",
                     "invalid Content-Length",
                 ))
             }
@@ -243,7 +243,7 @@ async fn read_body(
             let chunk = chunk.map_err(|e| {
                 Rejection::new(
                     StatusCode::BAD_REQUEST,
-                    "bad_request",
+                    "invalid",
                     format!("reading the body: {e}"),
                 )
             })?;
@@ -388,7 +388,7 @@ fn verify_and_parse(
     let name = header_str(headers, event_header).ok_or_else(|| {
         Rejection::new(
             StatusCode::BAD_REQUEST,
-            "bad_request",
+            "invalid",
             format!("missing {event_header} header"),
         )
     })?;
@@ -443,6 +443,7 @@ fn dispatch(
                     Some(push.after.clone()),
                     JobReason::Push {
                         delivery: delivery.clone(),
+                        before: push.before.clone(),
                     },
                 );
                 match rx.queue.enqueue(job) {
@@ -459,7 +460,7 @@ fn dispatch(
                 }
             }
             info!(forge = forge_label, repo = %push.repo, git_ref = %push.git_ref, after = %push.after, apps = ?queued, "push queued");
-            rx.metrics.delivery(forge_label, event_label, "queued");
+            rx.metrics.delivery(forge_label, event_label, "accepted");
             rx.metrics
                 .jobs_queued
                 .get_or_create(&ForgeLabels { forge: forge_label })

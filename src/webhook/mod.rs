@@ -99,15 +99,12 @@ impl WebhookError {
         !matches!(self, WebhookError::InvalidPayload(_))
     }
 
-    /// Short label for metrics.
+    /// Metric outcome: `unauthorized` (no proof of the secret) or `invalid` (bad payload).
     pub fn metric_label(&self) -> &'static str {
-        match self {
-            WebhookError::MissingSignature { .. } => "missing_signature",
-            WebhookError::MalformedSignature { .. } => "malformed_signature",
-            WebhookError::BadSignature => "bad_signature",
-            WebhookError::StaleTimestamp { .. } => "stale_timestamp",
-            WebhookError::BadToken => "bad_token",
-            WebhookError::InvalidPayload(_) => "invalid_payload",
+        if self.is_unauthorized() {
+            "unauthorized"
+        } else {
+            "invalid"
         }
     }
 }

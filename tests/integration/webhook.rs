@@ -130,7 +130,10 @@ async fn signed_github_push_queues_the_matching_apps() {
         job.revision.as_deref(),
         Some("6113728f27ae82c7b1a177c8d03f9e96e0adf246")
     );
-    assert!(matches!(job.reason, JobReason::Push { delivery: Some(_) }));
+    assert!(matches!(
+        &job.reason,
+        JobReason::Push { delivery: Some(_), before } if before == "0000000000000000000000000000000000000000"
+    ));
     assert!(!job.full, "a push reconciles incrementally");
 }
 
@@ -485,12 +488,12 @@ async fn health_readiness_and_metrics() {
     let text = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
     assert!(
         text.contains(
-            r#"driftless_webhook_deliveries_total{forge="github",event="push",outcome="queued"} 1"#
+            r#"driftless_webhook_deliveries_total{forge="github",event="push",outcome="accepted"} 1"#
         ),
         "{text}"
     );
     assert!(
-        text.contains(r#"driftless_webhook_deliveries_total{forge="github",event="unknown",outcome="missing_signature"} 1"#),
+        text.contains(r#"driftless_webhook_deliveries_total{forge="github",event="unknown",outcome="unauthorized"} 1"#),
         "{text}"
     );
     assert!(text.contains("driftless_queue_pending 2"), "{text}");
@@ -512,4 +515,152 @@ async fn health_readiness_and_metrics() {
     )
     .await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// Every real payload, signed correctly, is accepted; one changed byte or another secret is 401.
+#[actix_web::test]
+async fn every_fixture_is_accepted_signed_and_refused_tampered() {
+    let h = harness();
+    let app = app!(h);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/github");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".json"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 11, "{names:?}");
+    for name in &names {
+        let event = name.split('-').next().unwrap();
+        let body = fixture(&format!("github/{name}"));
+        let resp = test::call_service(
+            &app,
+            github_request(event, &body, Some(github::sign(GH_SECRET, &body))).to_request(),
+        )
+        .await;
+        assert!(resp.status().is_success(), "{name}: {}", resp.status());
+        let json = json_body(resp).await;
+        let branch_push = name == "push-5.json" || name == "push-6.json";
+        if branch_push {
+            assert_eq!(
+                json["apps"],
+                serde_json::json!(["hello", "hello-api"]),
+                "{name}"
+            );
+        } else if event == "push" {
+            assert_eq!(json["apps"], serde_json::json!([]), "{name}");
+        }
+        let mut tampered = body.clone();
+        let mid = tampered.len() / 2;
+        tampered[mid] ^= 0x01;
+        let resp = test::call_service(
+            &app,
+            github_request(event, &tampered, Some(github::sign(GH_SECRET, &body))).to_request(),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{name} tampered");
+        let resp = test::call_service(
+            &app,
+            github_request(event, &body, Some(github::sign("another", &body))).to_request(),
+        )
+        .await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED,
+            "{name} other secret"
+        );
+    }
+
+    let key = gitlab::signing_key(GL_SIGNING).unwrap();
+    for (file, event) in [
+        ("push.json", "Push Hook"),
+        ("tag_push.json", "Tag Push Hook"),
+    ] {
+        let body = fixture(&format!("gitlab/{file}"));
+        let ts = now();
+        let id = format!("{file}-{ts}");
+        // The signature is always made over the real payload; what is sent may differ.
+        let signed = |sent: &[u8], key: &[u8]| {
+            gitlab_request(event, sent)
+                .insert_header(("webhook-id", id.clone()))
+                .insert_header(("webhook-timestamp", ts.to_string()))
+                .insert_header((
+                    "webhook-signature",
+                    gitlab::sign(key, &id, ts, &body_of(file)),
+                ))
+                .to_request()
+        };
+        let resp = test::call_service(&app, signed(&body, &key)).await;
+        assert!(resp.status().is_success(), "{file}: {}", resp.status());
+        let mut tampered = body.clone();
+        tampered[body.len() / 2] ^= 0x01;
+        assert_eq!(
+            test::call_service(&app, signed(&tampered, &key))
+                .await
+                .status(),
+            StatusCode::UNAUTHORIZED,
+            "{file} tampered"
+        );
+        assert_eq!(
+            test::call_service(&app, signed(&body, b"another-key"))
+                .await
+                .status(),
+            StatusCode::UNAUTHORIZED,
+            "{file} other key"
+        );
+        let resp = test::call_service(
+            &app,
+            gitlab_request(event, &body)
+                .insert_header(("X-Gitlab-Token", GL_TOKEN))
+                .to_request(),
+        )
+        .await;
+        assert!(resp.status().is_success(), "{file} with token");
+    }
+}
+
+fn body_of(file: &str) -> Vec<u8> {
+    fixture(&format!("gitlab/{file}"))
+}
+
+#[actix_web::test]
+async fn two_quick_pushes_make_one_job_with_the_newer_revision() {
+    let h = harness();
+    let app = app!(h);
+    let mut first: Value = serde_json::from_slice(&fixture("gitlab/push.json")).unwrap();
+    let mut second = first.clone();
+    first["after"] = "1111111111111111111111111111111111111111".into();
+    second["before"] = "1111111111111111111111111111111111111111".into();
+    second["after"] = "2222222222222222222222222222222222222222".into();
+    for (id, body) in [("one", first), ("two", second)] {
+        let body = serde_json::to_vec(&body).unwrap();
+        let req = gitlab_request("Push Hook", &body)
+            .insert_header(("X-Gitlab-Token", GL_TOKEN))
+            .insert_header(("X-Gitlab-Event-UUID", id))
+            .to_request();
+        assert_eq!(
+            test::call_service(&app, req).await.status(),
+            StatusCode::ACCEPTED
+        );
+    }
+    assert_eq!(h.queue.pending_len(), 1);
+    let job = h.queue.next().await.unwrap();
+    assert_eq!(
+        job.revision.as_deref(),
+        Some("2222222222222222222222222222222222222222")
+    );
+    assert!(
+        matches!(&job.reason, JobReason::Push { delivery: Some(d), before } if d == "two" && before.starts_with('1'))
+    );
+}
+
+#[actix_web::test]
+async fn a_26_mib_body_is_refused_with_the_default_limit() {
+    let h = harness();
+    let app = app!(h);
+    let body = vec![b' '; 26 << 20];
+    let req = github_request("push", &body, Some(github::sign(GH_SECRET, &body))).to_request();
+    let resp = test::call_service(&app, req).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(h.queue.pending_len(), 0);
 }
