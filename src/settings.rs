@@ -66,6 +66,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub kubernetes: KubernetesSettings,
     pub forges: ForgeSettings,
+    pub fetch: FetchSettings,
     pub drift: DriftSettings,
     pub apps: Vec<AppSettings>,
 }
@@ -129,6 +130,33 @@ pub struct GitlabSettings {
     /// A second accepted webhook token while a new one is rolled out.
     pub previous_webhook_token: Option<SecretRef>,
     pub register_webhooks: bool,
+}
+
+/// Bounds on what one app fetch may cost, so a huge push cannot exhaust memory.
+#[derive(Debug, Clone)]
+pub struct FetchSettings {
+    /// Most files one app may hold.
+    pub max_app_files: usize,
+    /// Most bytes one app's files may add up to.
+    pub max_app_bytes: usize,
+    /// Bytes of file contents kept in the content-addressed blob cache.
+    pub blob_cache_bytes: usize,
+    /// Longest wait for a forge rate limit to reset before the fetch fails instead.
+    pub max_rate_limit_wait: Duration,
+    /// Timeout of one forge API request.
+    pub request_timeout: Duration,
+}
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        Self {
+            max_app_files: 5_000,
+            max_app_bytes: 64 << 20,
+            blob_cache_bytes: 256 << 20,
+            max_rate_limit_wait: Duration::from_secs(15 * 60),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -413,8 +441,31 @@ struct RawSettings {
     server: RawServer,
     kubernetes: RawKubernetes,
     forges: RawForges,
+    fetch: RawFetch,
     drift: RawDrift,
     apps: Vec<RawApp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawFetch {
+    max_app_files: usize,
+    max_app_bytes: Value,
+    blob_cache: Value,
+    max_rate_limit_wait: String,
+    request_timeout: String,
+}
+
+impl Default for RawFetch {
+    fn default() -> Self {
+        Self {
+            max_app_files: 5_000,
+            max_app_bytes: Value::String("64MiB".into()),
+            blob_cache: Value::String("256MiB".into()),
+            max_rate_limit_wait: "15m".into(),
+            request_timeout: "30s".into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -819,6 +870,27 @@ impl RawSettings {
             })
         });
 
+        let mut size = |key: &str, v: &Value| match parse_byte_size(v) {
+            Ok(n) => n,
+            Err(m) => {
+                p.push(key, m);
+                0
+            }
+        };
+        let max_app_bytes = size("fetch.max_app_bytes", &self.fetch.max_app_bytes);
+        let blob_cache_bytes = size("fetch.blob_cache", &self.fetch.blob_cache);
+        if self.fetch.max_app_files == 0 {
+            p.push("fetch.max_app_files", "must be greater than zero");
+        }
+        let fetch = FetchSettings {
+            max_app_files: self.fetch.max_app_files,
+            max_app_bytes,
+            blob_cache_bytes,
+            max_rate_limit_wait: p
+                .duration("fetch.max_rate_limit_wait", &self.fetch.max_rate_limit_wait),
+            request_timeout: p.duration("fetch.request_timeout", &self.fetch.request_timeout),
+        };
+
         let interval = p.duration("drift.interval", &self.drift.interval);
         if interval < Duration::from_secs(10) && interval != Duration::ZERO {
             p.push("drift.interval", "must be at least 10s");
@@ -942,6 +1014,7 @@ impl RawSettings {
                 state_namespace: self.kubernetes.state_namespace,
             },
             forges: ForgeSettings { github, gitlab },
+            fetch,
             drift: DriftSettings {
                 interval,
                 jitter,

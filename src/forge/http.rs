@@ -1,0 +1,186 @@
+//! The request policy both forge clients share: classify a response (success, not modified,
+//! rate limited, unauthorized, not found, transient) and retry, wait out a rate limit (up to
+//! `fetch.max_rate_limit_wait`) or fail with a typed [`ForgeError`].
+
+use std::future::Future;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use reqwest::header::HeaderMap;
+use tracing::warn;
+
+use super::{backoff, ForgeError};
+use crate::settings::ForgeKind;
+
+/// A response reduced to what the policy and the parsers need.
+pub(crate) struct RawResponse {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The forge's `message` field, or the start of the body.
+    pub fn message(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v.get("message").map(|m| m.to_string()))
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&self.body[..self.body.len().min(200)]).into_owned()
+            })
+    }
+
+    pub fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        forge: ForgeKind,
+        request: &str,
+    ) -> Result<T, ForgeError> {
+        let de = &mut serde_json::Deserializer::from_slice(&self.body);
+        serde_path_to_error::deserialize(de).map_err(|e| ForgeError::InvalidResponse {
+            forge,
+            request: request.to_string(),
+            message: e.to_string(),
+        })
+    }
+}
+
+/// Transient faults retried before giving up.
+const MAX_TRANSIENT_RETRIES: u32 = 3;
+/// Rate-limit waits before giving up (each bounded by `max_wait`).
+const MAX_RATE_LIMIT_WAITS: u32 = 3;
+
+pub(crate) struct Policy {
+    pub forge: ForgeKind,
+    pub max_wait: Duration,
+    /// Requests left in the current rate-limit window, as the forge last reported (-1: unknown).
+    pub remaining: AtomicI64,
+}
+
+impl Policy {
+    pub fn new(forge: ForgeKind, max_wait: Duration) -> Self {
+        Self {
+            forge,
+            max_wait,
+            remaining: AtomicI64::new(-1),
+        }
+    }
+
+    /// Sends a request built by `send` under the policy. `request` names it in errors.
+    /// Returns 2xx and 304 responses; everything else becomes an error.
+    pub async fn run<F, Fut>(&self, request: &str, mut send: F) -> Result<RawResponse, ForgeError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<RawResponse, String>>,
+    {
+        let forge = self.forge;
+        let mut transient = 0;
+        let mut waits = 0;
+        loop {
+            let resp = match send().await {
+                Ok(r) => r,
+                Err(message) => {
+                    transient += 1;
+                    if transient > MAX_TRANSIENT_RETRIES {
+                        return Err(ForgeError::Transient { forge, message });
+                    }
+                    warn!(%forge, request, error = %message, attempt = transient, "forge request failed; retrying");
+                    tokio::time::sleep(backoff(transient)).await;
+                    continue;
+                }
+            };
+            if let Some(rem) = resp
+                .header("x-ratelimit-remaining")
+                .or_else(|| resp.header("ratelimit-remaining"))
+                .and_then(|v| v.parse::<i64>().ok())
+            {
+                self.remaining.store(rem, Ordering::Relaxed);
+            }
+            match resp.status {
+                200..=299 | 304 => return Ok(resp),
+                401 => {
+                    return Err(ForgeError::Unauthorized {
+                        forge,
+                        status: 401,
+                        message: resp.message(),
+                    })
+                }
+                403 | 429 => {
+                    let Some(wait) = rate_limit_wait(&resp) else {
+                        return Err(ForgeError::Unauthorized {
+                            forge,
+                            status: resp.status,
+                            message: resp.message(),
+                        });
+                    };
+                    let until = SystemTime::now() + wait;
+                    waits += 1;
+                    if wait > self.max_wait || waits > MAX_RATE_LIMIT_WAITS {
+                        return Err(ForgeError::RateLimited { forge, until });
+                    }
+                    warn!(%forge, request, wait_secs = wait.as_secs_f64(), "rate limited; waiting for the reset");
+                    tokio::time::sleep(wait).await;
+                }
+                404 => {
+                    return Err(ForgeError::NotFound {
+                        forge,
+                        what: request.to_string(),
+                    })
+                }
+                408 | 500..=599 => {
+                    transient += 1;
+                    if transient > MAX_TRANSIENT_RETRIES {
+                        return Err(ForgeError::Transient {
+                            forge,
+                            message: format!("{request}: HTTP {}: {}", resp.status, resp.message()),
+                        });
+                    }
+                    warn!(%forge, request, status = resp.status, attempt = transient, "forge answered with a server error; retrying");
+                    tokio::time::sleep(backoff(transient)).await;
+                }
+                status => {
+                    return Err(ForgeError::InvalidResponse {
+                        forge,
+                        request: request.to_string(),
+                        message: format!("HTTP {status}: {}", resp.message()),
+                    })
+                }
+            }
+        }
+    }
+}
+
+/// How long a 403/429 asks us to wait: `Retry-After` (seconds), else the reset time of an
+/// exhausted window (`x-ratelimit-reset` / `ratelimit-reset`, Unix seconds). `None` when the
+/// response is not about rate limits (a plain 403 is a permission problem).
+fn rate_limit_wait(resp: &RawResponse) -> Option<Duration> {
+    if let Some(secs) = resp
+        .header("retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        return Some(Duration::from_secs(secs));
+    }
+    let exhausted = resp
+        .header("x-ratelimit-remaining")
+        .or_else(|| resp.header("ratelimit-remaining"))
+        .is_some_and(|v| v.trim() == "0");
+    if exhausted || resp.status == 429 {
+        let reset = resp
+            .header("x-ratelimit-reset")
+            .or_else(|| resp.header("ratelimit-reset"))
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        // A reset already passed (clock skew) still waits a second before retrying.
+        return Some(Duration::from_secs(
+            reset.map_or(60, |r| r.saturating_sub(now).max(1)),
+        ));
+    }
+    None
+}
