@@ -6,8 +6,10 @@
 
 pub mod cli;
 pub mod forge;
+pub mod manifest;
 pub mod metrics;
 pub mod queue;
+pub mod reconcile;
 pub mod server;
 pub mod settings;
 pub mod telemetry;

@@ -235,6 +235,8 @@ pub struct AppSettings {
     pub health_timeout: Duration,
     /// Take ownership of fields another field manager holds (server-side apply `force`).
     pub force_conflicts: bool,
+    /// Accept an app with no objects (and so prune everything it had).
+    pub allow_empty: bool,
     pub ignore: Vec<IgnoreRule>,
 }
 
@@ -589,6 +591,8 @@ struct RawApp {
     health_timeout: String,
     #[serde(default = "default_true")]
     force_conflicts: bool,
+    #[serde(default)]
+    allow_empty: bool,
     #[serde(default)]
     ignore: Vec<RawIgnore>,
 }
@@ -993,6 +997,7 @@ impl RawSettings {
                 drift,
                 health_timeout,
                 force_conflicts: raw.force_conflicts,
+                allow_empty: raw.allow_empty,
                 ignore,
             });
         }

@@ -1,0 +1,152 @@
+//! Per-app state kept in the cluster, so any replica can pick up any app after a restart:
+//! a ConfigMap `driftless-app-<app>` in the state namespace holding the last applied revision,
+//! the app's subtree SHA, the inventory of applied objects (with a hash of what was applied,
+//! for incremental pushes), the last result and the last ten runs.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::ObjectRef;
+
+/// Field manager of the state objects (kept apart from the one applying app objects).
+const STATE_MANAGER: &str = "driftless-state";
+const KEY: &str = "state.json";
+/// Runs kept for the status pages.
+pub const RUNS_KEPT: usize = 10;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppState {
+    /// The last revision applied successfully (or found unchanged).
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub tree_sha: Option<String>,
+    /// RFC 3339 time of the last successful apply.
+    #[serde(default)]
+    pub applied_at: Option<String>,
+    #[serde(default)]
+    pub inventory: Vec<InventoryItem>,
+    #[serde(default)]
+    pub last_result: Option<RunRecord>,
+    #[serde(default)]
+    pub runs: Vec<RunRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryItem {
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    /// SHA-256 of the object as applied (labels included).
+    pub hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub revision: Option<String>,
+    pub reason: String,
+    pub started_at: String,
+    pub duration_ms: u64,
+    /// `applied`, `unchanged`, `skipped` or `failed`.
+    pub outcome: String,
+    pub message: String,
+    #[serde(default)]
+    pub applied: usize,
+    #[serde(default)]
+    pub pruned: usize,
+}
+
+impl AppState {
+    pub fn record(&mut self, run: RunRecord) {
+        self.runs.insert(0, run.clone());
+        self.runs.truncate(RUNS_KEPT);
+        self.last_result = Some(run);
+    }
+}
+
+pub fn object_name(app: &str) -> String {
+    format!("driftless-app-{app}")
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state of app {app} ({step}): {message}")]
+pub struct StateError {
+    pub app: String,
+    pub step: &'static str,
+    pub message: String,
+}
+
+/// Reads an app's state; an app never reconciled has the default (empty) state.
+pub async fn load(client: &Client, namespace: &str, app: &str) -> Result<AppState, StateError> {
+    let err = |step, message: String| StateError {
+        app: app.to_string(),
+        step,
+        message,
+    };
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let Some(cm) = api
+        .get_opt(&object_name(app))
+        .await
+        .map_err(|e| err("read", e.to_string()))?
+    else {
+        return Ok(AppState::default());
+    };
+    match cm.data.as_ref().and_then(|d| d.get(KEY)) {
+        Some(text) => serde_json::from_str(text).map_err(|e| err("parse", e.to_string())),
+        None => Ok(AppState::default()),
+    }
+}
+
+/// Writes an app's state (server-side apply of the whole ConfigMap).
+pub async fn save(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    state: &AppState,
+) -> Result<(), StateError> {
+    let err = |step, message: String| StateError {
+        app: app.to_string(),
+        step,
+        message,
+    };
+    let text = serde_json::to_string(state).map_err(|e| err("encode", e.to_string()))?;
+    let cm = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": object_name(app),
+            "labels": {
+                "app.kubernetes.io/managed-by": "driftless",
+                "driftless.dev/state-of": app,
+            },
+        },
+        "data": { KEY: text },
+    });
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        &object_name(app),
+        &PatchParams::apply(STATE_MANAGER).force(),
+        &Patch::Apply(&cm),
+    )
+    .await
+    .map_err(|e| err("write", e.to_string()))?;
+    Ok(())
+}
+
+/// Creates the state namespace when it does not exist yet.
+pub async fn ensure_namespace(client: &Client, namespace: &str) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    if api.get_opt(namespace).await?.is_some() {
+        return Ok(());
+    }
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+    api.patch(
+        namespace,
+        &PatchParams::apply(STATE_MANAGER),
+        &Patch::Apply(&ns),
+    )
+    .await?;
+    Ok(())
+}
