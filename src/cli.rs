@@ -6,7 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::settings::{Settings, SettingsError};
+use std::sync::Arc;
+
+use crate::queue::{Job, JobReason};
+use crate::reconcile::{Engine, Outcome, RunOptions};
+use crate::settings::{AppSettings, Settings, SettingsError};
 
 /// driftless: webhook-first GitOps reconciler for Kubernetes.
 #[derive(Debug, Parser)]
@@ -34,6 +38,12 @@ pub enum Command {
     Sync {
         /// App name from the settings.
         app: String,
+        /// Apply this commit instead of the branch head (may go back: an explicit request).
+        #[arg(long, value_name = "SHA")]
+        revision: Option<String>,
+        /// Validate with a server-side dry-run and print what would be written; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Show how the cluster differs from the app's last applied revision.
     Diff {
@@ -84,11 +94,78 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve => crate::server::serve(settings)
             .await
             .map(|()| ExitCode::SUCCESS),
-        Command::Sync { .. } => not_implemented("sync", "the reconcile engine (issue 5)"),
+        Command::Sync {
+            app,
+            revision,
+            dry_run,
+        } => sync(settings, &app, revision, dry_run).await,
         Command::Diff { .. } => not_implemented("diff", "drift detection (issue 6)"),
         Command::Drift { .. } => not_implemented("drift", "drift detection (issue 6)"),
         Command::Hooks { .. } => {
             not_implemented("hooks register", "webhook registration (issue 7)")
+        }
+    }
+}
+
+fn require_app<'a>(settings: &'a Settings, name: &str) -> anyhow::Result<&'a AppSettings> {
+    settings.app(name).ok_or_else(|| {
+        let known: Vec<&str> = settings.apps.iter().map(|a| a.name.as_str()).collect();
+        anyhow::anyhow!(
+            "no app named {name:?} in the settings (apps: {})",
+            known.join(", ")
+        )
+    })
+}
+
+/// Builds the reconcile engine from the settings and the local Kubernetes credentials.
+pub async fn engine(settings: Settings) -> anyhow::Result<Engine> {
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!("kubernetes: no usable credentials from KUBECONFIG, ~/.kube/config or the in-cluster service account: {e}")
+    })?;
+    let forges = crate::forge::from_settings(&settings)?;
+    Ok(Engine::new(client, forges, Arc::new(settings)))
+}
+
+async fn sync(
+    settings: Settings,
+    app: &str,
+    revision: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    require_app(&settings, app)?;
+    let engine = engine(settings).await?;
+    let job = Job::new(app, revision, JobReason::Manual);
+    match engine.run(&job, RunOptions { dry_run }).await {
+        Ok(report) => {
+            let rev = report.revision.as_deref().unwrap_or("?");
+            match &report.outcome {
+                Outcome::Applied if dry_run => {
+                    println!("{app}: revision {rev}: {} objects, {} would be written (dry run, nothing changed)", report.objects, report.applied.len());
+                    for id in &report.applied {
+                        println!("  would apply {id}");
+                    }
+                }
+                Outcome::Applied => {
+                    println!("{app}: applied revision {rev}: {} objects, {} written, {} pruned in {:.1}s", report.objects, report.applied.len(), report.pruned.len(), report.duration.as_secs_f64());
+                    for id in &report.applied {
+                        println!("  applied {id}");
+                    }
+                    for id in &report.pruned {
+                        println!("  pruned {id}");
+                    }
+                }
+                Outcome::Unchanged => println!("{app}: revision {rev}: unchanged"),
+                Outcome::Skipped(why) => println!("{app}: skipped: {why}"),
+                Outcome::Failed(e) => {
+                    eprintln!("{app}: failed: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("driftless sync {app}: {e}");
+            Ok(ExitCode::FAILURE)
         }
     }
 }

@@ -12,5 +12,7 @@ pub mod queue;
 pub mod reconcile;
 pub mod server;
 pub mod settings;
+pub mod simulator;
 pub mod telemetry;
 pub mod webhook;
+pub mod worker;

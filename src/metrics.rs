@@ -21,6 +21,14 @@ pub struct DeliveryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RunLabels {
+    /// A configured app name (bounded by the settings).
+    pub app: String,
+    /// `applied`, `unchanged`, `skipped` or `failed`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForgeLabels {
     pub forge: &'static str,
 }
@@ -32,6 +40,9 @@ pub struct Metrics {
     pub webhook_ack_seconds: Family<ForgeLabels, Histogram>,
     pub jobs_queued: Family<ForgeLabels, Counter>,
     pub queue_pending: Gauge,
+    pub reconcile_runs: Family<RunLabels, Counter>,
+    pub reconcile_seconds: Histogram,
+    pub forge_rate_limit_remaining: Family<ForgeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -70,8 +81,30 @@ impl Metrics {
             "Jobs waiting in the queue",
             queue_pending.clone(),
         );
+        let reconcile_runs = Family::<RunLabels, Counter>::default();
+        registry.register(
+            "reconcile_runs",
+            "Reconcile runs by app and outcome",
+            reconcile_runs.clone(),
+        );
+        // 10 ms .. ~5 min.
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 15));
+        registry.register(
+            "reconcile_seconds",
+            "Duration of reconcile runs",
+            reconcile_seconds.clone(),
+        );
+        let forge_rate_limit_remaining = Family::<ForgeLabels, Gauge>::default();
+        registry.register(
+            "forge_rate_limit_remaining",
+            "Requests left in the forge's current rate-limit window (-1 unknown)",
+            forge_rate_limit_remaining.clone(),
+        );
         Self {
             registry,
+            reconcile_runs,
+            reconcile_seconds,
+            forge_rate_limit_remaining,
             webhook_deliveries,
             webhook_ack_seconds,
             jobs_queued,

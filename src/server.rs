@@ -3,6 +3,7 @@
 //! forge or Kubernetes. Bodies are read under a size limit and a deadline, so neither a large
 //! nor a slow client can hold a worker.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,9 @@ pub struct Receiver {
     pub metrics: Arc<Metrics>,
     body_limit: usize,
     read_timeout: Duration,
+    /// Whether the API server answered the last check; `None` when this receiver runs without
+    /// a cluster (tests of the HTTP surface).
+    pub kubernetes_ready: Option<Arc<AtomicBool>>,
 }
 
 impl Receiver {
@@ -72,6 +76,7 @@ impl Receiver {
             metrics,
             body_limit: settings.server.body_limit,
             read_timeout: settings.server.read_timeout,
+            kubernetes_ready: None,
         })
     }
 }
@@ -119,11 +124,16 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(rx: web::Data<Receiver>) -> HttpResponse {
     let queue_open = !rx.queue.is_closed();
+    let kube = rx
+        .kubernetes_ready
+        .as_ref()
+        .map(|k| k.load(Ordering::Relaxed));
+    let ready = queue_open && kube != Some(false);
     let body = json!({
-        "ready": queue_open,
-        "checks": {"settings": true, "queue_accepting": queue_open},
+        "ready": ready,
+        "checks": {"settings": true, "queue_accepting": queue_open, "kubernetes_reachable": kube},
     });
-    if queue_open {
+    if ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)
@@ -475,14 +485,52 @@ fn dispatch(
     }
 }
 
-/// Runs the receiver until SIGINT or SIGTERM.
+/// How often `/readyz`'s view of the API server is refreshed.
+const KUBE_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs the receiver, the workers and the start-up catch-up until SIGINT or SIGTERM.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let settings = Arc::new(settings);
     let queue = Arc::new(JobQueue::new());
     let metrics = Arc::new(Metrics::new());
-    let receiver = web::Data::new(Receiver::new(&settings, queue.clone(), metrics)?);
+    let mut receiver = Receiver::new(&settings, queue.clone(), metrics.clone())?;
+    let client = kube::Client::try_default().await.map_err(|e| {
+        anyhow::anyhow!(
+            "kubernetes: no usable credentials from KUBECONFIG, ~/.kube/config or the in-cluster service account: {e}"
+        )
+    })?;
+    let forges = crate::forge::from_settings(&settings)?;
+    let engine = Arc::new(crate::reconcile::Engine::new(
+        client.clone(),
+        forges,
+        settings.clone(),
+    ));
+    let kube_ready = Arc::new(AtomicBool::new(false));
+    receiver.kubernetes_ready = Some(kube_ready.clone());
+    let receiver = web::Data::new(receiver);
     let shutdown = CancellationToken::new();
 
-    let worker = tokio::spawn(unimplemented_worker(queue.clone()));
+    let probe = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let ok = client.apiserver_version().await.is_ok();
+                kube_ready.store(ok, Ordering::Relaxed);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(KUBE_CHECK_INTERVAL) => {}
+                }
+            }
+        })
+    };
+    // Pushes made while no receiver ran (or whose webhook was lost) are caught up at start.
+    crate::worker::catch_up(&queue, settings.apps.iter().map(|a| a.name.clone()));
+    let workers = tokio::spawn(crate::worker::run(
+        queue.clone(),
+        engine,
+        metrics,
+        crate::worker::WORKERS,
+    ));
 
     let body_limit = settings.server.body_limit;
     let server = actix_web::HttpServer::new(move || {
@@ -517,9 +565,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     };
     let result = server.await;
     shutdown.cancel();
+    // Running reconciles finish; pending ones are picked up again from Git at the next start.
     queue.close();
     signals.abort();
-    let _ = worker.await;
+    let _ = workers.await;
+    let _ = probe.await;
     result.map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
 }
 
@@ -535,13 +585,4 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Until the reconcile engine exists, queued jobs are reported as not carried out, loudly.
-async fn unimplemented_worker(queue: Arc<JobQueue>) {
-    while let Some(job) = queue.next().await {
-        tracing::error!(app = %job.app, revision = ?job.revision, reason = job.reason.as_str(),
-            "job not carried out: the reconcile engine is not implemented yet");
-        queue.done(&job.app);
-    }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 
 pub use blob_cache::BlobCache;
 
@@ -263,7 +263,10 @@ pub async fn fetch_app(
         });
     }
     let total = std::sync::atomic::AtomicUsize::new(0);
-    let mut files: Vec<AppFile> = futures::stream::iter(wanted)
+    // The futures are built first and boxed, so the stream's type names no closure over a
+    // borrowed entry (which would defeat the Send proof of the callers' spawned tasks).
+    let calls: Vec<_> = wanted
+        .into_iter()
         .map(|e| {
             let total = &total;
             async move {
@@ -290,7 +293,10 @@ pub async fn fetch_app(
                     content,
                 })
             }
+            .boxed()
         })
+        .collect();
+    let mut files: Vec<AppFile> = futures::stream::iter(calls)
         .buffer_unordered(BLOB_CONCURRENCY)
         .try_collect()
         .await?;

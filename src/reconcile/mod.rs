@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt};
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Scope;
@@ -725,29 +725,48 @@ impl Engine {
         pp
     }
 
+    /// Server-side applies (or dry-runs) objects, a bounded number at once.
+    async fn patch_all(
+        &self,
+        objects: &[&Prepared],
+        pp: &PatchParams,
+    ) -> Vec<(ObjectRef, Result<(), String>)> {
+        let calls: Vec<_> = objects
+            .iter()
+            .map(|p| {
+                let (api, id, body, pp) = (self.api(p), p.id.clone(), p.body.clone(), pp.clone());
+                async move {
+                    let r = api
+                        .patch(&id.name, &pp, &Patch::Apply(&body))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| kube_message(&e));
+                    (id, r)
+                }
+                .boxed()
+            })
+            .collect();
+        futures::stream::iter(calls)
+            .buffer_unordered(APPLY_CONCURRENCY)
+            .collect()
+            .await
+    }
+
     async fn dry_run_all(
         &self,
         objects: &[&Prepared],
         app: &AppSettings,
     ) -> Result<(), ReconcileError> {
-        let pp = self.params(app, true);
-        futures::stream::iter(objects.iter().copied())
-            .map(|p| {
-                let pp = pp.clone();
-                async move {
-                    self.api(p)
-                        .patch(&p.id.name, &pp, &Patch::Apply(&p.body))
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| ReconcileError::Rejected {
-                            object: p.id.to_string(),
-                            message: kube_message(&e),
-                        })
-                }
-            })
-            .buffer_unordered(APPLY_CONCURRENCY)
-            .try_collect::<Vec<()>>()
-            .await?;
+        let mut results = self.patch_all(objects, &self.params(app, true)).await;
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, r) in results {
+            if let Err(message) = r {
+                return Err(ReconcileError::Rejected {
+                    object: id.to_string(),
+                    message,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -757,24 +776,8 @@ impl Engine {
         app: &AppSettings,
         report: &mut RunReport,
     ) -> Result<(), ReconcileError> {
-        let pp = self.params(app, false);
-        let results: Vec<(ObjectRef, Result<(), String>)> =
-            futures::stream::iter(objects.iter().copied())
-                .map(|p| {
-                    let pp = pp.clone();
-                    async move {
-                        let r = self
-                            .api(p)
-                            .patch(&p.id.name, &pp, &Patch::Apply(&p.body))
-                            .await
-                            .map(|_| ())
-                            .map_err(|e| kube_message(&e));
-                        (p.id.clone(), r)
-                    }
-                })
-                .buffer_unordered(APPLY_CONCURRENCY)
-                .collect()
-                .await;
+        let mut results = self.patch_all(objects, &self.params(app, false)).await;
+        results.sort_by(|a, b| a.0.cmp(&b.0));
         let mut first_error = None;
         for (id, r) in results {
             match r {

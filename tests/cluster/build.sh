@@ -51,7 +51,9 @@ if [ -z "$version" ]; then
   version="$(version_of_source)"
 fi
 [ -n "$version" ] || { log "apt-cache showsrc kubernetes found no source package"; exit 1; }
-dir="$cache_root/kubernetes-$version"
+# Bump when the patches below change, so a stale cached build is never reused.
+patch_level=p1
+dir="$cache_root/kubernetes-$version-$patch_level"
 if [ -x "$dir/bin/kube-apiserver" ] && [ -x "$dir/bin/kube-controller-manager" ]; then
   log "using cached build in $dir"
   echo "$dir"
@@ -66,6 +68,55 @@ log "fetching kubernetes $version source into $work"
 (cd "$work" && apt-get source --download-only kubernetes >&2)
 dsc="$(ls "$work"/kubernetes_*.dsc | head -n1)"
 (cd "$work" && dpkg-source --no-check -x "$dsc" src >&2)
+
+# Kubernetes 1.20 vendors github.com/modern-go/reflect2 v1.0.1, whose linkname to
+# reflect.mapiterinit predates Go 1.18's signature: built with bookworm's Go 1.19 the API server
+# dies with SIGSEGV in mapiterinit the first time json-iterator encodes certain maps (seen with
+# CRDs). Apply the fix reflect2 v1.0.2 made: the caller provides a full-size hiter.
+r2="$work/src/vendor/github.com/modern-go/reflect2"
+python3 - "$r2" <<'PY'
+import pathlib, sys
+d = pathlib.Path(sys.argv[1])
+link = d / "unsafe_link.go"
+s = link.read_text()
+old_sig = "func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer) *hiter"
+old_hiter = """type hiter struct {
+	key   unsafe.Pointer // Must be in first position.  Write nil to indicate iteration end (see cmd/internal/gc/range.go).
+	value unsafe.Pointer // Must be in second position (see cmd/internal/gc/range.go).
+	// rest fields are ignored
+}"""
+new_hiter = """type hiter struct {
+	key         unsafe.Pointer
+	value       unsafe.Pointer
+	t           unsafe.Pointer
+	h           unsafe.Pointer
+	buckets     unsafe.Pointer
+	bptr        unsafe.Pointer
+	overflow    *[]unsafe.Pointer
+	oldoverflow *[]unsafe.Pointer
+	startBucket uintptr
+	offset      uint8
+	wrapped     bool
+	B           uint8
+	i           uint8
+	bucket      uintptr
+	checkBucket uintptr
+}"""
+assert old_sig in s and old_hiter in s, "reflect2 unsafe_link.go is not the expected v1.0.1"
+s = s.replace(old_sig, "func mapiterinit(rtype unsafe.Pointer, m unsafe.Pointer, it *hiter)")
+s = s.replace(old_hiter, new_hiter)
+link.write_text(s)
+m = d / "unsafe_map.go"
+s = m.read_text()
+old = """	return &UnsafeMapIterator{
+		hiter:      mapiterinit(type2.rtype, *(*unsafe.Pointer)(obj)),"""
+new = """	var it hiter
+	mapiterinit(type2.rtype, *(*unsafe.Pointer)(obj), &it)
+	return &UnsafeMapIterator{
+		hiter:      &it,"""
+assert old in s, "reflect2 unsafe_map.go is not the expected v1.0.1"
+m.write_text(s.replace(old, new))
+PY
 log "building kube-apiserver and kube-controller-manager (about 5 minutes on 2 cores)"
 (
   cd "$work/src"

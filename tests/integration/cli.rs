@@ -217,7 +217,6 @@ fn serve_refuses_to_start_without_a_webhook_secret() {
 #[test]
 fn commands_not_built_yet_say_so() {
     for args in [
-        vec!["sync", "web"],
         vec!["diff", "web"],
         vec!["drift", "--once"],
         vec!["hooks", "register"],

@@ -2,7 +2,10 @@
 //! HTTP, the parsers under arbitrary input, and the real Kubernetes test control plane.
 
 mod cli;
+mod forge;
 mod kubernetes;
+mod reconcile;
+mod simulator;
 mod support;
 mod webhook;
 mod webhook_fuzz;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 
 pub mod cluster;
+pub mod git;
+pub mod openapi;
 
 use std::path::PathBuf;
 

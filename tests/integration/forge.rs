@@ -1,0 +1,559 @@
+//! The forge clients against the forge simulator over real git repositories: what a push
+//! costs in requests, statuses and hooks round-tripping, rate limits waited out, 401s failing
+//! at once, truncated trees walked, and unsafe or oversized app trees refused.
+
+use std::time::{Duration, Instant};
+
+use driftless::forge::github::GithubForge;
+use driftless::forge::gitlab::GitlabForge;
+use driftless::forge::{
+    fetch_app, BlobCache, CommitStatus, Comparison, Fetched, Forge, ForgeError, HookSpec,
+    StatusState,
+};
+use driftless::settings::{FetchSettings, Settings};
+use driftless::simulator::{Fault, FaultKind, ForgeSimulator, SimConfig};
+
+use crate::support::git::GitRepo;
+use crate::support::openapi::assert_github_requests_exist;
+
+const GH_TOKEN: &str = "ghp_simulated_token";
+const GL_TOKEN: &str = "glpat-simulated";
+
+/// 1,000 files: three apps of 10 manifests each and 970 unrelated files.
+fn big_repo() -> (GitRepo, String) {
+    let repo = GitRepo::new();
+    for app in ["a", "b", "c"] {
+        for i in 0..10 {
+            repo.write(
+                &format!("apps/{app}/cm-{i}.yaml"),
+                &format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {app}-{i}\ndata:\n  n: \"{i}\"\n"),
+            );
+        }
+    }
+    for i in 0..970 {
+        repo.write(
+            &format!("docs/part-{}/page-{i}.md", i % 20),
+            &format!("page {i}\n"),
+        );
+    }
+    let c1 = repo.commit("initial");
+    (repo, c1)
+}
+
+async fn simulator() -> ForgeSimulator {
+    ForgeSimulator::start(SimConfig {
+        github_token: GH_TOKEN.into(),
+        gitlab_token: GL_TOKEN.into(),
+    })
+    .await
+    .expect("starting the forge simulator")
+}
+
+struct Clients {
+    _dir: tempfile::TempDir,
+    github: GithubForge,
+    gitlab: GitlabForge,
+    fetch: FetchSettings,
+}
+
+fn clients(sim: &ForgeSimulator, gh_token: &str, extra: &str) -> Clients {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, v: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, v).unwrap();
+        p.display().to_string()
+    };
+    let text = format!(
+        r#"
+[forges.github]
+api_url = "{gh_url}"
+token_file = "{gh_token}"
+webhook_secret_file = "{secret}"
+[forges.gitlab]
+api_url = "{gl_url}"
+token_file = "{gl_token}"
+webhook_token_file = "{secret}"
+[fetch]
+max_rate_limit_wait = "5s"
+{extra}
+"#,
+        gh_url = sim.github_api_url(),
+        gl_url = sim.gitlab_api_url(),
+        gh_token = file("gh", gh_token),
+        gl_token = file("gl", GL_TOKEN),
+        secret = file("secret", "s"),
+    );
+    let settings = Settings::from_toml_str(&text).unwrap();
+    Clients {
+        github: GithubForge::new(settings.forges.github.as_ref().unwrap(), &settings.fetch)
+            .unwrap(),
+        gitlab: GitlabForge::new(settings.forges.gitlab.as_ref().unwrap(), &settings.fetch)
+            .unwrap(),
+        fetch: settings.fetch,
+        _dir: dir,
+    }
+}
+
+fn count(sim: &ForgeSimulator, forge: &str, needle: &str) -> u64 {
+    sim.request_counts()
+        .iter()
+        .filter(|(route, _)| route.starts_with(forge) && route.contains(needle))
+        .map(|(_, n)| *n)
+        .sum()
+}
+
+fn total(sim: &ForgeSimulator, forge: &str) -> u64 {
+    count(sim, forge, "")
+}
+
+fn tree_sha(f: &Fetched) -> String {
+    match f {
+        Fetched::Unchanged { tree_sha } | Fetched::Changed { tree_sha, .. } => tree_sha.clone(),
+    }
+}
+
+/// The cost of a one-file push for one forge: app A refetched, B and C unchanged.
+async fn one_file_push(
+    forge: &dyn Forge,
+    sim: &ForgeSimulator,
+    repo: &GitRepo,
+    c1: &str,
+    fetch: &FetchSettings,
+    name: &str,
+) {
+    let cache = BlobCache::new(64 << 20);
+    let mut known = Vec::new();
+    for app in ["a", "b", "c"] {
+        let f = fetch_app(forge, &cache, fetch, name, c1, &format!("apps/{app}"), None)
+            .await
+            .unwrap();
+        let Fetched::Changed { files, .. } = &f else {
+            panic!("first fetch of {app} unchanged")
+        };
+        assert_eq!(files.len(), 10);
+        known.push(tree_sha(&f));
+    }
+    repo.write(
+        "apps/a/cm-3.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a-3\ndata:\n  n: \"changed\"\n",
+    );
+    let c2 = repo.commit("change one file in a");
+    sim.clear_requests();
+
+    let a = fetch_app(forge, &cache, fetch, name, &c2, "apps/a", Some(&known[0]))
+        .await
+        .unwrap();
+    let Fetched::Changed { files, tree_sha } = a else {
+        panic!("app a did not change")
+    };
+    assert_ne!(tree_sha, known[0]);
+    let changed = files.iter().find(|f| f.path == "cm-3.yaml").unwrap();
+    assert!(String::from_utf8_lossy(&changed.content).contains("changed"));
+    assert_eq!(files.len(), 10);
+    for (i, app) in ["b", "c"].iter().enumerate() {
+        let f = fetch_app(
+            forge,
+            &cache,
+            fetch,
+            name,
+            &c2,
+            &format!("apps/{app}"),
+            Some(&known[i + 1]),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            f,
+            Fetched::Unchanged {
+                tree_sha: known[i + 1].clone()
+            },
+            "app {app}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn github_push_fetches_one_tree_and_one_blob() {
+    let (repo, c1) = big_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    one_file_push(&c.github, &sim, &repo, &c1, &c.fetch, "acme/deploy").await;
+    let counts = sim.request_counts();
+    assert_eq!(count(&sim, "github", "git/trees"), 1, "{counts:?}");
+    assert_eq!(count(&sim, "github", "git/blobs"), 1, "{counts:?}");
+    assert_eq!(total(&sim, "github"), 2, "{counts:?}");
+    assert_github_requests_exist(&sim.requests());
+}
+
+#[tokio::test]
+async fn gitlab_push_fetches_one_listing_page_per_directory_and_one_blob() {
+    let (repo, c1) = big_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/platform/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    one_file_push(
+        &c.gitlab,
+        &sim,
+        &repo,
+        &c1,
+        &c.fetch,
+        "acme/platform/deploy",
+    )
+    .await;
+    let counts = sim.request_counts();
+    // The parent directory "apps" (3 entries, one page) gives all three subtree SHAs; app a
+    // (10 files, one page) is listed recursively; one blob changed.
+    assert_eq!(count(&sim, "gitlab", "repository/tree"), 2, "{counts:?}");
+    assert_eq!(count(&sim, "gitlab", "blobs"), 1, "{counts:?}");
+    assert_eq!(total(&sim, "gitlab"), 3, "{counts:?}");
+}
+
+#[tokio::test]
+async fn gitlab_tree_pagination_is_followed() {
+    let repo = GitRepo::new();
+    for i in 0..250 {
+        repo.write(&format!("app/m-{i:03}.yaml"), "kind: ConfigMap\n");
+    }
+    let c1 = repo.commit("many files");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    let entries = c
+        .gitlab
+        .subtree_entries("acme/deploy", &c1, "app")
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 250);
+    let mut names: Vec<_> = entries.iter().map(|e| e.path.clone()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        250,
+        "an entry came twice or went missing across pages"
+    );
+    assert_eq!(
+        count(&sim, "gitlab", "repository/tree"),
+        3,
+        "{:?}",
+        sim.request_counts()
+    );
+}
+
+#[tokio::test]
+async fn statuses_round_trip_on_both_forges() {
+    let repo = GitRepo::new();
+    repo.write("app/a.yaml", "kind: ConfigMap\n");
+    let c1 = repo.commit("one");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    for (forge, name) in [
+        (&c.github as &dyn Forge, "github"),
+        (&c.gitlab as &dyn Forge, "gitlab"),
+    ] {
+        for state in [StatusState::Pending, StatusState::Success] {
+            forge
+                .set_status(
+                    "acme/deploy",
+                    &c1,
+                    &CommitStatus {
+                        context: "driftless/web".into(),
+                        state,
+                        description: format!("{name} {state:?}"),
+                        target_url: Some("https://driftless.example.com/apps/web".into()),
+                    },
+                )
+                .await
+                .unwrap();
+        }
+        let got: Vec<_> = sim
+            .statuses("acme/deploy", &c1)
+            .into_iter()
+            .filter(|s| s.forge == name)
+            .collect();
+        assert_eq!(got.len(), 2, "{name}");
+        assert_eq!(got[0].state, "pending");
+        assert_eq!(got[1].state, "success");
+        assert_eq!(got[1].context, "driftless/web");
+        assert_eq!(
+            got[1].target_url.as_deref(),
+            Some("https://driftless.example.com/apps/web")
+        );
+    }
+    assert_github_requests_exist(&sim.requests());
+}
+
+#[tokio::test]
+async fn hooks_round_trip_on_both_forges() {
+    let repo = GitRepo::new();
+    repo.commit("empty");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    for forge in [&c.github as &dyn Forge, &c.gitlab as &dyn Forge] {
+        let spec = HookSpec {
+            url: "https://driftless.example.com/hooks/x".into(),
+            secret: "first".into(),
+        };
+        assert!(forge
+            .list_hooks("acme/deploy")
+            .await
+            .unwrap()
+            .iter()
+            .all(|h| h.url != spec.url));
+        let created = forge.create_hook("acme/deploy", &spec).await.unwrap();
+        assert!(created.push_events && created.active);
+        let moved = HookSpec {
+            url: "https://driftless.example.com/hooks/y".into(),
+            secret: "second".into(),
+        };
+        let updated = forge
+            .update_hook("acme/deploy", created.id, &moved)
+            .await
+            .unwrap();
+        assert_eq!(updated.id, created.id);
+        assert_eq!(updated.url, moved.url);
+        let listed = forge.list_hooks("acme/deploy").await.unwrap();
+        assert!(listed
+            .iter()
+            .any(|h| h.id == created.id && h.url == moved.url));
+    }
+    let hooks = sim.hooks("acme/deploy");
+    assert_eq!(hooks.len(), 2, "one hook per forge: {hooks:?}");
+    assert!(hooks.iter().all(|h| h.secret.as_deref() == Some("second")));
+    assert_github_requests_exist(&sim.requests());
+}
+
+#[tokio::test]
+async fn rate_limits_are_waited_out_and_bad_credentials_fail_at_once() {
+    let repo = GitRepo::new();
+    repo.write("app/a.yaml", "kind: ConfigMap\n");
+    let c1 = repo.commit("one");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+
+    sim.inject(Fault {
+        forge: Some("github"),
+        path_contains: "git/ref".into(),
+        kind: FaultKind::RateLimited {
+            reset_after: Duration::from_secs(2),
+        },
+        times: 1,
+    });
+    let started = Instant::now();
+    assert_eq!(
+        c.github.branch_head("acme/deploy", "main").await.unwrap(),
+        c1
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "did not wait for the reset"
+    );
+
+    sim.inject(Fault {
+        forge: Some("gitlab"),
+        path_contains: "branches".into(),
+        kind: FaultKind::RateLimited {
+            reset_after: Duration::from_secs(1),
+        },
+        times: 1,
+    });
+    assert_eq!(
+        c.gitlab.branch_head("acme/deploy", "main").await.unwrap(),
+        c1
+    );
+
+    // A reset further away than fetch.max_rate_limit_wait fails with the time to come back.
+    sim.inject(Fault {
+        forge: Some("github"),
+        path_contains: "git/trees".into(),
+        kind: FaultKind::RateLimited {
+            reset_after: Duration::from_secs(3600),
+        },
+        times: 1,
+    });
+    let e = c
+        .github
+        .subtree_sha("acme/deploy", &c1, "app")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ForgeError::RateLimited { .. }), "{e}");
+
+    // A server error is retried.
+    sim.inject(Fault {
+        forge: Some("gitlab"),
+        path_contains: "blobs".into(),
+        kind: FaultKind::Status(502),
+        times: 1,
+    });
+    let entries = c
+        .gitlab
+        .subtree_entries("acme/deploy", &c1, "app")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.gitlab
+            .blob("acme/deploy", &entries[0].sha)
+            .await
+            .unwrap()
+            .as_ref(),
+        b"kind: ConfigMap\n"
+    );
+
+    sim.clear_requests();
+    let bad = clients(&sim, "ghp_wrong", "");
+    let e = bad
+        .github
+        .branch_head("acme/deploy", "main")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ForgeError::Unauthorized { status: 401, .. }),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("ghp_wrong"), "token leaked: {e}");
+    assert_eq!(total(&sim, "github"), 1, "a 401 was retried");
+}
+
+#[tokio::test]
+async fn unchanged_branch_head_is_a_conditional_request() {
+    let repo = GitRepo::new();
+    let c1 = repo.commit("one");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    assert_eq!(
+        c.github.branch_head("acme/deploy", "main").await.unwrap(),
+        c1
+    );
+    assert_eq!(
+        c.github.branch_head("acme/deploy", "main").await.unwrap(),
+        c1
+    );
+    let statuses: Vec<u16> = sim.requests().iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 304]);
+    let c2 = repo.commit("two");
+    assert_eq!(
+        c.github.branch_head("acme/deploy", "main").await.unwrap(),
+        c2
+    );
+}
+
+#[tokio::test]
+async fn truncated_trees_are_walked() {
+    let (repo, c1) = big_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    sim.inject(Fault {
+        forge: Some("github"),
+        path_contains: "git/trees".into(),
+        kind: FaultKind::TruncateTrees,
+        times: 100,
+    });
+    let cache = BlobCache::new(1 << 20);
+    let f = fetch_app(
+        &c.github,
+        &cache,
+        &c.fetch,
+        "acme/deploy",
+        &c1,
+        "apps/b",
+        None,
+    )
+    .await
+    .unwrap();
+    let Fetched::Changed { files, .. } = f else {
+        panic!()
+    };
+    let mut names: Vec<_> = files.iter().map(|f| f.path.as_str()).collect();
+    names.sort();
+    assert_eq!(names.len(), 10);
+    assert_eq!(names[0], "cm-0.yaml");
+    assert_github_requests_exist(&sim.requests());
+}
+
+#[tokio::test]
+async fn symlinks_submodules_and_oversized_apps_are_refused() {
+    let repo = GitRepo::new();
+    repo.write("app/ok.yaml", "kind: ConfigMap\n");
+    std::os::unix::fs::symlink("/etc/passwd", repo.path().join("app/evil.yaml")).unwrap();
+    let c1 = repo.commit("symlink");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "max_app_files = 3");
+    let cache = BlobCache::new(1 << 20);
+    for forge in [&c.github as &dyn Forge, &c.gitlab as &dyn Forge] {
+        let e = fetch_app(forge, &cache, &c.fetch, "acme/deploy", &c1, "app", None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "app/evil.yaml: is a symbolic link; driftless applies only regular files"
+        );
+    }
+
+    std::fs::remove_file(repo.path().join("app/evil.yaml")).unwrap();
+    repo.git(&["add", "-A"]);
+    repo.git(&[
+        "update-index",
+        "--add",
+        "--cacheinfo",
+        &format!("160000,{c1},app/vendor"),
+    ]);
+    // Committed directly: `commit()` would `git add -A` the gitlink away again.
+    repo.git(&["commit", "-q", "-m", "submodule"]);
+    let c2 = repo.head();
+    let e = fetch_app(&c.github, &cache, &c.fetch, "acme/deploy", &c2, "app", None)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().starts_with("app/vendor: is a git submodule"),
+        "{e}"
+    );
+
+    repo.git(&["rm", "-q", "--cached", "app/vendor"]);
+    for i in 0..5 {
+        repo.write(&format!("app/m{i}.yaml"), "kind: ConfigMap\n");
+    }
+    let c3 = repo.commit("too many");
+    let e = fetch_app(&c.gitlab, &cache, &c.fetch, "acme/deploy", &c3, "app", None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("fetch.max_app_files = 3"), "{e}");
+}
+
+#[tokio::test]
+async fn compare_tells_ahead_behind_identical_and_diverged() {
+    let repo = GitRepo::new();
+    let c1 = repo.commit("one");
+    let c2 = repo.commit("two");
+    repo.git(&["checkout", "-q", "-b", "side", &c1]);
+    let side = repo.commit("side");
+    repo.git(&["checkout", "-q", "main"]);
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    for forge in [&c.github as &dyn Forge, &c.gitlab as &dyn Forge] {
+        assert_eq!(
+            forge.compare("acme/deploy", &c1, &c2).await.unwrap(),
+            Comparison::Ahead
+        );
+        assert_eq!(
+            forge.compare("acme/deploy", &c2, &c1).await.unwrap(),
+            Comparison::Behind
+        );
+        assert_eq!(
+            forge.compare("acme/deploy", &c2, &c2).await.unwrap(),
+            Comparison::Identical
+        );
+        assert_eq!(
+            forge.compare("acme/deploy", &c2, &side).await.unwrap(),
+            Comparison::Diverged
+        );
+    }
+    assert_github_requests_exist(&sim.requests());
+}

@@ -1,0 +1,558 @@
+//! The reconcile engine against the real control plane and the forge simulator: pushes that
+//! add, edit, delete and revert; CRDs with their objects; all-or-nothing validation; safe
+//! pruning; no rollback from a delayed delivery; leases across replicas; commit statuses; health.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use driftless::forge;
+use driftless::manifest::ObjectRef;
+use driftless::queue::{Job, JobReason};
+use driftless::reconcile::{lease, state, Engine, Outcome, ReconcileError, RunOptions, RunReport};
+use driftless::settings::Settings;
+use driftless::simulator::{Fault, FaultKind, ForgeSimulator, SimConfig};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::Api;
+use serde_json::json;
+
+use crate::support::cluster::TestNamespace;
+use crate::support::git::GitRepo;
+
+const REPO: &str = "acme/deploy";
+
+struct Env {
+    ns: TestNamespace,
+    state_ns: TestNamespace,
+    sim: ForgeSimulator,
+    repo: GitRepo,
+    settings: Settings,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn new(forge: &str, app_extra: &str) -> Env {
+        let ns = TestNamespace::new("it-rec").await;
+        let state_ns = TestNamespace::new("it-state").await;
+        let sim = ForgeSimulator::start(SimConfig {
+            github_token: "ghp_t".into(),
+            gitlab_token: "glpat_t".into(),
+        })
+        .await
+        .unwrap();
+        let repo = GitRepo::new();
+        sim.add_repo(REPO, repo.path());
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, v: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, v).unwrap();
+            p.display().to_string()
+        };
+        let text = format!(
+            r#"
+[server]
+public_url = "https://driftless.example.com"
+[kubernetes]
+state_namespace = "{state}"
+[forges.github]
+api_url = "{gh}"
+token_file = "{ght}"
+webhook_secret_file = "{secret}"
+[forges.gitlab]
+api_url = "{gl}"
+token_file = "{glt}"
+webhook_token_file = "{secret}"
+[[apps]]
+name = "demo"
+forge = "{forge}"
+repo = "{REPO}"
+path = "app"
+namespace = "{ns}"
+{app_extra}
+"#,
+            state = state_ns.name,
+            ns = ns.name,
+            gh = sim.github_api_url(),
+            gl = sim.gitlab_api_url(),
+            ght = file("ght", "ghp_t"),
+            glt = file("glt", "glpat_t"),
+            secret = file("secret", "s"),
+        );
+        let text = if app_extra.contains("health_timeout") {
+            text
+        } else {
+            format!("{text}health_timeout = \"20s\"\n")
+        };
+        let settings = Settings::from_toml_str(&text).unwrap();
+        Env {
+            ns,
+            state_ns,
+            sim,
+            repo,
+            settings,
+            _dir: dir,
+        }
+    }
+
+    fn engine(&self) -> Engine {
+        let forges = forge::from_settings(&self.settings).unwrap();
+        Engine::new(
+            self.ns.client.clone(),
+            forges,
+            Arc::new(self.settings.clone()),
+        )
+    }
+
+    fn cm(&self, name: &str, value: &str) -> String {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n")
+    }
+
+    async fn push(&self, engine: &Engine, revision: &str) -> Result<RunReport, ReconcileError> {
+        let job = Job::new(
+            "demo",
+            Some(revision.to_string()),
+            JobReason::Push {
+                delivery: None,
+                before: String::new(),
+            },
+        );
+        engine.run(&job, RunOptions::default()).await
+    }
+
+    fn configmaps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.ns.client.clone(), &self.ns.name)
+    }
+
+    async fn cm_value(&self, name: &str) -> Option<String> {
+        self.configmaps()
+            .get_opt(name)
+            .await
+            .unwrap()
+            .and_then(|c| c.data)
+            .and_then(|d| d.get("value").cloned())
+    }
+
+    fn id(&self, kind: &str, name: &str) -> ObjectRef {
+        let api_version = if kind == "Deployment" {
+            "apps/v1"
+        } else {
+            "v1"
+        };
+        ObjectRef {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            namespace: Some(self.ns.name.clone()),
+            name: name.into(),
+        }
+    }
+
+    async fn cleanup(self) {
+        self.sim.stop().await;
+        self.ns.cleanup().await;
+        self.state_ns.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn pushes_add_edit_delete_and_revert() {
+    let env = Env::new("github", "").await;
+    let engine = env.engine();
+    for name in ["one", "two", "three"] {
+        env.repo
+            .write(&format!("app/{name}.yaml"), &env.cm(name, "v1"));
+    }
+    env.repo.write("README.md", "not a manifest\n");
+    let c1 = env.repo.commit("add three");
+    let r = env.push(&engine, &c1).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    assert_eq!(r.applied.len(), 3);
+    for name in ["one", "two", "three"] {
+        assert_eq!(env.cm_value(name).await.as_deref(), Some("v1"));
+    }
+    let live = env.configmaps().get("one").await.unwrap();
+    let labels = live.metadata.labels.unwrap();
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "driftless");
+    assert_eq!(labels["driftless.dev/app"], "demo");
+    assert!(live
+        .metadata
+        .managed_fields
+        .unwrap()
+        .iter()
+        .any(|m| m.manager.as_deref() == Some("driftless")));
+
+    // Editing one file writes only that object.
+    env.repo.write("app/two.yaml", &env.cm("two", "v2"));
+    let c2 = env.repo.commit("edit two");
+    let r = env.push(&engine, &c2).await.unwrap();
+    assert_eq!(r.applied, [env.id("ConfigMap", "two")]);
+    assert_eq!(env.cm_value("two").await.as_deref(), Some("v2"));
+
+    // A commit outside the app path applies nothing and posts no status.
+    env.repo.write("README.md", "still not a manifest\n");
+    let c3 = env.repo.commit("docs only");
+    let statuses_before = env.sim.statuses(REPO, &c3).len();
+    let r = env.push(&engine, &c3).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Unchanged);
+    assert!(r.applied.is_empty());
+    assert_eq!(env.sim.statuses(REPO, &c3).len(), statuses_before);
+
+    // Deleting a file prunes its object.
+    env.repo.remove("app/three.yaml");
+    let c4 = env.repo.commit("delete three");
+    let r = env.push(&engine, &c4).await.unwrap();
+    assert_eq!(r.pruned, [env.id("ConfigMap", "three")]);
+    assert!(env.configmaps().get_opt("three").await.unwrap().is_none());
+
+    // Reverting brings it back.
+    env.repo.git(&["revert", "--no-edit", "HEAD"]);
+    let c5 = env.repo.head();
+    let r = env.push(&engine, &c5).await.unwrap();
+    assert_eq!(r.applied, [env.id("ConfigMap", "three")]);
+    assert_eq!(env.cm_value("three").await.as_deref(), Some("v1"));
+
+    // The state in the cluster says where the app is.
+    let st = state::load(&env.ns.client, &env.state_ns.name, "demo")
+        .await
+        .unwrap();
+    assert_eq!(st.revision.as_deref(), Some(c5.as_str()));
+    assert_eq!(st.inventory.len(), 3);
+    assert_eq!(st.runs[0].outcome, "applied");
+
+    // Statuses went pending → success on each applied commit.
+    for c in [&c1, &c2, &c4, &c5] {
+        let states: Vec<String> = env
+            .sim
+            .statuses(REPO, c)
+            .into_iter()
+            .map(|s| s.state)
+            .collect();
+        assert_eq!(states, ["pending", "success"], "commit {c}");
+    }
+    let last = env.sim.statuses(REPO, &c1).pop().unwrap();
+    assert_eq!(last.context, "driftless/demo");
+    assert_eq!(
+        last.target_url.as_deref(),
+        Some("https://driftless.example.com/apps/demo")
+    );
+    assert!(last
+        .description
+        .unwrap()
+        .starts_with("Applied 3 objects (3 changed)"));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_crd_and_its_object_apply_in_one_run() {
+    let env = Env::new("github", "").await;
+    let engine = env.engine();
+    let group = format!("{}.example.com", env.ns.name);
+    env.repo.write(
+        "app/crd.yaml",
+        &format!(
+            r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.{group}
+spec:
+  group: {group}
+  scope: Namespaced
+  names: {{plural: widgets, singular: widget, kind: Widget}}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec: {{type: object, properties: {{size: {{type: integer}}}}}}
+"#
+        ),
+    );
+    env.repo.write(
+        "app/widget.yaml",
+        &format!("apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: w\nspec:\n  size: 3\n"),
+    );
+    env.repo.write("app/cm.yaml", &env.cm("plain", "x"));
+    let c1 = env.repo.commit("crd and widget");
+    let r = env.push(&engine, &c1).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    assert_eq!(r.applied.len(), 3, "{:?}", r.applied);
+    assert!(r
+        .applied
+        .iter()
+        .any(|id| id.kind == "Widget" && id.namespace.as_deref() == Some(env.ns.name.as_str())));
+    // The CRD is cluster-scoped and outlives the namespace: remove it.
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(env.ns.client.clone());
+    crds.delete(&format!("widgets.{group}"), &Default::default())
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn one_invalid_object_writes_nothing_and_fails_the_commit() {
+    let env = Env::new("gitlab", "").await;
+    let engine = env.engine();
+    env.repo.write("app/a.yaml", &env.cm("a", "v1"));
+    let c1 = env.repo.commit("good");
+    env.push(&engine, &c1).await.unwrap();
+
+    env.repo.write("app/a.yaml", &env.cm("a", "v2"));
+    env.repo.write("app/b.yaml", &env.cm("b", "new"));
+    env.repo.write(
+        "app/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: two\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx}]}\n",
+    );
+    let c2 = env.repo.commit("bad deployment");
+    let e = env.push(&engine, &c2).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "apps/v1 Deployment {}/web: rejected by the API server",
+            env.ns.name
+        )),
+        "{msg}"
+    );
+    // Nothing was written: a keeps v1, b does not exist.
+    assert_eq!(env.cm_value("a").await.as_deref(), Some("v1"));
+    assert!(env.configmaps().get_opt("b").await.unwrap().is_none());
+    let statuses = env.sim.statuses(REPO, &c2);
+    let last = statuses.last().unwrap();
+    assert_eq!(last.state, "failed");
+    assert!(
+        last.description.as_deref().unwrap().contains("Deployment"),
+        "{last:?}"
+    );
+    let st = state::load(&env.ns.client, &env.state_ns.name, "demo")
+        .await
+        .unwrap();
+    assert_eq!(
+        st.revision.as_deref(),
+        Some(c1.as_str()),
+        "the previous revision stays applied"
+    );
+    assert_eq!(st.runs[0].outcome, "failed");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn pruning_only_touches_our_inventory_and_aborts_on_any_doubt() {
+    let env = Env::new("github", "").await;
+    let engine = env.engine();
+    env.repo.write("app/a.yaml", &env.cm("a", "v1"));
+    env.repo.write("app/b.yaml", &env.cm("b", "v1"));
+    let c1 = env.repo.commit("two");
+    env.push(&engine, &c1).await.unwrap();
+
+    // An object carrying our labels that we never applied, and one that opted out of pruning.
+    let stranger = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "stranger", "labels": {"app.kubernetes.io/managed-by": "driftless", "driftless.dev/app": "demo"}}});
+    env.configmaps()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(stranger).unwrap(),
+        )
+        .await
+        .unwrap();
+    env.configmaps()
+        .patch(
+            "b",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "b", "annotations": {"driftless.dev/prune": "disabled"}}})),
+        )
+        .await
+        .unwrap();
+
+    // A forge 5xx, a missing app path and an empty app each abort before pruning.
+    env.repo.remove("app/b.yaml");
+    let c2 = env.repo.commit("remove b");
+    env.sim.inject(Fault {
+        forge: Some("github"),
+        path_contains: "git/trees".into(),
+        kind: FaultKind::Status(503),
+        times: 10,
+    });
+    assert!(matches!(
+        env.push(&engine, &c2).await,
+        Err(ReconcileError::Forge(_))
+    ));
+    env.repo.git(&["mv", "app", "moved"]);
+    let c3 = env.repo.commit("path gone");
+    assert!(matches!(
+        env.push(&engine, &c3).await,
+        Err(ReconcileError::Forge(
+            driftless::forge::ForgeError::NotFound { .. }
+        ))
+    ));
+    env.repo.git(&["mv", "moved", "app"]);
+    env.repo.remove("app/a.yaml");
+    env.repo.write("app/.keep", "");
+    let c4 = env.repo.commit("empty");
+    assert!(matches!(
+        env.push(&engine, &c4).await,
+        Err(ReconcileError::EmptySet)
+    ));
+    for name in ["a", "b", "stranger"] {
+        assert!(
+            env.configmaps().get_opt(name).await.unwrap().is_some(),
+            "{name} was deleted"
+        );
+    }
+
+    // A real removal prunes b? No: b opted out. a is pruned; the stranger stays.
+    env.repo.write("app/c.yaml", &env.cm("c", "v1"));
+    let c5 = env.repo.commit("replace a and b with c");
+    let r = env.push(&engine, &c5).await.unwrap();
+    assert_eq!(r.pruned, [env.id("ConfigMap", "a")]);
+    assert!(env.configmaps().get_opt("b").await.unwrap().is_some());
+    assert!(env
+        .configmaps()
+        .get_opt("stranger")
+        .await
+        .unwrap()
+        .is_some());
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_delayed_older_delivery_does_not_roll_back() {
+    let env = Env::new("github", "").await;
+    let engine = env.engine();
+    env.repo.write("app/a.yaml", &env.cm("a", "old"));
+    let c1 = env.repo.commit("old");
+    env.repo.write("app/a.yaml", &env.cm("a", "new"));
+    let c2 = env.repo.commit("new");
+    env.push(&engine, &c2).await.unwrap();
+    let r = env.push(&engine, &c1).await.unwrap();
+    assert!(
+        matches!(r.outcome, Outcome::Skipped(ref why) if why.contains("behind")),
+        "{:?}",
+        r.outcome
+    );
+    assert_eq!(env.cm_value("a").await.as_deref(), Some("new"));
+    // An explicit `sync --revision` is obeyed.
+    let job = Job::new("demo", Some(c1.clone()), JobReason::Manual);
+    engine.run(&job, RunOptions::default()).await.unwrap();
+    assert_eq!(env.cm_value("a").await.as_deref(), Some("old"));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_second_replica_waits_for_the_lease() {
+    let env = Env::new("github", "").await;
+    let engine = env.engine();
+    env.repo.write("app/a.yaml", &env.cm("a", "v1"));
+    let c1 = env.repo.commit("one");
+    // Another replica holds the app's lease.
+    let held = lease::acquire(
+        &env.ns.client,
+        &env.state_ns.name,
+        "demo",
+        "other-replica",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let run = tokio::spawn({
+        let job = Job::new(
+            "demo",
+            Some(c1.clone()),
+            JobReason::Push {
+                delivery: None,
+                before: String::new(),
+            },
+        );
+        async move { engine.run(&job, RunOptions::default()).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !run.is_finished(),
+        "ran while another replica held the lease"
+    );
+    assert!(env.configmaps().get_opt("a").await.unwrap().is_none());
+    held.release().await;
+    let r = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn health_is_awaited_and_reported() {
+    let env = Env::new("github", "").await;
+    let engine = Arc::new(env.engine());
+    env.repo.write(
+        "app/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:1.27}]}\n",
+    );
+    let c1 = env.repo.commit("web");
+    let run = tokio::spawn({
+        let engine = engine.clone();
+        let job = Job::new(
+            "demo",
+            Some(c1.clone()),
+            JobReason::Push {
+                delivery: None,
+                before: String::new(),
+            },
+        );
+        async move { engine.run(&job, RunOptions::default()).await }
+    });
+    // Play the controller: report the Deployment available through the status subresource.
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(env.ns.client.clone(), &env.ns.name);
+    let generation = loop {
+        if let Some(d) = deployments.get_opt("web").await.unwrap() {
+            break d.metadata.generation.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}});
+    deployments
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let r = run.await.unwrap().unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    let states: Vec<String> = env
+        .sim
+        .statuses(REPO, &c1)
+        .into_iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, ["pending", "success"]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unhealthy_deployment_fails_the_commit() {
+    let env = Env::new("gitlab", "health_timeout = \"2s\"").await;
+    let engine = env.engine();
+    env.repo.write(
+        "app/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:does-not-exist}]}\n",
+    );
+    let c1 = env.repo.commit("web");
+    let e = env.push(&engine, &c1).await.unwrap_err();
+    assert!(matches!(e, ReconcileError::Unhealthy { .. }), "{e}");
+    assert!(
+        e.to_string().contains(&format!(
+            "apps/v1 Deployment {}/web is not healthy",
+            env.ns.name
+        )),
+        "{e}"
+    );
+    let states: Vec<String> = env
+        .sim
+        .statuses(REPO, &c1)
+        .into_iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, ["pending", "failed"]);
+    env.cleanup().await;
+}
