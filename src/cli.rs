@@ -99,10 +99,72 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             revision,
             dry_run,
         } => sync(settings, &app, revision, dry_run).await,
-        Command::Diff { .. } => not_implemented("diff", "drift detection (issue 6)"),
-        Command::Drift { .. } => not_implemented("drift", "drift detection (issue 6)"),
-        Command::Hooks { .. } => {
-            not_implemented("hooks register", "webhook registration (issue 7)")
+        Command::Diff { app } => {
+            require_app(&settings, &app)?;
+            let engine = engine(settings).await?;
+            let report = engine.check_drift(&app, false).await?;
+            let Some(rev) = &report.revision else {
+                println!("{app}: never applied; run `driftless sync {app}`");
+                return Ok(ExitCode::from(1));
+            };
+            println!(
+                "{app}: {} objects at revision {rev}: {}",
+                report.checked,
+                report.summary()
+            );
+            for d in &report.drifted {
+                if d.missing {
+                    println!("  {}: missing", d.id);
+                } else {
+                    println!("  {}: {}", d.id, d.fields.join(", "));
+                }
+            }
+            Ok(if report.drifted.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Drift { once: false } => {
+            eprintln!(
+                "driftless drift: pass --once for a single sweep; `driftless serve` runs the timer"
+            );
+            Ok(ExitCode::from(2))
+        }
+        Command::Drift { once: true } => {
+            let names: Vec<String> = settings.apps.iter().map(|a| a.name.clone()).collect();
+            let engine = engine(settings).await?;
+            let metrics = crate::metrics::Metrics::new();
+            let mut failed = false;
+            for app in names {
+                match crate::worker::drift_tick(&engine, &metrics, &app).await {
+                    Ok(false) => println!("{app}: in sync"),
+                    Ok(true) => {
+                        println!("{app}: drift remains (drift = \"alert\")");
+                        failed = true;
+                    }
+                    Err(e) => {
+                        eprintln!("{app}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Hooks {
+            command: HooksCommand::Register { app, dry_run },
+        } => {
+            if let Some(name) = &app {
+                require_app(&settings, name)?;
+            }
+            for line in register_hooks(&settings, app.as_deref(), dry_run).await? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -170,9 +232,63 @@ async fn sync(
     }
 }
 
-fn not_implemented(command: &str, what: &str) -> anyhow::Result<ExitCode> {
-    eprintln!("driftless {command}: not implemented yet; it arrives with {what}");
-    Ok(ExitCode::from(2))
+/// Registers (or with `dry_run`, plans) the webhooks of every repo the apps use, or of one
+/// app's repo. Returns one line per repo.
+pub async fn register_hooks(
+    settings: &Settings,
+    only_app: Option<&str>,
+    dry_run: bool,
+) -> anyhow::Result<Vec<String>> {
+    use crate::forge::hooks;
+    use crate::settings::ForgeKind;
+    let public_url = settings.server.public_url.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "server.public_url: is required to register webhooks (the URL the forge will call)"
+        )
+    })?;
+    let forges = crate::forge::from_settings(settings)?;
+    let mut lines = Vec::new();
+    for kind in [ForgeKind::Github, ForgeKind::Gitlab] {
+        let repos: std::collections::BTreeSet<String> = settings
+            .apps
+            .iter()
+            .filter(|a| a.forge == kind && only_app.is_none_or(|n| n == a.name))
+            .map(|a| a.repo.clone())
+            .collect();
+        if repos.is_empty() {
+            continue;
+        }
+        let secret = match kind {
+            ForgeKind::Github => settings
+                .forges
+                .github
+                .as_ref()
+                .map(|g| g.webhook_secret.resolve())
+                .transpose()?,
+            ForgeKind::Gitlab => {
+                let gl = settings.forges.gitlab.as_ref();
+                match gl.and_then(|g| g.webhook_token.as_ref()) {
+                    Some(t) => Some(t.resolve()?),
+                    None => anyhow::bail!(
+                        "forges.gitlab.webhook_token_env: a webhook token is needed to register GitLab hooks (GitLab's API sets no signing token)"
+                    ),
+                }
+            }
+        };
+        let (Some(forge), Some(secret)) = (forges.get(kind), secret) else {
+            continue;
+        };
+        let endpoint = format!("{public_url}/hooks/{kind}");
+        for r in
+            hooks::register(forge.as_ref(), &repos, &endpoint, secret.expose(), dry_run).await?
+        {
+            lines.push(format!(
+                "{kind} {r}{}",
+                if dry_run { " (dry run)" } else { "" }
+            ));
+        }
+    }
+    Ok(lines)
 }
 
 /// What `check-config` prints: the apps understood and where each secret comes from.

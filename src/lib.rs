@@ -5,6 +5,7 @@
 //! with server-side apply. See `README.md` and `docs/architecture.md` for the whole picture.
 
 pub mod cli;
+pub mod drift;
 pub mod forge;
 pub mod manifest;
 pub mod metrics;

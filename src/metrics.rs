@@ -29,6 +29,11 @@ pub struct RunLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AppLabels {
+    pub app: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForgeLabels {
     pub forge: &'static str,
 }
@@ -43,6 +48,7 @@ pub struct Metrics {
     pub reconcile_runs: Family<RunLabels, Counter>,
     pub reconcile_seconds: Histogram,
     pub forge_rate_limit_remaining: Family<ForgeLabels, Gauge>,
+    pub drift_objects: Family<AppLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -100,7 +106,14 @@ impl Metrics {
             "Requests left in the forge's current rate-limit window (-1 unknown)",
             forge_rate_limit_remaining.clone(),
         );
+        let drift_objects = Family::<AppLabels, Gauge>::default();
+        registry.register(
+            "drift_objects",
+            "Objects found drifted at the app's last check and not healed",
+            drift_objects.clone(),
+        );
         Self {
+            drift_objects,
             registry,
             reconcile_runs,
             reconcile_seconds,

@@ -523,8 +523,33 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             }
         })
     };
+    let register = settings
+        .forges
+        .github
+        .as_ref()
+        .is_some_and(|g| g.register_webhooks)
+        || settings
+            .forges
+            .gitlab
+            .as_ref()
+            .is_some_and(|g| g.register_webhooks);
+    if register {
+        match crate::cli::register_hooks(&settings, None, false).await {
+            Ok(lines) => lines
+                .iter()
+                .for_each(|l| info!(result = %l, "webhook registration")),
+            Err(e) => warn!(error = %e, "webhook registration failed; serving anyway"),
+        }
+    }
     // Pushes made while no receiver ran (or whose webhook was lost) are caught up at start.
     crate::worker::catch_up(&queue, settings.apps.iter().map(|a| a.name.clone()));
+    let timer = tokio::spawn(crate::worker::drift_timer(
+        queue.clone(),
+        settings.apps.iter().map(|a| a.name.clone()).collect(),
+        settings.drift.interval,
+        settings.drift.jitter,
+        shutdown.clone(),
+    ));
     let workers = tokio::spawn(crate::worker::run(
         queue.clone(),
         engine,
@@ -568,6 +593,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     // Running reconciles finish; pending ones are picked up again from Git at the next start.
     queue.close();
     signals.abort();
+    let _ = timer.await;
     let _ = workers.await;
     let _ = probe.await;
     result.map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))

@@ -36,7 +36,57 @@ pub async fn run(queue: Arc<JobQueue>, engine: Arc<Engine>, metrics: Arc<Metrics
     }
 }
 
+/// One drift tick for an app: catch a missed push (the branch head moved without a webhook),
+/// then compare the cluster with the applied revision, healing under `drift = "heal"`.
+/// Returns whether drift remains (found and not healed).
+pub async fn drift_tick(engine: &Engine, metrics: &Metrics, app: &str) -> Result<bool, String> {
+    let catch_up = Job::new(app, None, JobReason::MissedPush);
+    engine
+        .run(&catch_up, RunOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let heal = engine
+        .settings()
+        .app(app)
+        .is_some_and(|a| a.drift == crate::settings::DriftPolicy::Heal);
+    let report = engine
+        .check_drift(app, heal)
+        .await
+        .map_err(|e| e.to_string())?;
+    metrics
+        .drift_objects
+        .get_or_create(&crate::metrics::AppLabels {
+            app: app.to_string(),
+        })
+        .set(if report.healed {
+            0
+        } else {
+            report.drifted.len() as i64
+        });
+    info!(%app, checked = report.checked, drifted = report.drifted.len(), healed = report.healed,
+        api_requests = report.api_requests, "drift check");
+    Ok(!report.drifted.is_empty() && !report.healed)
+}
+
 async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
+    if job.reason == JobReason::DriftCheck && job.revision.is_none() {
+        let outcome = match drift_tick(engine, metrics, &job.app).await {
+            Ok(true) => "drifted",
+            Ok(false) => "in_sync",
+            Err(e) => {
+                error!(app = %job.app, error = %e, "drift check failed");
+                "failed"
+            }
+        };
+        metrics
+            .reconcile_runs
+            .get_or_create(&RunLabels {
+                app: job.app.clone(),
+                outcome,
+            })
+            .inc();
+        return;
+    }
     let outcome = match engine.run(job, RunOptions::default()).await {
         Ok(report) => {
             let label = match &report.outcome {
@@ -62,6 +112,45 @@ async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
             outcome,
         })
         .inc();
+}
+
+/// The drift timer: every `interval`, queue a drift check for each app at its slot in the
+/// interval (spread evenly, plus jitter). Stops when `shutdown` is cancelled.
+pub async fn drift_timer(
+    queue: Arc<JobQueue>,
+    apps: Vec<String>,
+    interval: std::time::Duration,
+    jitter: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    if interval.is_zero() || apps.is_empty() {
+        return;
+    }
+    loop {
+        let round = tokio::time::Instant::now();
+        let mut slots: Vec<(std::time::Duration, &String)> = apps
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (crate::drift::slot(interval, i, apps.len(), jitter), a))
+            .collect();
+        slots.sort();
+        for (at, app) in slots {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(round + at) => {}
+            }
+            if queue
+                .enqueue(Job::new(app.clone(), None, JobReason::DriftCheck))
+                .is_err()
+            {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(round + interval) => {}
+        }
+    }
 }
 
 /// Queues every app once, to catch up with pushes made while no receiver was running.

@@ -6,6 +6,7 @@
 pub mod blob_cache;
 pub mod github;
 pub mod gitlab;
+pub mod hooks;
 mod http;
 
 use std::sync::Arc;

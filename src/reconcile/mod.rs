@@ -5,6 +5,7 @@
 //! (only what our inventory and labels say is ours), wait for health, record the state in the
 //! cluster and post the commit status.
 
+pub mod drift_check;
 pub mod health;
 pub mod lease;
 pub mod state;
@@ -41,7 +42,7 @@ const APPLY_CONCURRENCY: usize = 8;
 /// How long a CRD may take to become Established.
 const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a run waits for another replica to finish the same app.
-const LEASE_WAIT: Duration = Duration::from_secs(60);
+pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {

@@ -32,6 +32,27 @@ pub struct AppState {
     pub last_result: Option<RunRecord>,
     #[serde(default)]
     pub runs: Vec<RunRecord>,
+    /// What the last drift check found.
+    #[serde(default)]
+    pub drift: Option<DriftRecord>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DriftRecord {
+    pub checked_at: String,
+    pub revision: Option<String>,
+    /// Objects that differed from Git (before any heal).
+    pub objects: Vec<DriftedObject>,
+    pub healed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftedObject {
+    #[serde(flatten)]
+    pub id: ObjectRef,
+    pub missing: bool,
+    /// Dotted field paths (`spec.replicas`); never values.
+    pub fields: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -215,24 +215,20 @@ fn serve_refuses_to_start_without_a_webhook_secret() {
 }
 
 #[test]
-fn commands_not_built_yet_say_so() {
-    for args in [
-        vec!["diff", "web"],
-        vec!["drift", "--once"],
-        vec!["hooks", "register"],
-    ] {
-        let mut full = args.clone();
-        full.extend(["--config", "CONFIG"]);
-        let example = example();
-        let full: Vec<&str> = full
-            .iter()
-            .map(|a| if *a == "CONFIG" { example.as_str() } else { a })
-            .collect();
-        let out = driftless(&full, &[]);
-        assert_eq!(out.status.code(), Some(2), "{args:?}");
+fn drift_without_once_says_what_to_do() {
+    let out = driftless(&["drift", "--config", &example()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--once"), "{}", stderr(&out));
+}
+
+#[test]
+fn unknown_app_is_named() {
+    for cmd in ["sync", "diff"] {
+        let out = driftless(&[cmd, "nope", "--config", &example()], &[]);
+        assert!(!out.status.success());
         assert!(
-            stderr(&out).contains("not implemented yet"),
-            "{args:?}: {}",
+            stderr(&out).contains("no app named \"nope\" in the settings (apps: web, payments)"),
+            "{}",
             stderr(&out)
         );
     }

@@ -557,3 +557,108 @@ async fn compare_tells_ahead_behind_identical_and_diverged() {
     }
     assert_github_requests_exist(&sim.requests());
 }
+
+/// `driftless hooks register`, run as a user runs it, against both simulated forges.
+#[tokio::test]
+async fn hooks_register_creates_once_and_updates_when_the_secret_changes() {
+    let repo = GitRepo::new();
+    repo.commit("empty");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    sim.add_repo("acme/platform/deploy", repo.path());
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, v: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, v).unwrap();
+        p.display().to_string()
+    };
+    let secret = file("secret", "first-secret");
+    let config = file(
+        "d.toml",
+        &format!(
+            r#"
+[server]
+public_url = "https://driftless.example.com"
+[forges.github]
+api_url = "{}"
+token_file = "{}"
+webhook_secret_file = "{secret}"
+[forges.gitlab]
+api_url = "{}"
+token_file = "{}"
+webhook_token_file = "{secret}"
+[[apps]]
+name = "web"
+forge = "github"
+repo = "acme/deploy"
+[[apps]]
+name = "api"
+forge = "github"
+repo = "acme/deploy"
+path = "api"
+[[apps]]
+name = "pay"
+forge = "gitlab"
+repo = "acme/platform/deploy"
+"#,
+            sim.github_api_url(),
+            file("ght", GH_TOKEN),
+            sim.gitlab_api_url(),
+            file("glt", GL_TOKEN),
+        ),
+    );
+    let run = |extra: &'static [&'static str]| {
+        let config = config.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+                .args(["hooks", "register", "--config", &config])
+                .args(extra)
+                .env_remove("DRIFTLESS_CONFIG")
+                .output()
+                .await
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        }
+    };
+    let first = run(&[]).await;
+    assert!(
+        first.contains("github acme/deploy: created hook"),
+        "{first}"
+    );
+    assert!(
+        first.contains("gitlab acme/platform/deploy: created hook"),
+        "{first}"
+    );
+    assert!(
+        first.contains("-> https://driftless.example.com/hooks/github"),
+        "{first}"
+    );
+    let second = run(&[]).await;
+    assert_eq!(second.matches("is up to date").count(), 2, "{second}");
+    for name in ["acme/deploy", "acme/platform/deploy"] {
+        let hooks = sim.hooks(name);
+        assert_eq!(hooks.len(), 1, "{name}: {hooks:?}");
+    }
+
+    std::fs::write(&secret, "second-secret").unwrap();
+    let planned = run(&["--dry-run"]).await;
+    assert_eq!(planned.matches("updated hook").count(), 2, "{planned}");
+    assert!(sim
+        .hooks("acme/deploy")
+        .iter()
+        .all(|h| h.secret.as_deref() == Some("first-secret")));
+    let third = run(&[]).await;
+    assert_eq!(third.matches("updated hook").count(), 2, "{third}");
+    assert_eq!(sim.hooks("acme/deploy").len(), 1);
+    assert_eq!(
+        sim.hooks("acme/deploy")[0].secret.as_deref(),
+        Some("second-secret")
+    );
+    assert_eq!(sim.hooks("acme/deploy")[0].events, ["push"]);
+    assert_github_requests_exist(&sim.requests());
+}

@@ -32,6 +32,10 @@ struct Env {
 
 impl Env {
     async fn new(forge: &str, app_extra: &str) -> Env {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let ns = TestNamespace::new("it-rec").await;
         let state_ns = TestNamespace::new("it-state").await;
         let sim = ForgeSimulator::start(SimConfig {
@@ -372,7 +376,8 @@ async fn pruning_only_touches_our_inventory_and_aborts_on_any_doubt() {
         forge: Some("github"),
         path_contains: "git/trees".into(),
         kind: FaultKind::Status(503),
-        times: 10,
+        // The first try and the client's three retries.
+        times: 4,
     });
     assert!(matches!(
         env.push(&engine, &c2).await,

@@ -82,8 +82,9 @@ impl Drop for TestNamespace {
         if self.cleaned {
             return;
         }
-        // A panicking test still removes its namespace, without waiting for it.
-        let client = self.client.clone();
+        // A panicking test still removes its namespace, without waiting for it. The delete
+        // runs on a runtime of its own with a client of its own: the test's client is driven by
+        // the test's runtime, which is blocked here.
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -91,7 +92,7 @@ impl Drop for TestNamespace {
                 .build();
             if let Ok(rt) = rt {
                 rt.block_on(async move {
-                    let _ = Api::<Namespace>::all(client)
+                    let _ = Api::<Namespace>::all(client().await)
                         .delete(&name, &DeleteParams::background())
                         .await;
                 });

@@ -1,0 +1,267 @@
+//! The drift check of one app: compare the live objects with the desired set of the last
+//! applied revision, cheaply (one LIST per kind and namespace with the app's label selector,
+//! a dry-run only for suspects), then heal (re-apply the drifted objects) or only report.
+
+use std::collections::HashMap;
+
+use kube::api::{DynamicObject, ListParams, PostParams};
+use kube::Api;
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use super::state::{self, DriftRecord, DriftedObject};
+use super::{
+    kube_message, lease, now_rfc3339, short, Engine, Prepared, ReconcileError, LABEL_APP,
+    LEASE_WAIT,
+};
+use crate::drift::{differing_fields, dotted, normalized};
+use crate::forge::{fetch_app, Fetched};
+use crate::manifest;
+use crate::settings::DriftPolicy;
+
+/// What one drift check found and did.
+#[derive(Debug, Clone, Default)]
+pub struct DriftReport {
+    pub app: String,
+    /// The applied revision compared against; `None` when the app was never applied.
+    pub revision: Option<String>,
+    pub checked: usize,
+    pub drifted: Vec<DriftedObject>,
+    pub healed: bool,
+    /// Kubernetes API requests the check cost (LISTs, GETs, dry-runs, heals).
+    pub api_requests: usize,
+}
+
+impl DriftReport {
+    /// A one-line summary: `Drifted: 2 objects (apps/v1 Deployment demo/web: spec.replicas; ...)`.
+    pub fn summary(&self) -> String {
+        if self.drifted.is_empty() {
+            return "In sync".into();
+        }
+        let parts: Vec<String> = self
+            .drifted
+            .iter()
+            .map(|d| {
+                if d.missing {
+                    format!("{}: missing", d.id)
+                } else {
+                    format!("{}: {}", d.id, d.fields.join(", "))
+                }
+            })
+            .collect();
+        format!(
+            "Drifted: {} objects ({})",
+            self.drifted.len(),
+            parts.join("; ")
+        )
+    }
+}
+
+impl Engine {
+    /// Checks one app for drift against its last applied revision; heals when `heal` is set
+    /// (the caller passes the app's policy, or false for `diff`).
+    pub async fn check_drift(
+        &self,
+        app_name: &str,
+        heal: bool,
+    ) -> Result<DriftReport, ReconcileError> {
+        let app = self
+            .settings
+            .app(app_name)
+            .cloned()
+            .ok_or_else(|| ReconcileError::UnknownApp(app_name.to_string()))?;
+        let ns = self.settings.kubernetes.state_namespace.clone();
+        let mut report = DriftReport {
+            app: app.name.clone(),
+            ..Default::default()
+        };
+        let mut st = state::load(&self.client, &ns, &app.name).await?;
+        report.api_requests += 1;
+        let Some(revision) = st.revision.clone() else {
+            return Ok(report);
+        };
+        report.revision = Some(revision.clone());
+        let forge = self.forge(&app)?;
+        let Fetched::Changed { files, .. } = fetch_app(
+            forge.as_ref(),
+            &self.blobs,
+            &self.settings.fetch,
+            &app.repo,
+            &revision,
+            &app.path,
+            None,
+        )
+        .await?
+        else {
+            unreachable!("a fetch without a known tree SHA always returns the files")
+        };
+        let objects =
+            manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;
+        let mut desired = Vec::with_capacity(objects.len());
+        for obj in &objects {
+            desired.push(self.prepare(&app, obj).await?);
+        }
+        report.checked = desired.len();
+
+        // One LIST per (resource, namespace), selecting this app's objects.
+        let mut groups: HashMap<(String, Option<String>), Vec<&Prepared>> = HashMap::new();
+        for p in &desired {
+            let key = (
+                format!("{}/{}", p.resource.api_version, p.resource.plural),
+                p.id.namespace.clone(),
+            );
+            groups.entry(key).or_default().push(p);
+        }
+        let selector = ListParams::default().labels(&format!("{LABEL_APP}={}", app.name));
+        let mut suspects: Vec<(&Prepared, Option<Value>, Vec<String>)> = Vec::new();
+        for members in groups.values() {
+            let api = self.api(members[0]);
+            let list = api
+                .list(&selector)
+                .await
+                .map_err(|e| ReconcileError::Discovery {
+                    what: format!("live {}", members[0].id.kind),
+                    message: kube_message(&e),
+                })?;
+            report.api_requests += 1;
+            let live: HashMap<String, DynamicObject> = list
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name.clone().map(|n| (n, o)))
+                .collect();
+            for p in members {
+                let live_obj = match live.get(&p.id.name) {
+                    Some(o) => Some(o.clone()),
+                    // Not selected: deleted, or our label was taken off.
+                    None => {
+                        report.api_requests += 1;
+                        api.get_opt(&p.id.name)
+                            .await
+                            .map_err(|e| ReconcileError::Discovery {
+                                what: p.id.to_string(),
+                                message: kube_message(&e),
+                            })?
+                    }
+                };
+                match live_obj {
+                    None => suspects.push((p, None, Vec::new())),
+                    Some(o) => {
+                        let value = serde_json::to_value(&o).unwrap_or(Value::Null);
+                        let fields = differing_fields(&p.id.kind, &p.body, &value, &app.ignore);
+                        if !fields.is_empty() {
+                            suspects.push((p, Some(value), fields));
+                        }
+                    }
+                }
+            }
+        }
+
+        // Confirm each suspect: would applying it change anything? Defaulting, quantity
+        // formats and mutating admission make a field differ without it being drift.
+        let dry = self.params(&app, true);
+        for (p, live, fields) in suspects {
+            let Some(live) = live else {
+                report.drifted.push(DriftedObject {
+                    id: p.id.clone(),
+                    missing: true,
+                    fields: Vec::new(),
+                });
+                continue;
+            };
+            report.api_requests += 1;
+            let after = self
+                .api(p)
+                .patch(&p.id.name, &dry, &kube::api::Patch::Apply(&p.body))
+                .await
+                .map_err(|e| ReconcileError::Rejected {
+                    object: p.id.to_string(),
+                    message: kube_message(&e),
+                })?;
+            let after = serde_json::to_value(&after).unwrap_or(Value::Null);
+            if normalized(&after) != normalized(&live) {
+                report.drifted.push(DriftedObject {
+                    id: p.id.clone(),
+                    missing: false,
+                    fields: fields.iter().map(|f| dotted(f)).collect(),
+                });
+            }
+        }
+        report.drifted.sort_by(|a, b| a.id.cmp(&b.id));
+
+        if !report.drifted.is_empty() {
+            warn!(app = %app.name, revision = short(&revision), drift = %report.summary(), "drift found");
+            for d in &report.drifted {
+                report.api_requests += 1;
+                self.emit_event(&app.name, d, heal && app.drift == DriftPolicy::Heal)
+                    .await;
+            }
+        }
+        if heal && !report.drifted.is_empty() {
+            let guard =
+                lease::acquire(&self.client, &ns, &app.name, &self.identity, LEASE_WAIT).await?;
+            let drifted: Vec<&Prepared> = desired
+                .iter()
+                .filter(|p| report.drifted.iter().any(|d| d.id == p.id))
+                .collect();
+            let mut params = self.params(&app, false);
+            params.force = true;
+            let results = self.patch_all(&drifted, &params).await;
+            report.api_requests += results.len();
+            guard.release().await;
+            if let Some((id, Err(message))) = results.into_iter().find(|(_, r)| r.is_err()) {
+                return Err(ReconcileError::Apply {
+                    object: id.to_string(),
+                    message,
+                });
+            }
+            report.healed = true;
+            info!(app = %app.name, objects = report.drifted.len(), "drift healed");
+        }
+        st.drift = Some(DriftRecord {
+            checked_at: now_rfc3339(),
+            revision: Some(revision),
+            objects: report.drifted.clone(),
+            healed: report.healed,
+        });
+        state::save(&self.client, &ns, &app.name, &st).await?;
+        report.api_requests += 1;
+        Ok(report)
+    }
+
+    /// A Kubernetes Event on the drifted object (best effort: a missing namespace or RBAC
+    /// refusal only logs). Names the fields, never their values.
+    async fn emit_event(&self, app: &str, d: &DriftedObject, healing: bool) {
+        let ns = d.id.namespace.clone().unwrap_or_else(|| "default".into());
+        let message = if d.missing {
+            format!("driftless app {app}: object is missing from the cluster")
+        } else {
+            format!(
+                "driftless app {app}: fields differ from Git: {}",
+                d.fields.join(", ")
+            )
+        };
+        let event = json!({
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": "driftless-drift-", "namespace": ns},
+            "involvedObject": {
+                "apiVersion": d.id.api_version, "kind": d.id.kind, "name": d.id.name,
+                "namespace": d.id.namespace,
+            },
+            "reason": if healing { "DriftHealed" } else { "DriftDetected" },
+            "message": message,
+            "type": "Warning",
+            "source": {"component": "driftless"},
+            "firstTimestamp": now_rfc3339(),
+            "lastTimestamp": now_rfc3339(),
+            "count": 1,
+        });
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(self.client.clone(), &ns);
+        let Ok(event) = serde_json::from_value(event) else {
+            return;
+        };
+        if let Err(e) = api.create(&PostParams::default(), &event).await {
+            warn!(%app, object = %d.id, error = %kube_message(&e), "cannot record a drift event");
+        }
+    }
+}
