@@ -376,3 +376,74 @@ mod tests {
         assert_eq!(id("v1", "Pod").group_version(), ("", "v1"));
     }
 }
+
+/// Fills `protocol: TCP` where a port list omits it. Server-side apply before Kubernetes 1.20.x
+/// patch releases rejects a Service or container port without its list-map key `protocol`
+/// ("associative list with keys has an element that omits key field"), although TCP is the
+/// default; the explicit default changes nothing on newer servers.
+pub fn fill_port_protocols(kind: &str, body: &mut Value) {
+    fn ports(list: Option<&mut Value>) {
+        if let Some(Value::Array(items)) = list {
+            for p in items {
+                if let Some(map) = p.as_object_mut() {
+                    map.entry("protocol")
+                        .or_insert_with(|| Value::String("TCP".into()));
+                }
+            }
+        }
+    }
+    fn pod_spec(spec: Option<&mut Value>) {
+        let Some(spec) = spec else { return };
+        for list in ["containers", "initContainers"] {
+            if let Some(Value::Array(cs)) = spec.get_mut(list) {
+                for c in cs {
+                    ports(c.get_mut("ports"));
+                }
+            }
+        }
+    }
+    let spec = body.get_mut("spec");
+    match kind {
+        "Service" => ports(spec.and_then(|s| s.get_mut("ports"))),
+        "Pod" => pod_spec(spec),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => pod_spec(
+            spec.and_then(|s| s.get_mut("template"))
+                .and_then(|t| t.get_mut("spec")),
+        ),
+        "CronJob" => pod_spec(
+            spec.and_then(|s| s.get_mut("jobTemplate"))
+                .and_then(|j| j.get_mut("spec"))
+                .and_then(|s| s.get_mut("template"))
+                .and_then(|t| t.get_mut("spec")),
+        ),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn port_protocols_are_filled() {
+        let mut svc = json!({"spec": {"ports": [{"port": 80}, {"port": 53, "protocol": "UDP"}]}});
+        fill_port_protocols("Service", &mut svc);
+        assert_eq!(svc["spec"]["ports"][0]["protocol"], "TCP");
+        assert_eq!(svc["spec"]["ports"][1]["protocol"], "UDP");
+        let mut d = json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "ports": [{"containerPort": 80}]}]}}}});
+        fill_port_protocols("Deployment", &mut d);
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["protocol"],
+            "TCP"
+        );
+        let mut cm = json!({"data": {"ports": "x"}});
+        fill_port_protocols("ConfigMap", &mut cm);
+        assert_eq!(cm, json!({"data": {"ports": "x"}}));
+    }
+}

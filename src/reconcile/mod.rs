@@ -689,6 +689,7 @@ impl Engine {
                 meta.remove("namespace");
             }
         }
+        manifest::fill_port_protocols(&id.kind, &mut body);
         let labels = body["metadata"]
             .as_object_mut()
             .expect("metadata checked by the manifest parser")

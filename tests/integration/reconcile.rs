@@ -21,17 +21,19 @@ use crate::support::git::GitRepo;
 
 const REPO: &str = "acme/deploy";
 
-struct Env {
-    ns: TestNamespace,
-    state_ns: TestNamespace,
-    sim: ForgeSimulator,
-    repo: GitRepo,
-    settings: Settings,
+pub struct Env {
+    pub ns: TestNamespace,
+    pub state_ns: TestNamespace,
+    pub sim: ForgeSimulator,
+    pub repo: GitRepo,
+    pub settings: Settings,
+    /// The settings as a file, for running the binary.
+    pub config_file: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Env {
-    async fn new(forge: &str, app_extra: &str) -> Env {
+    pub async fn new(forge: &str, app_extra: &str) -> Env {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -88,7 +90,10 @@ namespace = "{ns}"
             format!("{text}health_timeout = \"20s\"\n")
         };
         let settings = Settings::from_toml_str(&text).unwrap();
+        let config_file = dir.path().join("driftless.toml");
+        std::fs::write(&config_file, &text).unwrap();
         Env {
+            config_file,
             ns,
             state_ns,
             sim,
@@ -98,7 +103,7 @@ namespace = "{ns}"
         }
     }
 
-    fn engine(&self) -> Engine {
+    pub fn engine(&self) -> Engine {
         let forges = forge::from_settings(&self.settings).unwrap();
         Engine::new(
             self.ns.client.clone(),
@@ -107,11 +112,11 @@ namespace = "{ns}"
         )
     }
 
-    fn cm(&self, name: &str, value: &str) -> String {
+    pub fn cm(&self, name: &str, value: &str) -> String {
         format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n")
     }
 
-    async fn push(&self, engine: &Engine, revision: &str) -> Result<RunReport, ReconcileError> {
+    pub async fn push(&self, engine: &Engine, revision: &str) -> Result<RunReport, ReconcileError> {
         let job = Job::new(
             "demo",
             Some(revision.to_string()),
@@ -123,11 +128,11 @@ namespace = "{ns}"
         engine.run(&job, RunOptions::default()).await
     }
 
-    fn configmaps(&self) -> Api<ConfigMap> {
+    pub fn configmaps(&self) -> Api<ConfigMap> {
         Api::namespaced(self.ns.client.clone(), &self.ns.name)
     }
 
-    async fn cm_value(&self, name: &str) -> Option<String> {
+    pub async fn cm_value(&self, name: &str) -> Option<String> {
         self.configmaps()
             .get_opt(name)
             .await
@@ -136,7 +141,7 @@ namespace = "{ns}"
             .and_then(|d| d.get("value").cloned())
     }
 
-    fn id(&self, kind: &str, name: &str) -> ObjectRef {
+    pub fn id(&self, kind: &str, name: &str) -> ObjectRef {
         let api_version = if kind == "Deployment" {
             "apps/v1"
         } else {
@@ -150,7 +155,7 @@ namespace = "{ns}"
         }
     }
 
-    async fn cleanup(self) {
+    pub async fn cleanup(self) {
         self.sim.stop().await;
         self.ns.cleanup().await;
         self.state_ns.cleanup().await;
