@@ -20,7 +20,11 @@ printf 'unused-token\n' >"$work/token"
 cat >"$work/driftless.toml" <<TOML
 [server]
 listen = "127.0.0.1:$port"
+[kubernetes]
+state_namespace = "driftless-bench"
 [forges.github]
+# Nothing here may leave the machine: queued jobs fail fast against a closed local port.
+api_url = "http://127.0.0.1:9"
 token_file = "$work/token"
 webhook_secret_file = "$work/secret"
 [[apps]]
@@ -89,10 +93,11 @@ function request()
 end
 LUA
 
-"$bin" serve --config "$work/driftless.toml" >"$work/server.log" 2>&1 &
+: "${DRIFTLESS_TEST_KUBECONFIG:?the webhook benchmark needs the test control plane (scripts/bench starts it)}"
+KUBECONFIG="$DRIFTLESS_TEST_KUBECONFIG" "$bin" serve --config "$work/driftless.toml" >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-curl -sf "http://127.0.0.1:$port/healthz" >/dev/null
+curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "bench/webhook.sh: driftless serve did not start:" >&2; tail -20 "$work/server.log" >&2; exit 1; }
 
 field() { sed -n "s/.*$1=\([0-9]*\).*/\1/p" <<<"$2"; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$server_pid/status"; }

@@ -47,8 +47,36 @@ pub fn differing_fields(
     rules: &[IgnoreRule],
 ) -> Vec<String> {
     let mut out = Vec::new();
-    walk(kind, "", desired, Some(live), rules, &mut out);
+    let desired = as_stored(kind, desired);
+    walk(kind, "", &desired, Some(live), rules, &mut out);
     out
+}
+
+/// The desired object as the API server stores it, where the two differ by design: a
+/// Secret's write-only `stringData` is stored base64-encoded under `data`.
+fn as_stored(kind: &str, desired: &Value) -> Value {
+    use base64::Engine as _;
+    let mut v = desired.clone();
+    if kind != "Secret" {
+        return v;
+    }
+    let Some(map) = v.as_object_mut() else {
+        return v;
+    };
+    if let Some(Value::Object(string_data)) = map.remove("stringData") {
+        let data = map
+            .entry("data")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Some(data) = data.as_object_mut() {
+            for (k, val) in string_data {
+                if let Some(text) = val.as_str() {
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+                    data.insert(k, Value::String(encoded));
+                }
+            }
+        }
+    }
+    v
 }
 
 fn walk(
@@ -170,6 +198,18 @@ mod tests {
             ]
         );
         assert_eq!(dotted(&got[1]), "spec.replicas");
+    }
+
+    #[test]
+    fn secret_string_data_compares_as_data() {
+        let desired = json!({"stringData": {"password": "pw"}});
+        let live = json!({"data": {"password": "cHc="}});
+        assert!(differing_fields("Secret", &desired, &live, &[]).is_empty());
+        let live = json!({"data": {"password": "b3RoZXI="}});
+        assert_eq!(
+            differing_fields("Secret", &desired, &live, &[]),
+            ["/data/password"]
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod server;
 pub mod settings;
 pub mod simulator;
+pub mod status_pages;
 pub mod telemetry;
 pub mod webhook;
 pub mod worker;

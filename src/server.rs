@@ -45,9 +45,16 @@ pub struct Receiver {
     /// Whether the API server answered the last check; `None` when this receiver runs without
     /// a cluster (tests of the HTTP surface).
     pub kubernetes_ready: Option<Arc<AtomicBool>>,
+    /// Where the status pages read app state; `None` without a cluster.
+    pub state_source: Option<crate::status_pages::StateSource>,
 }
 
 impl Receiver {
+    /// The configured apps.
+    pub fn apps(&self) -> &[AppSettings] {
+        &self.apps
+    }
+
     /// Resolves the webhook secrets. Fails, naming the setting, when one cannot be read: there
     /// is no unsigned mode.
     pub fn new(
@@ -77,6 +84,7 @@ impl Receiver {
             body_limit: settings.server.body_limit,
             read_timeout: settings.server.read_timeout,
             kubernetes_ready: None,
+            state_source: None,
         })
     }
 }
@@ -115,7 +123,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/hooks/gitlab", web::post().to(gitlab_hook))
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics));
+        .route("/metrics", web::get().to(metrics))
+        .route("/apps", web::get().to(crate::status_pages::apps))
+        .route("/apps/{name}", web::get().to(crate::status_pages::app));
 }
 
 async fn healthz() -> HttpResponse {
@@ -507,6 +517,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     let kube_ready = Arc::new(AtomicBool::new(false));
     receiver.kubernetes_ready = Some(kube_ready.clone());
+    receiver.state_source = Some(crate::status_pages::StateSource {
+        client: client.clone(),
+        namespace: settings.kubernetes.state_namespace.clone(),
+    });
     let receiver = web::Data::new(receiver);
     let shutdown = CancellationToken::new();
 

@@ -50,6 +50,34 @@ fn observed(obj: &Value) -> Result<(), Health> {
     }
 }
 
+/// Whether an object of this kind can be anything but healthy once applied: the workload
+/// kinds, claims, and anything outside the core kinds that never carry a status (which may
+/// have a `Ready` condition). Saves a GET per written ConfigMap, Service, RBAC object, ...
+pub fn may_report_health(id: &crate::manifest::ObjectRef) -> bool {
+    let (group, _) = id.group_version();
+    let statusless = matches!(
+        (group, id.kind.as_str()),
+        (
+            "",
+            "ConfigMap"
+                | "Secret"
+                | "Service"
+                | "ServiceAccount"
+                | "Endpoints"
+                | "LimitRange"
+                | "ResourceQuota"
+                | "Namespace"
+        ) | ("rbac.authorization.k8s.io", _)
+            | ("networking.k8s.io", "NetworkPolicy")
+            | ("policy", "PodDisruptionBudget")
+            | ("scheduling.k8s.io", _)
+            | ("admissionregistration.k8s.io", _)
+            | ("apiextensions.k8s.io", _)
+            | ("coordination.k8s.io", _)
+    );
+    !statusless
+}
+
 pub fn health(kind: &str, obj: &Value) -> Health {
     let progressing = |what: String| Health::Progressing(what);
     match kind {

@@ -128,6 +128,7 @@ pub struct Engine {
     settings: Arc<Settings>,
     kinds: Mutex<HashMap<KindKey, (ApiResource, bool)>>,
     identity: String,
+    state_ns_ready: std::sync::atomic::AtomicBool,
 }
 
 fn kube_message(e: &kube::Error) -> String {
@@ -160,6 +161,7 @@ impl Engine {
             settings,
             kinds: Mutex::new(HashMap::new()),
             identity,
+            state_ns_ready: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -194,13 +196,19 @@ impl Engine {
             .cloned()
             .ok_or_else(|| ReconcileError::UnknownApp(job.app.clone()))?;
         let ns = self.settings.kubernetes.state_namespace.clone();
-        if !opts.dry_run {
+        if !opts.dry_run
+            && !self
+                .state_ns_ready
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             state::ensure_namespace(&self.client, &ns)
                 .await
                 .map_err(|e| ReconcileError::Discovery {
                     what: format!("state namespace {ns}"),
                     message: kube_message(&e),
                 })?;
+            self.state_ns_ready
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let guard = if opts.dry_run {
             None
@@ -209,7 +217,9 @@ impl Engine {
         };
         let result = self.run_locked(&app, job, opts, &ns).await;
         if let Some(g) = guard {
-            g.release().await;
+            // Handing the lease back is not on the push's critical path; until it lands, the
+            // lease only makes another replica wait a moment longer.
+            tokio::spawn(g.release());
         }
         result
     }
@@ -245,8 +255,13 @@ impl Engine {
         // revision does what it is told.
         if let Some(applied) = &st.revision {
             let explicit = matches!(job.reason, JobReason::Manual) && job.revision.is_some();
+            // A push whose `before` is the applied revision moves forward by definition: no
+            // compare round trip on the common path.
+            let follows =
+                matches!(&job.reason, JobReason::Push { before, .. } if before == applied);
             if applied != &revision
                 && !explicit
+                && !follows
                 && forge.compare(&app.repo, applied, &revision).await? == Comparison::Behind
             {
                 let why = format!(
@@ -359,15 +374,17 @@ impl Engine {
                     applied: changed,
                     pruned: report.pruned.len(),
                 });
-                state::save(&self.client, state_ns, &app.name, &st).await?;
-                self.post_status(
-                    forge.as_ref(),
-                    app,
-                    &revision,
-                    StatusState::Success,
-                    &message,
-                )
-                .await;
+                let (saved, ()) = tokio::join!(
+                    state::save(&self.client, state_ns, &app.name, &st),
+                    self.post_status(
+                        forge.as_ref(),
+                        app,
+                        &revision,
+                        StatusState::Success,
+                        &message
+                    )
+                );
+                saved?;
                 info!(app = %app.name, revision = short(&revision), %message, "applied");
                 Ok(report)
             }
@@ -592,7 +609,10 @@ impl Engine {
 
         // Wait for what was written to become healthy.
         let written: HashSet<&ObjectRef> = report.applied.iter().collect();
-        let watch: Vec<&Prepared> = desired.iter().filter(|p| written.contains(&p.id)).collect();
+        let watch: Vec<&Prepared> = desired
+            .iter()
+            .filter(|p| written.contains(&p.id) && health::may_report_health(&p.id))
+            .collect();
         self.wait_healthy(app, &watch).await?;
 
         report.objects = desired.len();

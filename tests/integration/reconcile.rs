@@ -566,3 +566,69 @@ async fn an_unhealthy_deployment_fails_the_commit() {
     assert_eq!(states, ["pending", "failed"]);
     env.cleanup().await;
 }
+
+/// `/apps` and `/apps/<name>` show what the state in the cluster says, as JSON and HTML.
+#[actix_web::test]
+async fn status_pages_show_the_state_in_the_cluster() {
+    use actix_web::{test, web, App};
+    let env = Env::new("github", "").await;
+    let engine = env.engine();
+    env.repo.write("app/a.yaml", &env.cm("a", "v1"));
+    env.repo.write(
+        "app/secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  password: hunter2-do-not-show\n",
+    );
+    let c1 = env.repo.commit("one");
+    env.push(&engine, &c1).await.unwrap();
+    engine.check_drift("demo", false).await.unwrap();
+
+    let mut rx = driftless::server::Receiver::new(
+        &env.settings,
+        Arc::new(driftless::queue::JobQueue::new()),
+        Arc::new(driftless::metrics::Metrics::new()),
+    )
+    .unwrap();
+    rx.state_source = Some(driftless::status_pages::StateSource {
+        client: env.ns.client.clone(),
+        namespace: env.state_ns.name.clone(),
+    });
+    let app = test::init_service(
+        App::new()
+            .app_data(web::Data::new(rx))
+            .configure(driftless::server::routes),
+    )
+    .await;
+
+    let req = test::TestRequest::get()
+        .uri("/apps")
+        .insert_header(("Accept", "application/json"))
+        .to_request();
+    let list: serde_json::Value = test::call_and_read_body_json(&app, req).await;
+    assert_eq!(list["apps"][0]["name"], "demo");
+    assert_eq!(list["apps"][0]["revision"], c1.as_str());
+    assert_eq!(list["apps"][0]["objects_count"], 2);
+
+    let req = test::TestRequest::get()
+        .uri("/apps/demo")
+        .insert_header(("Accept", "application/json"))
+        .to_request();
+    let doc: serde_json::Value = test::call_and_read_body_json(&app, req).await;
+    assert_eq!(doc["last_result"]["outcome"], "applied");
+    assert_eq!(doc["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(doc["objects"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["drift"]["objects"], serde_json::json!([]));
+    assert!(
+        !doc.to_string().contains("hunter2"),
+        "secret data on the page"
+    );
+
+    let req = test::TestRequest::get().uri("/apps/demo").to_request();
+    let html = String::from_utf8(test::call_and_read_body(&app, req).await.to_vec()).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(html.contains(&format!("v1 Secret {}/creds", env.ns.name)));
+    assert!(html.contains(&c1));
+    assert!(!html.contains("hunter2"));
+    let req = test::TestRequest::get().uri("/apps/nope").to_request();
+    assert_eq!(test::call_service(&app, req).await.status(), 404);
+    env.cleanup().await;
+}
