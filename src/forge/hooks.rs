@@ -48,6 +48,10 @@ impl fmt::Display for HookResult {
     }
 }
 
+fn query(url: &str) -> &str {
+    url.split_once('?').map_or("", |(_, q)| q)
+}
+
 fn strip_query(url: &str) -> &str {
     url.split('?').next().unwrap_or(url)
 }
@@ -74,9 +78,15 @@ pub async fn register(
     let mut out = Vec::new();
     for repo in repos {
         let hooks = forge.list_hooks(repo).await?;
+        // Ours: pointing at this receiver, or carrying this secret's fingerprint (the receiver
+        // moved: `server.public_url` changed).
+        let fingerprint = query(&url);
         let ours: Vec<&Hook> = hooks
             .iter()
-            .filter(|h| strip_query(&h.url) == endpoint)
+            .filter(|h| {
+                strip_query(&h.url) == endpoint
+                    || (!fingerprint.is_empty() && query(&h.url) == fingerprint)
+            })
             .collect();
         let duplicates = ours.iter().skip(1).map(|h| h.id).collect();
         let action = match ours.first() {

@@ -660,5 +660,22 @@ repo = "acme/platform/deploy"
         Some("second-secret")
     );
     assert_eq!(sim.hooks("acme/deploy")[0].events, ["push"]);
+
+    // The receiver moves: the same hook is pointed at the new URL, not duplicated.
+    let moved = std::fs::read_to_string(&config).unwrap().replace(
+        "https://driftless.example.com",
+        "https://gitops.example.org",
+    );
+    std::fs::write(&config, moved).unwrap();
+    let fourth = run(&[]).await;
+    assert_eq!(fourth.matches("updated hook").count(), 2, "{fourth}");
+    let hooks = sim.hooks("acme/deploy");
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    assert!(
+        hooks[0]
+            .url
+            .starts_with("https://gitops.example.org/hooks/github?s="),
+        "{hooks:?}"
+    );
     assert_github_requests_exist(&sim.requests());
 }
