@@ -172,13 +172,20 @@ impl Engine {
             let after = self
                 .api(p)
                 .patch(&p.id.name, &dry, &kube::api::Patch::Apply(&p.body))
-                .await
-                .map_err(|e| ReconcileError::Rejected {
-                    object: p.id.to_string(),
-                    message: kube_message(&e),
-                })?;
-            let after = serde_json::to_value(&after).unwrap_or(Value::Null);
-            if normalized(&after) != normalized(&live) {
+                .await;
+            let drifted = match after {
+                Ok(after) => {
+                    let after = serde_json::to_value(&after).unwrap_or(Value::Null);
+                    normalized(&after) != normalized(&live)
+                }
+                // Applying Git's version would not even be accepted as things are: certainly
+                // drift (a heal then reports the API server's reason).
+                Err(e) => {
+                    warn!(app = %app.name, object = %p.id, error = %kube_message(&e), "dry-run of a drifted object rejected");
+                    true
+                }
+            };
+            if drifted {
                 report.drifted.push(DriftedObject {
                     id: p.id.clone(),
                     missing: false,

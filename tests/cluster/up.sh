@@ -110,7 +110,7 @@ start kube-apiserver "$bin/kube-apiserver" \
   --authorization-mode RBAC \
   --service-account-key-file "$dir/pki/sa.pub" --service-account-signing-key-file "$dir/pki/sa.key" \
   --service-account-issuer https://kubernetes.default.svc.cluster.local \
-  --service-cluster-ip-range 10.0.0.0/24 --allow-privileged \
+  --service-cluster-ip-range 10.0.0.0/16 --allow-privileged \
   --enable-admission-plugins NamespaceLifecycle,ServiceAccount,DefaultStorageClass,ResourceQuota \
   --event-ttl 10m --profiling=false
 

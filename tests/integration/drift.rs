@@ -1,6 +1,7 @@
 //! Drift between pushes, against the real control plane: hand edits (scale, image, label,
 //! delete) are found and healed under `heal`, reported and left under `alert`; a freshly
-//! applied app shows no false drift; ignore rules hold; a push whose webhook never came is
+//! applied app (workloads, Services, ConfigMaps, RBAC, a CRD and its instance) shows no false
+//! drift; ignore rules hold; a push whose webhook never came is
 //! applied by the next tick; `drift --once` exit codes.
 
 use std::time::Duration;
@@ -105,10 +106,62 @@ fn kubectl() -> PatchParams {
     }
 }
 
+/// A CRD of a group unique to the test and one instance of it.
+fn custom_resource(group: &str) -> String {
+    format!(
+        r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.{group}
+spec:
+  group: {group}
+  scope: Namespaced
+  names: {{plural: gadgets, singular: gadget, kind: Gadget}}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              size: {{type: integer, default: 1}}
+              colour: {{type: string}}
+---
+apiVersion: {group}/v1
+kind: Gadget
+metadata:
+  name: g
+spec:
+  colour: blue
+"#
+    )
+}
+
+fn crd_group(env: &Env) -> String {
+    format!("{}.example.com", env.ns.name)
+}
+
+async fn remove_crd(env: &Env) {
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(env.ns.client.clone());
+    let _ = crds
+        .delete(
+            &format!("gadgets.{}", crd_group(env)),
+            &DeleteParams::default(),
+        )
+        .await;
+}
+
 async fn applied_env(app_extra: &str) -> (Env, tokio::task::JoinHandle<()>) {
     let env = Env::new("github", app_extra).await;
     let controller = play_deployment_controller(&env);
     env.repo.write("app/all.yaml", APP);
+    env.repo
+        .write("app/gadget.yaml", &custom_resource(&crd_group(&env)));
     let c1 = env.repo.commit("app");
     let r = env.push(&env.engine(), &c1).await.unwrap();
     assert_eq!(r.outcome, Outcome::Applied);
@@ -124,7 +177,7 @@ async fn hand_edits_are_found_and_healed() {
     // No false drift across several checks of a freshly applied app.
     for _ in 0..3 {
         let r = engine.check_drift("demo", false).await.unwrap();
-        assert_eq!(r.checked, 6);
+        assert_eq!(r.checked, 8);
         assert!(r.drifted.is_empty(), "false drift: {}", r.summary());
     }
 
@@ -179,9 +232,9 @@ async fn hand_edits_are_found_and_healed() {
         !summary.contains("hacked"),
         "values must not be reported: {summary}"
     );
-    // One LIST per kind (6 kinds) plus a GET for the missing object, dry-runs for the two
+    // One LIST per kind (8 kinds) plus a GET for the missing object, dry-runs for the two
     // suspects, events, and the state read and write: far fewer than one request per object.
-    assert!(r.api_requests <= 16, "{} requests", r.api_requests);
+    assert!(r.api_requests <= 18, "{} requests", r.api_requests);
 
     // The tick heals under drift = heal.
     let remains = drift_tick(&engine, &metrics, "demo").await.unwrap();
@@ -210,6 +263,7 @@ async fn hand_edits_are_found_and_healed() {
         .unwrap();
     assert!(st.drift.unwrap().objects.is_empty());
     controller.abort();
+    remove_crd(&env).await;
     env.cleanup().await;
 }
 
@@ -258,6 +312,7 @@ async fn alert_reports_and_leaves_the_cluster_alone() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("demo: drift remains"));
     controller.abort();
+    remove_crd(&env).await;
     env.cleanup().await;
 }
 
@@ -308,5 +363,6 @@ async fn ignore_rules_and_missed_pushes() {
         String::from_utf8_lossy(&out.stderr)
     );
     controller.abort();
+    remove_crd(&env).await;
     env.cleanup().await;
 }
