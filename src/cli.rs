@@ -136,8 +136,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = engine(settings).await?;
             let metrics = crate::metrics::Metrics::new();
             let mut failed = false;
-            for app in names {
-                match crate::worker::drift_tick(&engine, &metrics, &app).await {
+            // Apps are checked a few at a time: each check mostly waits on the API server.
+            let results: Vec<(String, Result<bool, String>)> = {
+                use futures::StreamExt;
+                let (engine, metrics) = (&engine, &metrics);
+                futures::stream::iter(names)
+                    .map(|app| async move {
+                        let r = crate::worker::drift_tick(engine, metrics, &app).await;
+                        (app, r)
+                    })
+                    .buffered(crate::worker::WORKERS)
+                    .collect()
+                    .await
+            };
+            for (app, result) in results {
+                match result {
                     Ok(false) => println!("{app}: in sync"),
                     Ok(true) => {
                         println!("{app}: drift remains (drift = \"alert\")");

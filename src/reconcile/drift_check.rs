@@ -224,14 +224,23 @@ impl Engine {
             report.healed = true;
             info!(app = %app.name, objects = report.drifted.len(), "drift healed");
         }
-        st.drift = Some(DriftRecord {
-            checked_at: now_rfc3339(),
-            revision: Some(revision),
-            objects: report.drifted.clone(),
-            healed: report.healed,
+        // The state is written only when the finding changes, so a sweep of apps in sync
+        // costs no writes; `checked_at` is when the current finding was first made.
+        let unchanged = st.drift.as_ref().is_some_and(|d| {
+            d.revision.as_deref() == Some(revision.as_str())
+                && d.objects == report.drifted
+                && d.healed == report.healed
         });
-        state::save(&self.client, &ns, &app.name, &st).await?;
-        report.api_requests += 1;
+        if !unchanged {
+            st.drift = Some(DriftRecord {
+                checked_at: now_rfc3339(),
+                revision: Some(revision),
+                objects: report.drifted.clone(),
+                healed: report.healed,
+            });
+            state::save(&self.client, &ns, &app.name, &st).await?;
+            report.api_requests += 1;
+        }
         Ok(report)
     }
 
