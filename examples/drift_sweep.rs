@@ -3,11 +3,13 @@
 //! on a seeded corpus of drifts (11 kinds of change, plus 2 edits that are not drift). Needs
 //! the test control plane (DRIFTLESS_TEST_KUBECONFIG). Prints Markdown table rows.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
+use support::git;
 
 use driftless::queue::{Job, JobReason};
 use driftless::reconcile::{Engine, Outcome, RunOptions};
@@ -20,29 +22,6 @@ use kube::{Api, Client, Config};
 use serde_json::json;
 
 const APPS: usize = 100;
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Bench",
-            "-c",
-            "user.email=bench@example.com",
-            "-c",
-            "commit.gpgsign=false",
-            "-C",
-        ])
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// 20 objects: 12 ConfigMaps, 2 Secrets, 2 Services, 2 ServiceAccounts, a Role, a RoleBinding.
 fn app_manifests(a: usize) -> String {

@@ -4,36 +4,15 @@
 //! one recursive tree read of the app's own subtree plus one read of the changed blob.
 //! Prints Markdown table rows (used by scripts/bench).
 
-use std::process::Command;
+mod support;
+
+use support::git;
 
 use driftless::forge::github::GithubForge;
 use driftless::forge::gitlab::GitlabForge;
 use driftless::forge::{fetch_app, BlobCache, Fetched, Forge};
 use driftless::settings::Settings;
 use driftless::simulator::{ForgeSimulator, SimConfig};
-
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Bench",
-            "-c",
-            "user.email=bench@example.com",
-            "-c",
-            "commit.gpgsign=false",
-            "-C",
-        ])
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn write(dir: &std::path::Path, rel: &str, text: &str) {
     let p = dir.join(rel);

@@ -8,10 +8,12 @@
 //! the webhook benchmark) to the success status being posted. Needs the test control plane:
 //! DRIFTLESS_TEST_KUBECONFIG (scripts/bench starts it). Prints Markdown table rows.
 
-use std::path::Path;
+mod support;
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::git;
 
 use driftless::queue::{Job, JobReason};
 use driftless::reconcile::{Engine, Outcome, RunOptions};
@@ -20,29 +22,6 @@ use driftless::simulator::{ForgeSimulator, SimConfig};
 use kube::api::{Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Bench",
-            "-c",
-            "user.email=bench@example.com",
-            "-c",
-            "commit.gpgsign=false",
-            "-C",
-        ])
-        .arg(dir)
-        .args(args)
-        .output()
-        .expect("git");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 fn cm(i: usize, value: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i:04}\ndata:\n  value: \"{value}\"\n")

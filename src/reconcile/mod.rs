@@ -118,6 +118,18 @@ struct Prepared {
     namespaced: bool,
 }
 
+/// The run in progress, as far as recording its failure needs it.
+#[derive(Clone, Copy)]
+struct Attempt<'a> {
+    app: &'a AppSettings,
+    job: &'a Job,
+    revision: &'a str,
+    started_at: &'a str,
+    started: Instant,
+    state_ns: &'a str,
+    opts: RunOptions,
+}
+
 /// `(group, version, kind)`.
 type KindKey = (String, String, String);
 
@@ -307,14 +319,16 @@ impl Engine {
                 // Nothing was written; report the failure where the user looks.
                 let err = ReconcileError::from(e);
                 self.finish_failed(
-                    app,
-                    job,
-                    &revision,
-                    &started_at,
-                    started,
+                    &Attempt {
+                        app,
+                        job,
+                        revision: &revision,
+                        started_at: &started_at,
+                        started,
+                        state_ns,
+                        opts,
+                    },
                     &mut st,
-                    state_ns,
-                    opts,
                     &err,
                     &mut report,
                 )
@@ -390,14 +404,16 @@ impl Engine {
             }
             Err(err) => {
                 self.finish_failed(
-                    app,
-                    job,
-                    &revision,
-                    &started_at,
-                    started,
+                    &Attempt {
+                        app,
+                        job,
+                        revision: &revision,
+                        started_at: &started_at,
+                        started,
+                        state_ns,
+                        opts,
+                    },
                     &mut st,
-                    state_ns,
-                    opts,
                     &err,
                     &mut report,
                 )
@@ -407,20 +423,22 @@ impl Engine {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn finish_failed(
         &self,
-        app: &AppSettings,
-        job: &Job,
-        revision: &str,
-        started_at: &str,
-        started: Instant,
+        at: &Attempt<'_>,
         st: &mut AppState,
-        state_ns: &str,
-        opts: RunOptions,
         err: &ReconcileError,
         report: &mut RunReport,
     ) -> Result<(), ReconcileError> {
+        let Attempt {
+            app,
+            job,
+            revision,
+            started_at,
+            started,
+            state_ns,
+            opts,
+        } = *at;
         report.outcome = Outcome::Failed(err.to_string());
         report.duration = started.elapsed();
         warn!(app = %app.name, revision = short(revision), error = %err, "reconcile failed");

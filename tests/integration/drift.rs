@@ -156,6 +156,20 @@ async fn remove_crd(env: &Env) {
         .await;
 }
 
+/// `driftless drift --once` as a CronJob runs it, against the test control plane.
+async fn drift_once(env: &Env) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+        .args(["drift", "--once", "--config"])
+        .arg(&env.config_file)
+        .env(
+            "KUBECONFIG",
+            std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
+        )
+        .output()
+        .await
+        .unwrap()
+}
+
 async fn applied_env(app_extra: &str) -> (Env, tokio::task::JoinHandle<()>) {
     let env = Env::new("github", app_extra).await;
     let controller = play_deployment_controller(&env);
@@ -294,16 +308,7 @@ async fn alert_reports_and_leaves_the_cluster_alone() {
     assert_eq!(drift.objects[0].fields, ["spec.replicas"]);
 
     // `drift --once` exits non-zero while drift remains under alert.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
-        .args(["drift", "--once", "--config"])
-        .arg(&env.config_file)
-        .env(
-            "KUBECONFIG",
-            std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
-        )
-        .output()
-        .await
-        .unwrap();
+    let out = drift_once(&env).await;
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -346,16 +351,7 @@ async fn ignore_rules_and_missed_pushes() {
     assert_eq!(env.cm_value("extra").await.as_deref(), Some("late"));
 
     // `drift --once` exits 0 when everything is in sync.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
-        .args(["drift", "--once", "--config"])
-        .arg(&env.config_file)
-        .env(
-            "KUBECONFIG",
-            std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
-        )
-        .output()
-        .await
-        .unwrap();
+    let out = drift_once(&env).await;
     assert_eq!(
         out.status.code(),
         Some(0),
