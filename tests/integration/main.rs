@@ -2,6 +2,7 @@
 //! HTTP, the parsers under arbitrary input, and the real Kubernetes test control plane.
 
 mod cli;
+mod deploy;
 mod drift;
 mod forge;
 mod kubernetes;
