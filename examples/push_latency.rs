@@ -73,7 +73,18 @@ async fn main() {
     let token = secrets.path().join("t");
     std::fs::write(&token, "t").unwrap();
 
+    // BENCH_SIZES=100,1000 measures only those app sizes (all three by default).
+    let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
+        .map(|v| {
+            v.split(',')
+                .map(|s| s.trim().parse().expect("BENCH_SIZES: numbers"))
+                .collect()
+        })
+        .unwrap_or_else(|_| vec![10, 100, 1000]);
     for (size, kubectl_runs) in [(10usize, 20usize), (100, 10), (1000, 3)] {
+        if !sizes.contains(&size) {
+            continue;
+        }
         let repo = tempfile::tempdir().unwrap();
         let dir = repo.path();
         git(dir, &["init", "-q", "-b", "main"]);

@@ -86,6 +86,7 @@ pub fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
 /// Runs a parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = load_settings(&cli)?;
+    crate::telemetry::init(settings.log.format);
     match cli.command {
         Command::CheckConfig => {
             print!("{}", check_config_report(&settings));
@@ -149,6 +150,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .collect()
                     .await
             };
+            engine.settle().await;
             for (app, result) in results {
                 match result {
                     Ok(false) => println!("{app}: in sync"),
@@ -210,7 +212,10 @@ async fn sync(
     require_app(&settings, app)?;
     let engine = engine(settings).await?;
     let job = Job::new(app, revision, JobReason::Manual);
-    match engine.run(&job, RunOptions { dry_run }).await {
+    let result = engine.run(&job, RunOptions { dry_run }).await;
+    // The lease goes back before the process exits, or other replicas wait for it to expire.
+    engine.settle().await;
+    match result {
         Ok(report) => {
             let rev = report.revision.as_deref().unwrap_or("?");
             match &report.outcome {

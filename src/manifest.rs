@@ -259,10 +259,15 @@ pub fn stage_of(id: &ObjectRef, namespaced: bool) -> Stage {
 
 /// `(group, kind)` a CRD object defines, so objects of that kind in the same set are known.
 pub fn crd_defines(obj: &Object) -> Option<(String, String)> {
-    if !is_crd(&obj.id) {
+    crd_defines_body(&obj.id, &obj.body)
+}
+
+/// [`crd_defines`] of an object already taken apart.
+pub fn crd_defines_body(id: &ObjectRef, body: &Value) -> Option<(String, String)> {
+    if !is_crd(id) {
         return None;
     }
-    let spec = obj.body.get("spec")?;
+    let spec = body.get("spec")?;
     Some((
         spec.get("group")?.as_str()?.to_string(),
         spec.get("names")?.get("kind")?.as_str()?.to_string(),

@@ -165,6 +165,19 @@ impl JobQueue {
         self.wake.notify_waiters();
     }
 
+    /// Closes the queue and drops the jobs not started yet; returns their apps. Nothing is
+    /// lost: at the next start every app whose branch moved past its applied revision is
+    /// caught up from Git.
+    pub fn abandon(&self) -> Vec<String> {
+        let mut st = self.state.lock().expect("queue lock poisoned");
+        st.closed = true;
+        let apps = st.pending.keys().cloned().collect();
+        st.pending.clear();
+        drop(st);
+        self.wake.notify_waiters();
+        apps
+    }
+
     pub fn is_closed(&self) -> bool {
         self.state.lock().expect("queue lock poisoned").closed
     }

@@ -564,9 +564,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings.drift.jitter,
         shutdown.clone(),
     ));
-    let workers = tokio::spawn(crate::worker::run(
+    let mut workers = tokio::spawn(crate::worker::run(
         queue.clone(),
-        engine,
+        engine.clone(),
         metrics,
         crate::worker::WORKERS,
     ));
@@ -593,25 +593,47 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let handle = server.handle();
     info!(listen = %settings.server.listen, apps = settings.apps.len(), "driftless receiver started");
 
-    let signals = {
-        let shutdown = shutdown.clone();
+    // SIGTERM: keep serving, but refuse new webhooks with 503 (the forge retries them, on
+    // another replica or later) and report not ready; let running reconciles finish within
+    // the grace period, then interrupt them (their state records it and the next start resumes
+    // them); hand back the leases; stop.
+    let grace = settings.server.shutdown_grace;
+    let drain = {
+        let (shutdown, queue, engine) = (shutdown.clone(), queue.clone(), engine.clone());
         tokio::spawn(async move {
             wait_for_signal().await;
-            info!("shutdown requested");
+            info!(grace = %humantime::format_duration(grace), "shutdown requested: new webhooks get 503, running reconciles may finish");
             shutdown.cancel();
+            let abandoned = queue.abandon();
+            if !abandoned.is_empty() {
+                info!(apps = ?abandoned, "queued jobs not started; the next start catches them up from Git");
+            }
+            if tokio::time::timeout(grace, &mut workers).await.is_err() {
+                warn!("grace period over: interrupting running reconciles; the next start resumes them");
+                engine.interrupt();
+                let _ = tokio::time::timeout(INTERRUPT_WAIT, &mut workers).await;
+            }
+            engine.settle().await;
+            info!("leases handed back; stopping");
             handle.stop(true).await;
         })
     };
     let result = server.await;
-    shutdown.cancel();
-    // Running reconciles finish; pending ones are picked up again from Git at the next start.
-    queue.close();
-    signals.abort();
+    if !drain.is_finished() {
+        // The server stopped on its own (an error): stop the rest as after a signal.
+        drain.abort();
+        shutdown.cancel();
+        queue.abandon();
+        engine.interrupt();
+        engine.settle().await;
+    }
     let _ = timer.await;
-    let _ = workers.await;
     let _ = probe.await;
     result.map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
 }
+
+/// After the grace period, how long interrupted reconciles get to record their state.
+const INTERRUPT_WAIT: Duration = Duration::from_secs(15);
 
 async fn wait_for_signal() {
     #[cfg(unix)]

@@ -68,6 +68,7 @@ pub struct Settings {
     pub forges: ForgeSettings,
     pub fetch: FetchSettings,
     pub drift: DriftSettings,
+    pub log: LogSettings,
     pub apps: Vec<AppSettings>,
 }
 
@@ -83,6 +84,23 @@ pub struct ServerSettings {
     pub header_timeout: Duration,
     /// Time a client has to send the whole request body.
     pub read_timeout: Duration,
+    /// On SIGTERM, how long running reconciles may take to finish before they are
+    /// interrupted (their state records it and the next start resumes them).
+    pub shutdown_grace: Duration,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
 }
 
 #[derive(Debug, Clone)]
@@ -445,7 +463,22 @@ struct RawSettings {
     forges: RawForges,
     fetch: RawFetch,
     drift: RawDrift,
+    log: RawLog,
     apps: Vec<RawApp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    format: String,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -478,6 +511,7 @@ struct RawServer {
     body_limit: Value,
     header_timeout: String,
     read_timeout: String,
+    shutdown_grace: String,
 }
 
 impl Default for RawServer {
@@ -488,6 +522,7 @@ impl Default for RawServer {
             body_limit: Value::String("25MiB".into()),
             header_timeout: "5s".into(),
             read_timeout: "30s".into(),
+            shutdown_grace: "25s".into(),
         }
     }
 }
@@ -737,6 +772,18 @@ impl RawSettings {
         };
         let header_timeout = p.duration("server.header_timeout", &self.server.header_timeout);
         let read_timeout = p.duration("server.read_timeout", &self.server.read_timeout);
+        let shutdown_grace = p.duration("server.shutdown_grace", &self.server.shutdown_grace);
+        let log_format = match self.log.format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                p.push(
+                    "log.format",
+                    format!("{other:?} is not a log format; use \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
 
         if let Err(m) = check_dns_label(&self.kubernetes.state_namespace) {
             p.push("kubernetes.state_namespace", m);
@@ -1014,7 +1061,9 @@ impl RawSettings {
                 body_limit,
                 header_timeout,
                 read_timeout,
+                shutdown_grace,
             },
+            log: LogSettings { format: log_format },
             kubernetes: KubernetesSettings {
                 state_namespace: self.kubernetes.state_namespace,
             },

@@ -41,10 +41,8 @@ impl StateSource {
             else {
                 continue;
             };
-            if let Some(text) = cm.data.as_ref().and_then(|d| d.get("state.json")) {
-                if let Ok(st) = serde_json::from_str::<AppState>(text) {
-                    out.insert(app, st);
-                }
+            if let Ok(st) = state::from_config_map(&app, &cm) {
+                out.insert(app, st);
             }
         }
         Ok(out)

@@ -75,7 +75,7 @@ impl Engine {
             app: app.name.clone(),
             ..Default::default()
         };
-        let mut st = state::load(&self.client, &ns, &app.name).await?;
+        let st = state::load(&self.client, &ns, &app.name).await?;
         report.api_requests += 1;
         let Some(revision) = st.revision.clone() else {
             return Ok(report);
@@ -232,13 +232,13 @@ impl Engine {
                 && d.healed == report.healed
         });
         if !unchanged {
-            st.drift = Some(DriftRecord {
+            let record = DriftRecord {
                 checked_at: now_rfc3339(),
                 revision: Some(revision),
                 objects: report.drifted.clone(),
                 healed: report.healed,
-            });
-            state::save(&self.client, &ns, &app.name, &st).await?;
+            };
+            state::save_drift(&self.client, &ns, &app.name, &record).await?;
             report.api_requests += 1;
         }
         Ok(report)

@@ -74,6 +74,10 @@ pub enum ReconcileError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    #[error(
+        "interrupted by a shutdown after writing {written} objects; the next start resumes the run"
+    )]
+    Interrupted { written: usize },
 }
 
 /// What a run did.
@@ -111,6 +115,7 @@ pub struct RunOptions {
 #[derive(Debug, Clone)]
 struct Prepared {
     id: ObjectRef,
+    source: manifest::Source,
     body: Value,
     hash: String,
     stage: Stage,
@@ -130,6 +135,13 @@ struct Attempt<'a> {
     opts: RunOptions,
 }
 
+/// An app's objects at a revision, ready to apply.
+struct Desired {
+    ready: Vec<Arc<Prepared>>,
+    /// Objects of kinds that a CRD of the same set defines, prepared after it is established.
+    after_crds: Vec<Object>,
+}
+
 /// `(group, version, kind)`.
 type KindKey = (String, String, String);
 
@@ -141,6 +153,67 @@ pub struct Engine {
     kinds: Mutex<HashMap<KindKey, (ApiResource, bool)>>,
     identity: String,
     state_ns_ready: std::sync::atomic::AtomicBool,
+    /// What this replica remembers of each app between runs; see [`AppSlot`].
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<AppSlot>>>>,
+    /// Set when the grace period of a shutdown is over: runs stop at the next safe point.
+    interrupt: tokio_util::sync::CancellationToken,
+}
+
+/// Prepared objects of each manifest file by path, valid for the file's blob SHA.
+type FileCache = HashMap<String, (String, Vec<Arc<Prepared>>)>;
+
+/// What one replica keeps of an app between runs, so a push costs no lease or state reads.
+/// Locked for the whole run (and the lease release after it). Nothing here is needed: a
+/// replica that starts empty reads it all back from the cluster.
+#[derive(Default)]
+struct AppSlot {
+    /// The app's Lease as this replica wrote it when it last released it: the next run takes
+    /// it with one conditional write, which fails if anyone else has written it since.
+    lease: Option<k8s_openapi::api::coordination::v1::Lease>,
+    /// The app's state as this replica last saved it. Only this replica's runs write it while
+    /// the lease above is unchanged, so it is current whenever that lease is taken back.
+    state: Option<AppState>,
+    files: FileCache,
+}
+
+/// The lease of a run: being taken in the background (the quick path, alongside the fetch)
+/// or already held.
+enum RunLease {
+    Taking(tokio::task::JoinHandle<Result<lease::LeaseGuard, lease::LeaseError>>),
+    Held(Box<lease::LeaseGuard>),
+    Lost,
+    None,
+}
+
+impl RunLease {
+    /// Waits until the lease is held; every write of a run comes after this.
+    async fn held(&mut self) -> Result<(), ReconcileError> {
+        if let RunLease::Taking(task) = self {
+            *self = match task.await {
+                Ok(Ok(guard)) => RunLease::Held(Box::new(guard)),
+                Ok(Err(e)) => {
+                    *self = RunLease::Lost;
+                    return Err(e.into());
+                }
+                Err(join) => {
+                    *self = RunLease::Lost;
+                    return Err(ReconcileError::Discovery {
+                        what: "lease".into(),
+                        message: join.to_string(),
+                    });
+                }
+            };
+        }
+        Ok(())
+    }
+
+    async fn into_guard(mut self) -> Option<lease::LeaseGuard> {
+        let _ = self.held().await;
+        match self {
+            RunLease::Held(g) => Some(*g),
+            _ => None,
+        }
+    }
 }
 
 fn kube_message(e: &kube::Error) -> String {
@@ -174,6 +247,8 @@ impl Engine {
             kinds: Mutex::new(HashMap::new()),
             identity,
             state_ns_ready: std::sync::atomic::AtomicBool::new(false),
+            slots: Mutex::new(HashMap::new()),
+            interrupt: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -222,31 +297,149 @@ impl Engine {
             self.state_ns_ready
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        let guard = if opts.dry_run {
-            None
-        } else {
-            Some(lease::acquire(&self.client, &ns, &app.name, &self.identity, LEASE_WAIT).await?)
-        };
-        let result = self.run_locked(&app, job, opts, &ns).await;
-        if let Some(g) = guard {
-            // Handing the lease back is not on the push's critical path; until it lands, the
-            // lease only makes another replica wait a moment longer.
-            tokio::spawn(g.release());
+        if opts.dry_run {
+            let mut st = state::load(&self.client, &ns, &app.name).await?;
+            return self
+                .run_locked(
+                    &app,
+                    job,
+                    opts,
+                    &mut st,
+                    &mut RunLease::None,
+                    &mut FileCache::new(),
+                )
+                .await;
         }
-        result
+        let mut slot_guard = self.slot(&app.name).lock_owned().await;
+        let slot = &mut *slot_guard;
+
+        // The quick path: this replica released the lease last, so taking it back is one
+        // conditional write, made while the forge is read, and the state it saved is current.
+        if let (Some(released), Some(mut st)) = (slot.lease.take(), slot.state.take()) {
+            let take = {
+                let (client, ns, app, identity) = (
+                    self.client.clone(),
+                    ns.clone(),
+                    app.name.clone(),
+                    self.identity.clone(),
+                );
+                tokio::spawn(async move {
+                    lease::take_released(&client, &ns, &app, &identity, released).await
+                })
+            };
+            let mut run_lease = RunLease::Taking(take);
+            let r = self
+                .run_locked(&app, job, opts, &mut st, &mut run_lease, &mut slot.files)
+                .await;
+            // Moved: someone else held the app since; start again from the cluster's state.
+            if !matches!(
+                r,
+                Err(ReconcileError::Lease(lease::LeaseError::Moved { .. }))
+            ) {
+                self.finish_run(run_lease, slot_guard, &r, st);
+                return r;
+            }
+        }
+
+        let guard =
+            lease::acquire(&self.client, &ns, &app.name, &self.identity, LEASE_WAIT).await?;
+        let mut run_lease = RunLease::Held(Box::new(guard));
+        let mut st = match state::load(&self.client, &ns, &app.name).await {
+            Ok(st) => st,
+            Err(e) => {
+                let r = Err(e.into());
+                self.finish_run(run_lease, slot_guard, &r, AppState::default());
+                return r;
+            }
+        };
+        let r = self
+            .run_locked(&app, job, opts, &mut st, &mut run_lease, &mut slot.files)
+            .await;
+        self.finish_run(run_lease, slot_guard, &r, st);
+        r
     }
 
+    /// Stops every running reconcile at its next safe point (between apply stages, before
+    /// pruning, while waiting for health). Each records the interruption in its app's state,
+    /// without advancing the applied revision, so the next start runs it again.
+    pub fn interrupt(&self) {
+        self.interrupt.cancel();
+    }
+
+    fn check_interrupt(&self, report: &RunReport) -> Result<(), ReconcileError> {
+        if self.interrupt.is_cancelled() {
+            return Err(ReconcileError::Interrupted {
+                written: report.applied.len() + report.pruned.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until every lease this engine took is handed back (releases run in the
+    /// background after each run). Call before the process exits.
+    pub async fn settle(&self) {
+        let slots: Vec<_> = self
+            .slots
+            .lock()
+            .expect("slots")
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            drop(slot.lock().await);
+        }
+    }
+
+    /// The app's slot of this replica's memory.
+    fn slot(&self, app: &str) -> Arc<tokio::sync::Mutex<AppSlot>> {
+        self.slots
+            .lock()
+            .expect("slots")
+            .entry(app.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Hands the lease back off the push's critical path and remembers what the next run of
+    /// the app can reuse. The app's slot stays locked until the lease is back, so that run
+    /// takes it again with one write. A state whose saving failed is not remembered: the next
+    /// run reads it from the cluster.
+    fn finish_run(
+        &self,
+        run_lease: RunLease,
+        mut slot: tokio::sync::OwnedMutexGuard<AppSlot>,
+        result: &Result<RunReport, ReconcileError>,
+        st: AppState,
+    ) {
+        let state_current = !matches!(
+            result,
+            Err(ReconcileError::State(_) | ReconcileError::Lease(_))
+        );
+        tokio::spawn(async move {
+            let released = match run_lease.into_guard().await {
+                Some(guard) => guard.release().await,
+                None => None,
+            };
+            slot.state = (released.is_some() && state_current).then_some(st);
+            slot.lease = released;
+        });
+    }
+
+    /// One run under `run_lease` (awaited before the first write), from the state `st`, which
+    /// it updates as it saves it.
     async fn run_locked(
         &self,
         app: &AppSettings,
         job: &Job,
         opts: RunOptions,
-        state_ns: &str,
+        st: &mut AppState,
+        run_lease: &mut RunLease,
+        files_cache: &mut FileCache,
     ) -> Result<RunReport, ReconcileError> {
+        let state_ns = self.settings.kubernetes.state_namespace.as_str();
         let started = Instant::now();
         let started_at = now_rfc3339();
         let forge = self.forge(app)?;
-        let mut st = state::load(&self.client, state_ns, &app.name).await?;
         let mut report = RunReport {
             app: app.name.clone(),
             revision: None,
@@ -293,7 +486,7 @@ impl Engine {
         } else {
             st.tree_sha.as_deref()
         };
-        let fetched = fetch_app(
+        let fetch = fetch_app(
             forge.as_ref(),
             &self.blobs,
             &self.settings.fetch,
@@ -301,14 +494,16 @@ impl Engine {
             &revision,
             &app.path,
             known,
-        )
-        .await;
+        );
+        // Nothing is written before the lease is held.
+        let (fetched, held) = tokio::join!(fetch, run_lease.held());
+        held?;
         let (tree_sha, files) = match fetched {
             Ok(Fetched::Unchanged { tree_sha }) => {
                 if !opts.dry_run && st.revision.as_deref() != Some(revision.as_str()) {
                     st.revision = Some(revision.clone());
                     st.tree_sha = Some(tree_sha);
-                    state::save(&self.client, state_ns, &app.name, &st).await?;
+                    state::save(&self.client, state_ns, &app.name, st).await?;
                 }
                 info!(app = %app.name, revision = short(&revision), "subtree unchanged; nothing to apply");
                 report.duration = started.elapsed();
@@ -328,7 +523,7 @@ impl Engine {
                         state_ns,
                         opts,
                     },
-                    &mut st,
+                    st,
                     &err,
                     &mut report,
                 )
@@ -352,7 +547,11 @@ impl Engine {
                 warn!(app = %app.name, error = %e, "cannot post the pending status");
             }
         };
-        let work = self.apply_files(app, job, opts, &st, &files, &mut report);
+        let work = async {
+            let desired = self.prepare_files(app, &files, files_cache).await?;
+            self.apply_files(app, job, opts, st, desired, &mut report)
+                .await
+        };
         let (result, ()) = tokio::join!(work, pending);
 
         match result {
@@ -389,7 +588,7 @@ impl Engine {
                     pruned: report.pruned.len(),
                 });
                 let (saved, ()) = tokio::join!(
-                    state::save(&self.client, state_ns, &app.name, &st),
+                    state::save(&self.client, state_ns, &app.name, st),
                     self.post_status(
                         forge.as_ref(),
                         app,
@@ -413,7 +612,7 @@ impl Engine {
                         state_ns,
                         opts,
                     },
-                    &mut st,
+                    st,
                     &err,
                     &mut report,
                 )
@@ -441,6 +640,7 @@ impl Engine {
         } = *at;
         report.outcome = Outcome::Failed(err.to_string());
         report.duration = started.elapsed();
+        let interrupted = matches!(err, ReconcileError::Interrupted { .. });
         warn!(app = %app.name, revision = short(revision), error = %err, "reconcile failed");
         if opts.dry_run {
             return Ok(());
@@ -460,21 +660,22 @@ impl Engine {
             reason: job.reason.as_str().to_string(),
             started_at: started_at.to_string(),
             duration_ms: report.duration.as_millis() as u64,
-            outcome: "failed".into(),
+            outcome: if interrupted { "interrupted" } else { "failed" }.into(),
             message: err.to_string(),
             applied: report.applied.len(),
             pruned: report.pruned.len(),
         });
         state::save(&self.client, state_ns, &app.name, st).await?;
         if let Ok(forge) = self.forge(app) {
-            self.post_status(
-                forge.as_ref(),
-                app,
-                revision,
-                StatusState::Failure,
-                &err.to_string(),
-            )
-            .await;
+            // An interrupted run is not a verdict on the commit: it stays pending until the
+            // next start finishes it.
+            let state = if interrupted {
+                StatusState::Pending
+            } else {
+                StatusState::Failure
+            };
+            self.post_status(forge.as_ref(), app, revision, state, &err.to_string())
+                .await;
         }
         Ok(())
     }
@@ -498,6 +699,95 @@ impl Engine {
         }
     }
 
+    /// Parses and prepares every manifest file in path order, reusing what this replica
+    /// prepared before from the same blob (`cache`, replaced by this set's files). Objects whose
+    /// kind only a CRD of this set defines come back unprepared, for after the CRD is
+    /// established.
+    async fn prepare_files(
+        &self,
+        app: &AppSettings,
+        files: &[crate::forge::AppFile],
+        cache: &mut FileCache,
+    ) -> Result<Desired, ReconcileError> {
+        enum Entry {
+            Cached(Vec<Arc<Prepared>>),
+            Parsed(Vec<Object>),
+        }
+        let mut sorted: Vec<&crate::forge::AppFile> = files.iter().collect();
+        sorted.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut entries = Vec::with_capacity(sorted.len());
+        let mut defined_by_crds: HashSet<(String, String)> = HashSet::new();
+        for f in &sorted {
+            let entry = match cache.get(&f.path) {
+                Some((sha, prepared)) if *sha == f.sha => Entry::Cached(prepared.clone()),
+                _ => Entry::Parsed(manifest::parse_file(&f.path, &f.content)?),
+            };
+            match &entry {
+                Entry::Cached(ps) => defined_by_crds.extend(
+                    ps.iter()
+                        .filter_map(|p| manifest::crd_defines_body(&p.id, &p.body)),
+                ),
+                Entry::Parsed(objs) => {
+                    defined_by_crds.extend(objs.iter().filter_map(manifest::crd_defines))
+                }
+            }
+            entries.push(entry);
+        }
+
+        let mut out = Desired {
+            ready: Vec::new(),
+            after_crds: Vec::new(),
+        };
+        let mut fresh = FileCache::new();
+        let mut seen: HashMap<ObjectRef, manifest::Source> = HashMap::new();
+        let mut check_unique = |id: &ObjectRef, source: &manifest::Source| match seen
+            .insert(id.clone(), source.clone())
+        {
+            Some(first) => Err(ManifestError::Duplicate {
+                id: id.to_string(),
+                first: first.to_string(),
+                second: source.to_string(),
+            }),
+            None => Ok(()),
+        };
+        for (f, entry) in sorted.iter().zip(entries) {
+            let (prepared, complete) = match entry {
+                Entry::Cached(ps) => (ps, true),
+                Entry::Parsed(objs) => {
+                    let mut ps = Vec::with_capacity(objs.len());
+                    let mut complete = true;
+                    for obj in objs {
+                        match self.prepare(app, &obj).await {
+                            Ok(p) => ps.push(Arc::new(p)),
+                            // Its kind exists once a CRD of this set is applied: stage 2.
+                            Err(ReconcileError::UnknownKind { .. })
+                                if defined_by_crds.contains(&(
+                                    obj.id.group_version().0.to_string(),
+                                    obj.id.kind.clone(),
+                                )) =>
+                            {
+                                complete = false;
+                                check_unique(&obj.id, &obj.source)?;
+                                out.after_crds.push(obj);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    (ps, complete)
+                }
+            };
+            for p in &prepared {
+                check_unique(&p.id, &p.source)?;
+            }
+            if complete {
+                fresh.insert(f.path.clone(), (f.sha.clone(), prepared.clone()));
+            }
+            out.ready.extend(prepared);
+        }
+        *cache = fresh;
+        Ok(out)
+    }
+
     /// Parse, validate, apply, prune, wait for health. Fills `report` as it goes and returns
     /// the new inventory.
     async fn apply_files(
@@ -506,31 +796,12 @@ impl Engine {
         job: &Job,
         opts: RunOptions,
         st: &AppState,
-        files: &[crate::forge::AppFile],
+        desired: Desired,
         report: &mut RunReport,
     ) -> Result<Vec<InventoryItem>, ReconcileError> {
-        let objects =
-            manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;
-        if objects.is_empty() && !app.allow_empty {
+        let Desired { ready, after_crds } = desired;
+        if ready.is_empty() && after_crds.is_empty() && !app.allow_empty {
             return Err(ReconcileError::EmptySet);
-        }
-        let defined_by_crds: HashSet<(String, String)> =
-            objects.iter().filter_map(manifest::crd_defines).collect();
-
-        // Objects whose kind exists only once a CRD of this set is applied wait for stage 2.
-        let mut ready = Vec::new();
-        let mut after_crds = Vec::new();
-        for obj in objects {
-            match self.prepare(app, &obj).await {
-                Ok(p) => ready.push(p),
-                Err(ReconcileError::UnknownKind { .. })
-                    if defined_by_crds
-                        .contains(&(obj.id.group_version().0.to_string(), obj.id.kind.clone())) =>
-                {
-                    after_crds.push(obj)
-                }
-                Err(e) => return Err(e),
-            }
         }
         report.objects = ready.len() + after_crds.len();
 
@@ -549,7 +820,11 @@ impl Engine {
             .filter(|p| manifest::is_namespace(&p.id))
             .map(|p| p.id.name.as_str())
             .collect();
-        let mut writes: Vec<&Prepared> = ready.iter().filter(|p| needs_write(p)).collect();
+        let mut writes: Vec<&Prepared> = ready
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| needs_write(p))
+            .collect();
         writes.sort_by_key(|p| p.stage);
         let total_writes = writes.len() + after_crds.len();
         let mut missing_ns = HashSet::new();
@@ -573,6 +848,7 @@ impl Engine {
         }
 
         // Stage 1: Namespaces and CRDs.
+        self.check_interrupt(report)?;
         let foundation: Vec<&Prepared> = writes
             .iter()
             .copied()
@@ -602,6 +878,7 @@ impl Engine {
 
         // Stages 2 and 3.
         for stage in [Stage::Cluster, Stage::Namespaced] {
+            self.check_interrupt(report)?;
             let batch: Vec<&Prepared> = writes
                 .iter()
                 .copied()
@@ -612,8 +889,8 @@ impl Engine {
         }
 
         // Prune what left Git.
-        let mut desired: Vec<Prepared> = ready;
-        desired.extend(late);
+        let mut desired: Vec<Arc<Prepared>> = ready;
+        desired.extend(late.into_iter().map(Arc::new));
         let keep: HashSet<&ObjectRef> = desired.iter().map(|p| &p.id).collect();
         let gone: Vec<&ObjectRef> = st
             .inventory
@@ -622,6 +899,7 @@ impl Engine {
             .filter(|id| !keep.contains(id))
             .collect();
         if app.prune && !gone.is_empty() {
+            self.check_interrupt(report)?;
             self.prune(app, &gone, report).await?;
         }
 
@@ -629,9 +907,14 @@ impl Engine {
         let written: HashSet<&ObjectRef> = report.applied.iter().collect();
         let watch: Vec<&Prepared> = desired
             .iter()
+            .map(|p| p.as_ref())
             .filter(|p| written.contains(&p.id) && health::may_report_health(&p.id))
             .collect();
-        self.wait_healthy(app, &watch).await?;
+        self.check_interrupt(report)?;
+        tokio::select! {
+            r = self.wait_healthy(app, &watch) => r?,
+            () = self.interrupt.cancelled() => self.check_interrupt(report)?,
+        }
 
         report.objects = desired.len();
         Ok(desired
@@ -742,6 +1025,7 @@ impl Engine {
             serde_json::to_vec(&body).expect("JSON value"),
         ));
         Ok(Prepared {
+            source: obj.source.clone(),
             stage: manifest::stage_of(&id, namespaced),
             id,
             body,

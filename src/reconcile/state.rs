@@ -4,7 +4,7 @@
 //! for incremental pushes), the last result and the last ten runs.
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 
@@ -13,6 +13,7 @@ use crate::manifest::ObjectRef;
 /// Field manager of the state objects (kept apart from the one applying app objects).
 const STATE_MANAGER: &str = "driftless-state";
 const KEY: &str = "state.json";
+const DRIFT_KEY: &str = "drift.json";
 /// Runs kept for the status pages.
 pub const RUNS_KEPT: usize = 10;
 
@@ -100,38 +101,84 @@ pub struct StateError {
 
 /// Reads an app's state; an app never reconciled has the default (empty) state.
 pub async fn load(client: &Client, namespace: &str, app: &str) -> Result<AppState, StateError> {
-    let err = |step, message: String| StateError {
-        app: app.to_string(),
-        step,
-        message,
-    };
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let Some(cm) = api
-        .get_opt(&object_name(app))
-        .await
-        .map_err(|e| err("read", e.to_string()))?
-    else {
-        return Ok(AppState::default());
-    };
-    match cm.data.as_ref().and_then(|d| d.get(KEY)) {
-        Some(text) => serde_json::from_str(text).map_err(|e| err("parse", e.to_string())),
-        None => Ok(AppState::default()),
+    match api.get_opt(&object_name(app)).await {
+        Ok(Some(cm)) => from_config_map(app, &cm),
+        Ok(None) => Ok(AppState::default()),
+        Err(e) => Err(StateError {
+            app: app.to_string(),
+            step: "read",
+            message: e.to_string(),
+        }),
     }
 }
 
-/// Writes an app's state (server-side apply of the whole ConfigMap).
+/// The state held by an app's ConfigMap: the run record under `state.json`, the last drift
+/// finding under `drift.json` (written separately, so neither writer can undo the other).
+pub fn from_config_map(app: &str, cm: &ConfigMap) -> Result<AppState, StateError> {
+    let parse_err = |e: serde_json::Error| StateError {
+        app: app.to_string(),
+        step: "parse",
+        message: e.to_string(),
+    };
+    let data = cm.data.as_ref();
+    let mut st: AppState = match data.and_then(|d| d.get(KEY)) {
+        Some(text) => serde_json::from_str(text).map_err(parse_err)?,
+        None => AppState::default(),
+    };
+    if let Some(text) = data.and_then(|d| d.get(DRIFT_KEY)) {
+        st.drift = Some(serde_json::from_str(text).map_err(parse_err)?);
+    }
+    Ok(st)
+}
+
+/// Writes an app's run record (everything but the drift finding).
 pub async fn save(
     client: &Client,
     namespace: &str,
     app: &str,
     state: &AppState,
 ) -> Result<(), StateError> {
+    let record = AppState {
+        drift: None,
+        ..state.clone()
+    };
+    write_key(client, namespace, app, KEY, serde_json::to_string(&record)).await
+}
+
+/// Writes an app's drift finding.
+pub async fn save_drift(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    drift: &DriftRecord,
+) -> Result<(), StateError> {
+    write_key(
+        client,
+        namespace,
+        app,
+        DRIFT_KEY,
+        serde_json::to_string(drift),
+    )
+    .await
+}
+
+/// Sets one data key of the app's ConfigMap with a merge patch (cheap for the API server even
+/// with a large inventory, and leaving the other key alone), creating the ConfigMap first when
+/// there is none.
+async fn write_key(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    key: &str,
+    text: Result<String, serde_json::Error>,
+) -> Result<(), StateError> {
     let err = |step, message: String| StateError {
         app: app.to_string(),
         step,
         message,
     };
-    let text = serde_json::to_string(state).map_err(|e| err("encode", e.to_string()))?;
+    let text = text.map_err(|e| err("encode", e.to_string()))?;
     let cm = serde_json::json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -142,17 +189,33 @@ pub async fn save(
                 "driftless.dev/state-of": app,
             },
         },
-        "data": { KEY: text },
+        "data": { key: text },
     });
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    api.patch(
-        &object_name(app),
-        &PatchParams::apply(STATE_MANAGER).force(),
-        &Patch::Apply(&cm),
-    )
-    .await
-    .map_err(|e| err("write", e.to_string()))?;
-    Ok(())
+    let name = object_name(app);
+    for _ in 0..3 {
+        match api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&cm))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => {
+                let body: ConfigMap =
+                    serde_json::from_value(cm.clone()).map_err(|e| err("encode", e.to_string()))?;
+                match api.create(&PostParams::default(), &body).await {
+                    Ok(_) => return Ok(()),
+                    // Created by another writer in between: patch it.
+                    Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                    Err(e) => return Err(err("write", e.to_string())),
+                }
+            }
+            Err(e) => return Err(err("write", e.to_string())),
+        }
+    }
+    Err(err(
+        "write",
+        "the ConfigMap kept appearing and disappearing".into(),
+    ))
 }
 
 /// Creates the state namespace when it does not exist yet.

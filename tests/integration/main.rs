@@ -7,6 +7,7 @@ mod drift;
 mod forge;
 mod kubernetes;
 mod reconcile;
+mod shutdown;
 mod simulator;
 mod support;
 mod webhook;

@@ -632,3 +632,116 @@ async fn status_pages_show_the_state_in_the_cluster() {
     assert_eq!(test::call_service(&app, req).await.status(), 404);
     env.cleanup().await;
 }
+
+/// A replica remembers the lease and state of its last run of an app, to take both back
+/// without reading them. Once another replica has run the app, that memory is stale and must
+/// not be used: here, a stale inventory would leave `c` unpruned.
+#[tokio::test]
+async fn a_replica_never_acts_on_a_stale_memory_of_the_app() {
+    let env = Env::new("github", "").await;
+    let (a, b) = (env.engine(), env.engine());
+    env.repo.write("app/a.yaml", &env.cm("a", "1"));
+    env.repo.write("app/b.yaml", &env.cm("b", "1"));
+    let c1 = env.repo.commit("a and b");
+    assert_eq!(env.push(&a, &c1).await.unwrap().outcome, Outcome::Applied);
+    // The other replica takes the next push.
+    env.repo.write("app/c.yaml", &env.cm("c", "1"));
+    let c2 = env.repo.commit("add c");
+    assert_eq!(
+        env.push(&b, &c2).await.unwrap().applied,
+        [env.id("ConfigMap", "c")]
+    );
+    // Back on the first: it must see c in the inventory to prune it.
+    env.repo.remove("app/b.yaml");
+    env.repo.remove("app/c.yaml");
+    let c3 = env.repo.commit("remove b and c");
+    let r = env.push(&a, &c3).await.unwrap();
+    let mut pruned = r.pruned.clone();
+    pruned.sort();
+    assert_eq!(pruned, [env.id("ConfigMap", "b"), env.id("ConfigMap", "c")]);
+    assert!(env.configmaps().get_opt("c").await.unwrap().is_none());
+    // And again on the same replica: its memory is current now, one object changes.
+    env.repo.write("app/a.yaml", &env.cm("a", "2"));
+    let c4 = env.repo.commit("edit a");
+    let r = env.push(&a, &c4).await.unwrap();
+    assert_eq!(r.applied, [env.id("ConfigMap", "a")]);
+    assert_eq!(env.cm_value("a").await.as_deref(), Some("2"));
+    let st = state::load(&env.ns.client, &env.state_ns.name, "demo")
+        .await
+        .unwrap();
+    assert_eq!(st.revision.as_deref(), Some(c4.as_str()));
+    assert_eq!(st.inventory.len(), 1);
+    env.cleanup().await;
+}
+
+/// Two `driftless` processes syncing the same app: the second waits while the first holds
+/// the app (here, waiting for its Deployment to become healthy) and applies only after it.
+#[tokio::test]
+async fn two_processes_never_apply_the_same_app_at_once() {
+    let env = Env::new("github", "health_timeout = \"60s\"").await;
+    env.repo.write(
+        "app/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:1.27}]}\n",
+    );
+    env.repo.write("app/a.yaml", &env.cm("a", "first"));
+    let c1 = env.repo.commit("first");
+    env.repo.write("app/a.yaml", &env.cm("a", "second"));
+    let c2 = env.repo.commit("second");
+    let sync = |revision: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+            .args(["sync", "demo", "--revision", revision, "--config"])
+            .arg(&env.config_file)
+            .env(
+                "KUBECONFIG",
+                std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
+            )
+            .kill_on_drop(true)
+            .output()
+    };
+    let first = tokio::spawn(sync(&c1));
+    // The first process has applied and waits for the Deployment to become healthy.
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(env.ns.client.clone(), &env.ns.name);
+    let generation = loop {
+        if let Some(d) = deployments.get_opt("web").await.unwrap() {
+            break d.metadata.generation.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let second = tokio::spawn(sync(&c2));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!first.is_finished() && !second.is_finished());
+    assert_eq!(
+        env.cm_value("a").await.as_deref(),
+        Some("first"),
+        "the second process applied while the first held the app"
+    );
+    let status = json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}});
+    deployments
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    for (name, p) in [("first", first), ("second", second)] {
+        let out = tokio::time::timeout(Duration::from_secs(60), p)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name} sync: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(env.cm_value("a").await.as_deref(), Some("second"));
+    let st = state::load(&env.ns.client, &env.state_ns.name, "demo")
+        .await
+        .unwrap();
+    let revisions: Vec<_> = st
+        .runs
+        .iter()
+        .map(|r| r.revision.clone().unwrap())
+        .collect();
+    assert_eq!(revisions, [c2, c1], "runs, newest first");
+    env.cleanup().await;
+}

@@ -1,0 +1,213 @@
+//! Graceful shutdown of `driftless serve`: on SIGTERM new webhooks get 503, a reconcile that
+//! outlasts the grace period is interrupted with its state recording what it did, the lease
+//! goes back, the process exits 0, and the next start finishes the job.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use driftless::reconcile::state::{self, AppState};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{Patch, PatchParams};
+use kube::Api;
+use serde_json::json;
+
+use crate::reconcile::Env;
+
+const REPO: &str = "acme/deploy";
+
+struct Serve {
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Serve {
+    async fn start(config: &std::path::Path, base: &str, log: std::path::PathBuf) -> Serve {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env(
+                "KUBECONFIG",
+                std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
+            )
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting driftless serve");
+        let serve = Serve { child, log };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(format!("{base}/healthz")).send().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start: {}",
+                serve.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        serve
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    async fn exit_code(mut self, within: Duration) -> (i32, String) {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("serve did not exit within {within:?}: {}", self.log()))
+            .unwrap();
+        (status.code().unwrap_or(-1), self.log())
+    }
+}
+
+async fn wait_state(env: &Env, what: &str, ok: impl Fn(&AppState) -> bool) -> AppState {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = state::load(&env.ns.client, &env.state_ns.name, "demo")
+            .await
+            .unwrap();
+        if ok(&st) {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
+    let env = Env::new("github", "health_timeout = \"300s\"").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let text = std::fs::read_to_string(&env.config_file).unwrap().replacen(
+        "[server]\n",
+        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n"),
+        1,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("driftless.toml");
+    std::fs::write(&config, text).unwrap();
+
+    env.repo.write("app/a.yaml", &env.cm("a", "0"));
+    let c0 = env.repo.commit("start");
+    let serve = Serve::start(&config, &base, dir.path().join("serve-1.log")).await;
+    // The start-up catch-up applies the branch head.
+    wait_state(&env, "the catch-up of c0", |st| {
+        st.revision.as_deref() == Some(c0.as_str())
+    })
+    .await;
+
+    // A push whose Deployment never becomes healthy on its own: the run waits for health.
+    env.repo.write(
+        "app/web.yaml",
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:1.27}]}\n",
+    );
+    env.repo.write("app/a.yaml", &env.cm("a", "1"));
+    let c1 = env.repo.commit("add web");
+    let code = env
+        .sim
+        .send_github_push(&base, REPO, "main", &c0, &c1, "s")
+        .await
+        .unwrap();
+    assert_eq!(code.as_u16(), 202, "{}", serve.log());
+    let deployments: Api<Deployment> = Api::namespaced(env.ns.client.clone(), &env.ns.name);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while deployments.get_opt("web").await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "web never applied: {}",
+            serve.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    serve.sigterm();
+    // Draining: a new delivery is refused with 503 so the forge retries it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let code = env
+        .sim
+        .send_github_push(&base, REPO, "main", &c0, &c1, "s")
+        .await
+        .unwrap();
+    assert_eq!(code.as_u16(), 503, "{}", serve.log());
+    let ready = reqwest::get(format!("{base}/readyz"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(ready.as_u16(), 503);
+    let (code, log) = serve.exit_code(Duration::from_secs(30)).await;
+    assert_eq!(code, 0, "{log}");
+
+    // What happened is recorded: the run of c1 was interrupted after writing; the applied
+    // revision is still c0, so the next start knows c1 is not done.
+    let st = state::load(&env.ns.client, &env.state_ns.name, "demo")
+        .await
+        .unwrap();
+    assert_eq!(st.revision.as_deref(), Some(c0.as_str()));
+    let last = st.last_result.clone().unwrap();
+    assert_eq!(last.outcome, "interrupted", "{last:?}");
+    assert_eq!(last.revision.as_deref(), Some(c1.as_str()));
+    assert!(last.applied >= 2, "{last:?}");
+    assert!(
+        st.inventory
+            .iter()
+            .any(|i| i.id.kind == "Deployment" && i.id.name == "web"),
+        "the written Deployment is in the inventory, so it can be pruned later: {:?}",
+        st.inventory
+    );
+    let statuses = env.sim.statuses(REPO, &c1);
+    let latest = statuses.last().unwrap();
+    assert_eq!(latest.state, "pending", "{statuses:?}");
+    assert!(
+        latest
+            .description
+            .as_deref()
+            .unwrap_or("")
+            .contains("interrupted"),
+        "{statuses:?}"
+    );
+    // The lease was handed back.
+    let leases: Api<Lease> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let lease = leases.get("driftless-app-demo").await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity, None);
+
+    // The controller makes web available; the next start finishes c1.
+    let generation = deployments.get("web").await.unwrap().metadata.generation;
+    let status = json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}});
+    deployments
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let serve = Serve::start(&config, &base, dir.path().join("serve-2.log")).await;
+    let st = wait_state(&env, "the resumed c1", |st| {
+        st.revision.as_deref() == Some(c1.as_str())
+    })
+    .await;
+    assert_eq!(st.last_result.unwrap().outcome, "applied");
+    let statuses = env.sim.statuses(REPO, &c1);
+    assert_eq!(statuses.last().unwrap().state, "success", "{statuses:?}");
+    serve.sigterm();
+    let (code, log) = serve.exit_code(Duration::from_secs(30)).await;
+    assert_eq!(code, 0, "{log}");
+    env.cleanup().await;
+}
