@@ -287,6 +287,20 @@ fn pod_specs(objects: &[Value]) -> Vec<(String, &Value)> {
     specs
 }
 
+/// `server.shutdown_grace` of the rendered settings, in seconds.
+fn shutdown_grace(objects: &[Value]) -> u64 {
+    let toml = the(objects, "v1 ConfigMap")["data"]["driftless.toml"]
+        .as_str()
+        .unwrap();
+    let value = toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("shutdown_grace = "))
+        .expect("driftless.toml sets server.shutdown_grace");
+    humantime::parse_duration(value.trim_matches('"'))
+        .unwrap()
+        .as_secs()
+}
+
 #[test]
 fn every_pod_is_locked_down_and_wired_to_its_settings() {
     let version = env!("CARGO_PKG_VERSION");
@@ -361,10 +375,12 @@ fn every_pod_is_locked_down_and_wired_to_its_settings() {
                     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{what}");
                     assert_eq!(c["ports"][0]["containerPort"], 8080, "{what}");
                     assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{what}");
-                    // Running reconciles get to finish on SIGTERM.
+                    // Running reconciles get to finish on SIGTERM, with time to spare for
+                    // handing back their Leases.
                     assert!(
-                        spec["terminationGracePeriodSeconds"].as_i64().unwrap() >= 60,
-                        "{what}"
+                        spec["terminationGracePeriodSeconds"].as_u64().unwrap()
+                            >= shutdown_grace(&objects) + 10,
+                        "{what}: terminationGracePeriodSeconds vs server.shutdown_grace"
                     );
                 }
                 "serving.knative.dev/v1 Service" => {
@@ -372,6 +388,11 @@ fn every_pod_is_locked_down_and_wired_to_its_settings() {
                     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{what}");
                     assert_eq!(c["ports"][0]["containerPort"], 8080, "{what}");
                     let ksvc = the(&objects, "serving.knative.dev/v1 Service");
+                    // Knative's termination grace period is the revision timeout.
+                    assert!(
+                        spec["timeoutSeconds"].as_u64().unwrap() >= shutdown_grace(&objects) + 10,
+                        "{what}: timeoutSeconds vs server.shutdown_grace"
+                    );
                     assert_eq!(
                         ksvc["spec"]["template"]["metadata"]["annotations"]
                             ["autoscaling.knative.dev/min-scale"],
