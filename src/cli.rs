@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use crate::queue::{Job, JobReason};
 use crate::reconcile::{Engine, Outcome, RunOptions};
-use crate::settings::{AppSettings, Settings, SettingsError};
+use crate::settings::{AppSettings, ForgeKind, Settings, SettingsError};
 
 /// driftless: webhook-first GitOps reconciler for Kubernetes.
 #[derive(Debug, Parser)]
@@ -176,7 +176,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(name) = &app {
                 require_app(&settings, name)?;
             }
-            for line in register_hooks(&settings, app.as_deref(), dry_run).await? {
+            for line in register_hooks(
+                &settings,
+                &[ForgeKind::Github, ForgeKind::Gitlab],
+                app.as_deref(),
+                dry_run,
+            )
+            .await?
+            {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
@@ -250,15 +257,15 @@ async fn sync(
     }
 }
 
-/// Registers (or with `dry_run`, plans) the webhooks of every repo the apps use, or of one
-/// app's repo. Returns one line per repo.
+/// Registers (or with `dry_run`, plans) the webhooks on the forges `kinds` of every repo the
+/// apps use, or of one app's repo. Returns one line per repo.
 pub async fn register_hooks(
     settings: &Settings,
+    kinds: &[ForgeKind],
     only_app: Option<&str>,
     dry_run: bool,
 ) -> anyhow::Result<Vec<String>> {
     use crate::forge::hooks;
-    use crate::settings::ForgeKind;
     let public_url = settings.server.public_url.as_deref().ok_or_else(|| {
         anyhow::anyhow!(
             "server.public_url: is required to register webhooks (the URL the forge will call)"
@@ -266,7 +273,7 @@ pub async fn register_hooks(
     })?;
     let forges = crate::forge::from_settings(settings)?;
     let mut lines = Vec::new();
-    for kind in [ForgeKind::Github, ForgeKind::Gitlab] {
+    for &kind in kinds {
         let repos: std::collections::BTreeSet<String> = settings
             .apps
             .iter()

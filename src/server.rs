@@ -537,18 +537,26 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             }
         })
     };
-    let register = settings
+    // Only on the forges whose section asks for it.
+    let mut register = Vec::new();
+    if settings
         .forges
         .github
         .as_ref()
         .is_some_and(|g| g.register_webhooks)
-        || settings
-            .forges
-            .gitlab
-            .as_ref()
-            .is_some_and(|g| g.register_webhooks);
-    if register {
-        match crate::cli::register_hooks(&settings, None, false).await {
+    {
+        register.push(ForgeKind::Github);
+    }
+    if settings
+        .forges
+        .gitlab
+        .as_ref()
+        .is_some_and(|g| g.register_webhooks)
+    {
+        register.push(ForgeKind::Gitlab);
+    }
+    if !register.is_empty() {
+        match crate::cli::register_hooks(&settings, &register, None, false).await {
             Ok(lines) => lines
                 .iter()
                 .for_each(|l| info!(result = %l, "webhook registration")),

@@ -679,3 +679,79 @@ repo = "acme/platform/deploy"
     );
     assert_github_requests_exist(&sim.requests());
 }
+
+/// `serve` registers hooks at start-up only on the forges whose section sets
+/// `register_webhooks = true`.
+#[tokio::test]
+async fn serve_registers_hooks_only_where_asked() {
+    let repo = GitRepo::new();
+    repo.commit("empty");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    sim.add_repo("acme/platform/deploy", repo.path());
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, v: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, v).unwrap();
+        p.display().to_string()
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let state_ns = crate::support::cluster::TestNamespace::new("it-hooks").await;
+    let config = file(
+        "d.toml",
+        &format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+public_url = "https://driftless.example.com"
+[kubernetes]
+state_namespace = "{state}"
+[forges.github]
+api_url = "{}"
+token_file = "{}"
+webhook_secret_file = "{secret}"
+register_webhooks = true
+[forges.gitlab]
+api_url = "{}"
+token_file = "{}"
+webhook_token_file = "{secret}"
+[[apps]]
+name = "web"
+forge = "github"
+repo = "acme/deploy"
+[[apps]]
+name = "pay"
+forge = "gitlab"
+repo = "acme/platform/deploy"
+"#,
+            sim.github_api_url(),
+            file("ght", GH_TOKEN),
+            sim.gitlab_api_url(),
+            file("glt", GL_TOKEN),
+            secret = file("secret", "s"),
+            state = state_ns.name,
+        ),
+    );
+    let serve = crate::support::serve::Serve::start(
+        std::path::Path::new(&config),
+        &format!("http://127.0.0.1:{port}"),
+        dir.path().join("serve.log"),
+    )
+    .await;
+    // Registration runs before the receiver listens, so it is done once /healthz answers.
+    assert_eq!(sim.hooks("acme/deploy").len(), 1, "{}", serve.log());
+    assert_eq!(
+        sim.hooks("acme/platform/deploy").len(),
+        0,
+        "{}",
+        serve.log()
+    );
+    serve.sigterm();
+    let (code, log) = serve.exit_code(std::time::Duration::from_secs(30)).await;
+    assert_eq!(code, 0, "{log}");
+    state_ns.cleanup().await;
+}

@@ -2,7 +2,6 @@
 //! outlasts the grace period is interrupted with its state recording what it did, the lease
 //! goes back, the process exits 0, and the next start finishes the job.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use driftless::reconcile::state::{self, AppState};
@@ -13,65 +12,9 @@ use kube::Api;
 use serde_json::json;
 
 use crate::reconcile::Env;
+use crate::support::serve::Serve;
 
 const REPO: &str = "acme/deploy";
-
-struct Serve {
-    child: tokio::process::Child,
-    log: std::path::PathBuf,
-}
-
-impl Serve {
-    async fn start(config: &std::path::Path, base: &str, log: std::path::PathBuf) -> Serve {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env(
-                "KUBECONFIG",
-                std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
-            )
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting driftless serve");
-        let serve = Serve { child, log };
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http.get(format!("{base}/healthz")).send().await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "serve did not start: {}",
-                serve.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        serve
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigterm(&self) {
-        let pid = self.child.id().expect("running").to_string();
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -TERM {pid}");
-    }
-
-    async fn exit_code(mut self, within: Duration) -> (i32, String) {
-        let status = tokio::time::timeout(within, self.child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("serve did not exit within {within:?}: {}", self.log()))
-            .unwrap();
-        (status.code().unwrap_or(-1), self.log())
-    }
-}
 
 async fn wait_state(env: &Env, what: &str, ok: impl Fn(&AppState) -> bool) -> AppState {
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod git;
 pub mod openapi;
+pub mod serve;
 
 use std::path::PathBuf;
 

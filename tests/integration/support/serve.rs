@@ -1,0 +1,63 @@
+//! `driftless serve` as a child process: the real binary, started with a settings file and
+//! the test cluster's kubeconfig, its log kept in a file for failure messages.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// A running `driftless serve`.
+pub struct Serve {
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Serve {
+    pub async fn start(config: &std::path::Path, base: &str, log: std::path::PathBuf) -> Serve {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env(
+                "KUBECONFIG",
+                std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
+            )
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting driftless serve");
+        let serve = Serve { child, log };
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(format!("{base}/healthz")).send().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "serve did not start: {}",
+                serve.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        serve
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn sigterm(&self) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -TERM {pid}");
+    }
+
+    pub async fn exit_code(mut self, within: Duration) -> (i32, String) {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("serve did not exit within {within:?}: {}", self.log()))
+            .unwrap();
+        (status.code().unwrap_or(-1), self.log())
+    }
+}
