@@ -38,6 +38,22 @@ pub struct ForgeLabels {
     pub forge: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForgeRequestLabels {
+    pub forge: &'static str,
+    /// `ok`, `not_found`, `unauthorized`, `rate_limited`, `server_error`, `client_error` or
+    /// `network_error` (one per attempt, retries included).
+    pub outcome: &'static str,
+}
+
+/// Forge API requests of this process. Process-wide, since every forge client of the process
+/// counts into them; each [`Metrics`] registry exposes the same families.
+pub static FORGE_REQUESTS: std::sync::LazyLock<Family<ForgeRequestLabels, Counter>> =
+    std::sync::LazyLock::new(Family::default);
+/// Requests left in each forge's rate-limit window, as it last reported.
+pub static FORGE_RATE_LIMIT_REMAINING: std::sync::LazyLock<Family<ForgeLabels, Gauge>> =
+    std::sync::LazyLock::new(Family::default);
+
 /// All metrics of one process.
 pub struct Metrics {
     registry: Registry,
@@ -46,8 +62,10 @@ pub struct Metrics {
     pub jobs_queued: Family<ForgeLabels, Counter>,
     pub queue_pending: Gauge,
     pub reconcile_runs: Family<RunLabels, Counter>,
-    pub reconcile_seconds: Histogram,
-    pub forge_rate_limit_remaining: Family<ForgeLabels, Gauge>,
+    pub reconcile_seconds: Family<RunLabels, Histogram>,
+    pub objects_applied: Family<AppLabels, Counter>,
+    pub objects_pruned: Family<AppLabels, Counter>,
+    pub queue_wait_seconds: Histogram,
     pub drift_objects: Family<AppLabels, Gauge>,
 }
 
@@ -94,17 +112,42 @@ impl Metrics {
             reconcile_runs.clone(),
         );
         // 10 ms .. ~5 min.
-        let reconcile_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 15));
+        let reconcile_seconds = Family::<RunLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.01, 2.0, 15))
+        });
         registry.register(
             "reconcile_seconds",
-            "Duration of reconcile runs",
+            "Duration of reconcile runs by app and outcome",
             reconcile_seconds.clone(),
         );
-        let forge_rate_limit_remaining = Family::<ForgeLabels, Gauge>::default();
+        let objects_applied = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "objects_applied",
+            "Objects written by server-side apply (created or changed), by app",
+            objects_applied.clone(),
+        );
+        let objects_pruned = Family::<AppLabels, Counter>::default();
+        registry.register(
+            "objects_pruned",
+            "Objects deleted because they left Git, by app",
+            objects_pruned.clone(),
+        );
+        // 1 ms .. ~16 s.
+        let queue_wait_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "queue_wait_seconds",
+            "Time a job waited in the queue before a worker took it",
+            queue_wait_seconds.clone(),
+        );
+        registry.register(
+            "forge_requests",
+            "Forge API requests by forge and outcome (each attempt)",
+            FORGE_REQUESTS.clone(),
+        );
         registry.register(
             "forge_rate_limit_remaining",
-            "Requests left in the forge's current rate-limit window (-1 unknown)",
-            forge_rate_limit_remaining.clone(),
+            "Requests left in the forge's current rate-limit window, as last reported",
+            FORGE_RATE_LIMIT_REMAINING.clone(),
         );
         let drift_objects = Family::<AppLabels, Gauge>::default();
         registry.register(
@@ -117,7 +160,9 @@ impl Metrics {
             registry,
             reconcile_runs,
             reconcile_seconds,
-            forge_rate_limit_remaining,
+            objects_applied,
+            objects_pruned,
+            queue_wait_seconds,
             webhook_deliveries,
             webhook_ack_seconds,
             jobs_queued,

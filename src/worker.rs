@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tracing::{error, info, Instrument};
 
-use crate::metrics::{Metrics, RunLabels};
+use crate::metrics::{AppLabels, Metrics, RunLabels};
 use crate::queue::{Job, JobQueue, JobReason};
 use crate::reconcile::{Engine, Outcome, RunOptions};
 
@@ -69,6 +69,9 @@ pub async fn drift_tick(engine: &Engine, metrics: &Metrics, app: &str) -> Result
 }
 
 async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
+    metrics
+        .queue_wait_seconds
+        .observe(job.queued_at.elapsed().as_secs_f64());
     if job.reason == JobReason::DriftCheck && job.revision.is_none() {
         let outcome = match drift_tick(engine, metrics, &job.app).await {
             Ok(true) => "drifted",
@@ -87,7 +90,8 @@ async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
             .inc();
         return;
     }
-    let outcome = match engine.run(job, RunOptions::default()).await {
+    let started = std::time::Instant::now();
+    let (outcome, applied, pruned) = match engine.run(job, RunOptions::default()).await {
         Ok(report) => {
             let label = match &report.outcome {
                 Outcome::Applied => "applied",
@@ -95,23 +99,33 @@ async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
                 Outcome::Skipped(_) => "skipped",
                 Outcome::Failed(_) => "failed",
             };
-            metrics
-                .reconcile_seconds
-                .observe(report.duration.as_secs_f64());
-            label
+            (label, report.applied.len(), report.pruned.len())
         }
         Err(e) => {
             error!(app = %job.app, reason = job.reason.as_str(), error = %e, "reconcile failed");
-            "failed"
+            ("failed", 0, 0)
         }
     };
+    let run = RunLabels {
+        app: job.app.clone(),
+        outcome,
+    };
+    metrics.reconcile_runs.get_or_create(&run).inc();
     metrics
-        .reconcile_runs
-        .get_or_create(&RunLabels {
-            app: job.app.clone(),
-            outcome,
-        })
-        .inc();
+        .reconcile_seconds
+        .get_or_create(&run)
+        .observe(started.elapsed().as_secs_f64());
+    let app = AppLabels {
+        app: job.app.clone(),
+    };
+    metrics
+        .objects_applied
+        .get_or_create(&app)
+        .inc_by(applied as u64);
+    metrics
+        .objects_pruned
+        .get_or_create(&app)
+        .inc_by(pruned as u64);
 }
 
 /// The drift timer: every `interval`, queue a drift check for each app at its slot in the

@@ -70,6 +70,15 @@ impl Policy {
         }
     }
 
+    fn count(&self, outcome: &'static str) {
+        crate::metrics::FORGE_REQUESTS
+            .get_or_create(&crate::metrics::ForgeRequestLabels {
+                forge: self.forge.as_str(),
+                outcome,
+            })
+            .inc();
+    }
+
     /// Sends a request built by `send` under the policy. `request` names it in errors.
     /// Returns 2xx and 304 responses; everything else becomes an error.
     pub async fn run<F, Fut>(&self, request: &str, mut send: F) -> Result<RawResponse, ForgeError>
@@ -84,6 +93,7 @@ impl Policy {
             let resp = match send().await {
                 Ok(r) => r,
                 Err(message) => {
+                    self.count("network_error");
                     transient += 1;
                     if transient > MAX_TRANSIENT_RETRIES {
                         return Err(ForgeError::Transient { forge, message });
@@ -99,7 +109,20 @@ impl Policy {
                 .and_then(|v| v.parse::<i64>().ok())
             {
                 self.remaining.store(rem, Ordering::Relaxed);
+                crate::metrics::FORGE_RATE_LIMIT_REMAINING
+                    .get_or_create(&crate::metrics::ForgeLabels {
+                        forge: forge.as_str(),
+                    })
+                    .set(rem);
             }
+            self.count(match resp.status {
+                200..=299 | 304 => "ok",
+                401 => "unauthorized",
+                403 | 429 => "rate_limited",
+                404 => "not_found",
+                500..=599 => "server_error",
+                _ => "client_error",
+            });
             match resp.status {
                 200..=299 | 304 => return Ok(resp),
                 401 => {

@@ -44,7 +44,7 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     let base = format!("http://127.0.0.1:{port}");
     let text = std::fs::read_to_string(&env.config_file).unwrap().replacen(
         "[server]\n",
-        &format!("[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n"),
+        &format!("[log]\nformat = \"json\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n"),
         1,
     );
     let dir = tempfile::tempdir().unwrap();
@@ -100,6 +100,19 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     assert_eq!(ready.as_u16(), 503);
     let (code, log) = serve.exit_code(Duration::from_secs(30)).await;
     assert_eq!(code, 0, "{log}");
+    // log.format = "json": every line is one JSON object with a level and a message.
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(log.contains("grace period over"), "{log}");
+    assert!(lines > 5, "{log}");
 
     // What happened is recorded: the run of c1 was interrupted after writing; the applied
     // revision is still c0, so the next start knows c1 is not done.
@@ -149,6 +162,34 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     assert_eq!(st.last_result.unwrap().outcome, "applied");
     let statuses = env.sim.statuses(REPO, &c1);
     assert_eq!(statuses.last().unwrap().state, "success", "{statuses:?}");
+    // The run shows in the metrics.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+    };
+    assert_eq!(
+        value("driftless_reconcile_runs_total{app=\"demo\",outcome=\"applied\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("driftless_reconcile_seconds_count{app=\"demo\",outcome=\"applied\"}"),
+        1.0
+    );
+    // The resumed run rewrites what the interrupted one wrote: the Deployment and the ConfigMap.
+    assert_eq!(value("driftless_objects_applied_total{app=\"demo\"}"), 2.0);
+    assert_eq!(value("driftless_objects_pruned_total{app=\"demo\"}"), 0.0);
+    assert!(value("driftless_forge_requests_total{forge=\"github\",outcome=\"ok\"}") >= 3.0);
+    assert!(value("driftless_queue_wait_seconds_count") >= 1.0);
     serve.sigterm();
     let (code, log) = serve.exit_code(Duration::from_secs(30)).await;
     assert_eq!(code, 0, "{log}");
