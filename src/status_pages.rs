@@ -1,7 +1,8 @@
 //! Status pages: `GET /apps` and `GET /apps/<name>`, as JSON (`Accept: application/json`) or
 //! as a plain HTML page. Read from the per-app state objects in the cluster, so every replica
 //! shows the same thing. Shows revisions, results, object identities, drift field paths and
-//! the last runs: never object contents, so no Secret data can appear.
+//! the last runs, and on an app's page the live health verdict of each object that reports one:
+//! never object contents, so no Secret data can appear.
 
 use std::collections::HashMap;
 
@@ -12,7 +13,14 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::{json, Value};
 
+use crate::manifest::ObjectRef;
+use crate::reconcile::health::{self, Health};
 use crate::reconcile::state::{self, AppState};
+
+/// Most objects whose live health one `/apps/<name>` request reads.
+const HEALTH_LIMIT: usize = 500;
+/// The health shown for kinds that report none (ConfigMaps, Services, RBAC, ...).
+const NO_HEALTH: &str = "no health to report";
 use crate::settings::AppSettings;
 
 /// Where the pages read app state from.
@@ -48,6 +56,60 @@ impl StateSource {
         Ok(out)
     }
 
+    /// Live health of each object that reports one (read now, never the object's contents
+    /// into the page: only the verdict), at most [`HEALTH_LIMIT`] objects.
+    async fn health(&self, ids: &[&ObjectRef]) -> HashMap<ObjectRef, String> {
+        use futures::StreamExt;
+        use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+        let checked: Vec<&ObjectRef> = ids
+            .iter()
+            .copied()
+            .filter(|id| health::may_report_health(id))
+            .take(HEALTH_LIMIT)
+            .collect();
+        let mut kinds: HashMap<(String, String), Option<ApiResource>> = HashMap::new();
+        for id in &checked {
+            let key = (id.api_version.clone(), id.kind.clone());
+            if kinds.contains_key(&key) {
+                continue;
+            }
+            let (group, version) = id.group_version();
+            let gvk = GroupVersionKind::gvk(group, version, &id.kind);
+            let found = kube::discovery::pinned_kind(&self.client, &gvk)
+                .await
+                .ok()
+                .map(|(ar, _)| ar);
+            kinds.insert(key, found);
+        }
+        let kinds = &kinds;
+        futures::stream::iter(checked)
+            .map(|id| async move {
+                let Some(Some(ar)) = kinds.get(&(id.api_version.clone(), id.kind.clone())) else {
+                    return (id.clone(), "unknown kind".to_string());
+                };
+                let api: Api<DynamicObject> = match &id.namespace {
+                    Some(ns) => Api::namespaced_with(self.client.clone(), ns, ar),
+                    None => Api::all_with(self.client.clone(), ar),
+                };
+                let verdict = match api.get_opt(&id.name).await {
+                    Ok(Some(live)) => {
+                        let value = serde_json::to_value(&live).unwrap_or(Value::Null);
+                        match health::health(&id.kind, &value) {
+                            Health::Healthy => "healthy".to_string(),
+                            Health::Progressing(why) => format!("progressing: {why}"),
+                            Health::Failed(why) => format!("failed: {why}"),
+                        }
+                    }
+                    Ok(None) => "missing".to_string(),
+                    Err(e) => format!("unknown: {e}"),
+                };
+                (id.clone(), verdict)
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await
+    }
+
     async fn one(&self, app: &str) -> Result<AppState, String> {
         state::load(&self.client, &self.namespace, app)
             .await
@@ -55,8 +117,12 @@ impl StateSource {
     }
 }
 
-/// The JSON document of one app.
-pub fn app_json(app: &AppSettings, st: Option<&AppState>, detail: bool) -> Value {
+/// The JSON document of one app; `health` (live, by object) only for the detail page.
+pub fn app_json(
+    app: &AppSettings,
+    st: Option<&AppState>,
+    health: Option<&HashMap<ObjectRef, String>>,
+) -> Value {
     let mut v = json!({
         "name": app.name,
         "forge": app.forge.as_str(),
@@ -71,10 +137,18 @@ pub fn app_json(app: &AppSettings, st: Option<&AppState>, detail: bool) -> Value
         "objects_count": st.map_or(0, |s| s.inventory.len()),
         "drift": st.and_then(|s| s.drift.clone()),
     });
-    if detail {
-        v["objects"] = json!(st
-            .map(|s| s.inventory.iter().map(|i| &i.id).collect::<Vec<_>>())
-            .unwrap_or_default());
+    if let Some(health) = health {
+        let objects: Vec<Value> = st
+            .map(|s| s.inventory.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .map(|i| {
+                let mut o = json!(i.id);
+                o["health"] = json!(health.get(&i.id).map_or(NO_HEALTH, String::as_str));
+                o
+            })
+            .collect();
+        v["objects"] = json!(objects);
         v["runs"] = json!(st.map(|s| s.runs.clone()).unwrap_or_default());
     }
     v
@@ -128,7 +202,7 @@ pub async fn apps(req: HttpRequest, rx: web::Data<crate::server::Receiver>) -> H
     let docs: Vec<Value> = rx
         .apps()
         .iter()
-        .map(|a| app_json(a, states.get(&a.name), false))
+        .map(|a| app_json(a, states.get(&a.name), None))
         .collect();
     if wants_json(&req) {
         return HttpResponse::Ok().json(json!({ "apps": docs }));
@@ -171,7 +245,14 @@ pub async fn app(
         },
         None => None,
     };
-    let doc = app_json(app, st.as_ref(), true);
+    let health = match (&rx.state_source, &st) {
+        (Some(src), Some(st)) => {
+            let ids: Vec<&ObjectRef> = st.inventory.iter().map(|i| &i.id).collect();
+            src.health(&ids).await
+        }
+        _ => HashMap::new(),
+    };
+    let doc = app_json(app, st.as_ref(), Some(&health));
     if wants_json(&req) {
         return HttpResponse::Ok().json(doc);
     }
@@ -186,15 +267,16 @@ pub async fn app(
         text(&doc["last_result"]["outcome"]),
         text(&doc["last_result"]["message"]),
     );
-    body.push_str("<h2>Objects</h2><ul>");
+    body.push_str("<h2>Objects</h2><table><tr><th>object</th><th>health</th></tr>");
     for o in doc["objects"].as_array().into_iter().flatten() {
-        let id: Option<crate::manifest::ObjectRef> = serde_json::from_value(o.clone()).ok();
+        let id: Option<ObjectRef> = serde_json::from_value(o.clone()).ok();
         body.push_str(&format!(
-            "<li>{}</li>",
-            esc(&id.map(|i| i.to_string()).unwrap_or_default())
+            "<tr><td>{}</td><td>{}</td></tr>",
+            esc(&id.map(|i| i.to_string()).unwrap_or_default()),
+            text(&o["health"])
         ));
     }
-    body.push_str("</ul><h2>Drift at the last check</h2>");
+    body.push_str("</table><h2>Drift at the last check</h2>");
     match doc["drift"]["objects"].as_array() {
         Some(objs) if !objs.is_empty() => {
             body.push_str(&format!(

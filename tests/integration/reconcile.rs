@@ -578,8 +578,10 @@ async fn status_pages_show_the_state_in_the_cluster() {
         "app/secret.yaml",
         "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  password: hunter2-do-not-show\n",
     );
+    env.repo.write("app/web.yaml", WEB);
     let c1 = env.repo.commit("one");
-    env.push(&engine, &c1).await.unwrap();
+    let (pushed, ()) = tokio::join!(env.push(&engine, &c1), play_web_available(&env));
+    pushed.unwrap();
     engine.check_drift("demo", false).await.unwrap();
 
     let mut rx = driftless::server::Receiver::new(
@@ -606,7 +608,7 @@ async fn status_pages_show_the_state_in_the_cluster() {
     let list: serde_json::Value = test::call_and_read_body_json(&app, req).await;
     assert_eq!(list["apps"][0]["name"], "demo");
     assert_eq!(list["apps"][0]["revision"], c1.as_str());
-    assert_eq!(list["apps"][0]["objects_count"], 2);
+    assert_eq!(list["apps"][0]["objects_count"], 3);
 
     let req = test::TestRequest::get()
         .uri("/apps/demo")
@@ -615,7 +617,25 @@ async fn status_pages_show_the_state_in_the_cluster() {
     let doc: serde_json::Value = test::call_and_read_body_json(&app, req).await;
     assert_eq!(doc["last_result"]["outcome"], "applied");
     assert_eq!(doc["runs"].as_array().unwrap().len(), 1);
-    assert_eq!(doc["objects"].as_array().unwrap().len(), 2);
+    let health: Vec<(String, String)> = doc["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap().to_string(),
+                o["health"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        health,
+        [
+            ("ConfigMap".to_string(), "no health to report".to_string()),
+            ("Secret".to_string(), "no health to report".to_string()),
+            ("Deployment".to_string(), "healthy".to_string()),
+        ]
+    );
     assert_eq!(doc["drift"]["objects"], serde_json::json!([]));
     assert!(
         !doc.to_string().contains("hunter2"),
@@ -625,12 +645,84 @@ async fn status_pages_show_the_state_in_the_cluster() {
     let req = test::TestRequest::get().uri("/apps/demo").to_request();
     let html = String::from_utf8(test::call_and_read_body(&app, req).await.to_vec()).unwrap();
     assert!(html.starts_with("<!DOCTYPE html>"));
-    assert!(html.contains(&format!("v1 Secret {}/creds", env.ns.name)));
-    assert!(html.contains(&c1));
     assert!(!html.contains("hunter2"));
+    // Parsed as a browser parses it (html5ever, the WHATWG algorithm): no parse errors, and
+    // the objects and runs are table rows, not just text somewhere in the page.
+    let page = valid_html(&html);
+    let cells: Vec<String> = page
+        .select(&scraper::Selector::parse("td").unwrap())
+        .map(|td| td.text().collect())
+        .collect();
+    assert!(
+        cells.contains(&format!("v1 Secret {}/creds", env.ns.name)),
+        "{cells:?}"
+    );
+    assert!(cells.iter().any(|c| c.contains(&c1[..12])), "{cells:?}");
+    let req = test::TestRequest::get().uri("/apps").to_request();
+    let html = String::from_utf8(test::call_and_read_body(&app, req).await.to_vec()).unwrap();
+    let list = valid_html(&html);
+    let links: Vec<&str> = list
+        .select(&scraper::Selector::parse("a").unwrap())
+        .filter_map(|a| a.value().attr("href"))
+        .collect();
+    assert!(links.contains(&"/apps/demo"), "{links:?}");
+
+    // Health is read live: the Deployment loses its available replica.
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(env.ns.client.clone(), &env.ns.name);
+    deployments
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"status": {"availableReplicas": 0}})),
+        )
+        .await
+        .unwrap();
+    let req = test::TestRequest::get().uri("/apps/demo").to_request();
+    let html = String::from_utf8(test::call_and_read_body(&app, req).await.to_vec()).unwrap();
+    let page = valid_html(&html);
+    let rows: Vec<String> = page
+        .select(&scraper::Selector::parse("tr").unwrap())
+        .map(|tr| tr.text().collect::<Vec<_>>().join("|"))
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("apps/v1 Deployment") && r.contains("|progressing: ")),
+        "{rows:?}"
+    );
     let req = test::TestRequest::get().uri("/apps/nope").to_request();
     assert_eq!(test::call_service(&app, req).await.status(), 404);
     env.cleanup().await;
+}
+
+const WEB: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:1.27}]}\n";
+
+/// Plays the Deployment controller once: waits for `web` and reports it available.
+async fn play_web_available(env: &Env) {
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(env.ns.client.clone(), &env.ns.name);
+    let generation = loop {
+        if let Some(d) = deployments.get_opt("web").await.unwrap() {
+            break d.metadata.generation.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let status = json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}});
+    deployments
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+/// Parses a page as a browser does and fails on any HTML parse error.
+fn valid_html(html: &str) -> scraper::Html {
+    let page = scraper::Html::parse_document(html);
+    assert!(
+        page.errors.is_empty(),
+        "HTML errors {:?} in:\n{html}",
+        page.errors
+    );
+    page
 }
 
 /// A replica remembers the lease and state of its last run of an app, to take both back
