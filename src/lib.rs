@@ -15,6 +15,7 @@ pub mod server;
 pub mod settings;
 pub mod simulator;
 pub mod status_pages;
+pub mod story;
 pub mod telemetry;
 pub mod webhook;
 pub mod worker;

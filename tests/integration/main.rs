@@ -1,6 +1,7 @@
 //! One integration test binary (one link, shared helpers): the CLI, the webhook receiver over
 //! HTTP, the parsers under arbitrary input, and the real Kubernetes test control plane.
 
+mod acceptance;
 mod cli;
 mod deploy;
 mod drift;
