@@ -1021,9 +1021,9 @@ impl Engine {
         }
         labels[LABEL_MANAGED_BY] = json!("driftless");
         labels[LABEL_APP] = json!(app.name);
-        let hash = hex::encode(Sha256::digest(
-            serde_json::to_vec(&body).expect("JSON value"),
-        ));
+        // 128 bits of SHA-256 tell an edit apart; the rest would only make the state bigger.
+        let hash =
+            hex::encode(&Sha256::digest(serde_json::to_vec(&body).expect("JSON value"))[..16]);
         Ok(Prepared {
             source: obj.source.clone(),
             stage: manifest::stage_of(&id, namespaced),
