@@ -646,14 +646,20 @@ impl Engine {
             return Ok(());
         }
         // The inventory keeps what was applied before plus anything this run did write, so a
-        // later run can still prune it.
+        // later run can still prune it. What it wrote is no longer what the recorded hashes and
+        // tree say: the next run (say, the revert of this commit, whose tree is the applied
+        // one) rewrites those objects instead of finding them unchanged.
         for id in &report.applied {
-            if !st.inventory.iter().any(|i| &i.id == id) {
-                st.inventory.push(InventoryItem {
+            match st.inventory.iter_mut().find(|i| &i.id == id) {
+                Some(item) => item.hash.clear(),
+                None => st.inventory.push(InventoryItem {
                     id: id.clone(),
                     hash: String::new(),
-                });
+                }),
             }
+        }
+        if !report.applied.is_empty() || !report.pruned.is_empty() {
+            st.tree_sha = None;
         }
         st.record(RunRecord {
             revision: Some(revision.to_string()),

@@ -567,6 +567,61 @@ async fn an_unhealthy_deployment_fails_the_commit() {
     env.cleanup().await;
 }
 
+/// A rollout that fails its health check has still changed the cluster: the `git revert` of
+/// it (whose tree is the last applied one) must apply, not be taken for "unchanged".
+#[tokio::test]
+async fn the_revert_of_a_failed_rollout_applies() {
+    let env = Env::new("github", "health_timeout = \"2s\"").await;
+    let engine = env.engine();
+    env.repo.write("app/web.yaml", WEB);
+    let c1 = env.repo.commit("web");
+    let (r, ()) = tokio::join!(env.push(&engine, &c1), play_web_available(&env));
+    assert_eq!(r.unwrap().outcome, Outcome::Applied);
+    // A bad tag: no controller makes it available, so the run fails on health.
+    env.repo.write(
+        "app/web.yaml",
+        &WEB.replace("nginx:1.27", "nginx:1.27-typo"),
+    );
+    let c2 = env.repo.commit("bad tag");
+    let e = env.push(&engine, &c2).await.unwrap_err();
+    assert!(matches!(e, ReconcileError::Unhealthy { .. }), "{e}");
+    let c3 = env.repo.revert(&c2);
+    let (r, ()) = tokio::join!(env.push(&engine, &c3), async {
+        // Play the controller for the reverted spec once it is written.
+        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+            Api::namespaced(env.ns.client.clone(), &env.ns.name);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the revert never put nginx:1.27 back"
+            );
+            let d = deployments.get("web").await.unwrap();
+            let spec = serde_json::to_value(&d.spec).unwrap();
+            if spec["template"]["spec"]["containers"][0]["image"] == "nginx:1.27" {
+                let status = json!({"status": {"observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}});
+                deployments
+                    .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+                    .await
+                    .unwrap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let r = r.unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    assert_eq!(r.applied, [env.id("Deployment", "web")]);
+    let states: Vec<String> = env
+        .sim
+        .statuses(REPO, &c3)
+        .into_iter()
+        .map(|s| s.state)
+        .collect();
+    assert_eq!(states, ["pending", "success"]);
+    env.cleanup().await;
+}
+
 /// `/apps` and `/apps/<name>` show what the state in the cluster says, as JSON and HTML.
 #[actix_web::test]
 async fn status_pages_show_the_state_in_the_cluster() {

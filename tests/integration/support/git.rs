@@ -52,6 +52,12 @@ impl GitRepo {
         self.git(&["rev-parse", "HEAD"])
     }
 
+    /// `git revert` of `commit`; returns the new commit.
+    pub fn revert(&self, commit: &str) -> String {
+        self.git(&["revert", "--no-edit", commit]);
+        self.git(&["rev-parse", "HEAD"])
+    }
+
     pub fn commit(&self, message: &str) -> String {
         self.git(&["add", "-A"]);
         self.git(&["commit", "-q", "--allow-empty", "-m", message]);
