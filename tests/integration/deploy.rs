@@ -821,6 +821,24 @@ async fn every_rendered_object_is_accepted_by_exactly_one_validator() {
                         .replace("namespace: driftless", &format!("namespace: {}", ns.name)),
                 ),
             );
+            // On 1.20 the ServiceAccount admission also wants the account's token Secret,
+            // which the token controller creates a moment later: wait for it.
+            let accounts: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+                kube::Api::namespaced(ns.client.clone(), &ns.name);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while accounts
+                .get("driftless")
+                .await
+                .unwrap()
+                .secrets
+                .is_none_or(|s| s.is_empty())
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the token controller never gave the driftless ServiceAccount a token"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
             assert_eq!(
                 dry_run(&kubeconfig, &ns.name, &[&pod]),
                 ["pod/knative-template"]
