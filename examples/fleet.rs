@@ -1,0 +1,576 @@
+//! Benchmark: a fleet of 1,000 apps of 20 objects each (FLEET_APPS changes the count), cold
+//! reconciled by the real `driftless drift --once` as a child process, against the floor: a
+//! minimal client, also a child process, that only server-side applies the same 20,000 objects
+//! with driftless's overall parallelism in flight. Both are timed and their peak RSS is taken
+//! the same way (getrusage of a waiting parent that has no other child). A second
+//! `drift --once` (nothing changed) is set against the floor of reading every object once.
+//! Every object is counted in the cluster afterwards; a missing one fails the benchmark. The
+//! GitHub requests of each sweep are counted too: the simulator enforces a token's 5,000 an
+//! hour, as GitHub does.
+//! Needs the test control plane (DRIFTLESS_TEST_KUBECONFIG) and the release binary next to
+//! this example (`cargo build --release --bins --examples`). Prints Markdown table rows.
+//!
+//! Modes (the last three are how the example runs its own children):
+//!   fleet                                    the benchmark
+//!   fleet --measure OUT -- PROGRAM ARGS...   run PROGRAM, write "<wall µs> <peak RSS KiB>" to OUT
+//!   fleet --floor-apply REPO NS_PREFIX APPS  apply every object of REPO's apps
+//!   fleet --floor-list NS_PREFIX APPS        LIST every app object, one request per kind and namespace
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use futures::StreamExt;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::{ApiResource, DynamicObject};
+use kube::{Api, Client, Config};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use support::git;
+
+use driftless::reconcile::{LABEL_APP, LABEL_MANAGED_BY};
+use driftless::simulator::{ForgeSimulator, SimConfig};
+
+/// Apps that share one namespace (the drift sweep benchmark's density: 2,000 objects each).
+const APPS_PER_NAMESPACE: usize = 100;
+/// Objects per app: 12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts.
+const OBJECTS_PER_APP: usize = 20;
+/// Applies the floor keeps in flight: driftless's own bound, `drift --once` checking
+/// `worker::WORKERS` (4) apps at a time, each applying 8 objects at a time (reconcile's
+/// APPLY_CONCURRENCY, private to the engine).
+const FLOOR_IN_FLIGHT: usize = driftless::worker::WORKERS * 8;
+
+/// The kinds an app holds: kind, resource plural, objects of it per app.
+const KINDS: [(&str, &str, usize); 4] = [
+    ("ConfigMap", "configmaps", 12),
+    ("Secret", "secrets", 4),
+    ("Service", "services", 2),
+    ("ServiceAccount", "serviceaccounts", 2),
+];
+
+fn kind_resource(kind: &str) -> ApiResource {
+    let plural = KINDS
+        .iter()
+        .find(|(k, _, _)| *k == kind)
+        .map(|(_, p, _)| *p)
+        .unwrap_or_else(|| panic!("no resource for kind {kind}"));
+    ApiResource {
+        group: String::new(),
+        version: "v1".into(),
+        api_version: "v1".into(),
+        kind: kind.into(),
+        plural: plural.into(),
+    }
+}
+
+/// The app's 20 objects, all in one file (as in the drift sweep benchmark): a cold start
+/// then costs the forge one blob request per app, and 1,000 apps fit in one GitHub token's
+/// 5,000 requests an hour (a file per kind would not: see the row's notes).
+fn app_manifests(a: usize) -> String {
+    let mut docs = Vec::new();
+    for &(kind, _, count) in &KINDS {
+        for i in 0..count {
+            docs.push(match kind {
+                "ConfigMap" => format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a{a}-cm{i}\n  labels: {{tier: backend}}\ndata:\n  key: \"value-{i}\"\n  endpoint: \"http://a{a}-svc0:80/v{i}\"\n"),
+                "Secret" => format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: a{a}-secret{i}\ntype: Opaque\ndata:\n  token: c2VjcmV0LXRva2Vu\n"),
+                "Service" => format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: a{a}-svc{i}\n  annotations: {{owner: team-{a}}}\nspec:\n  clusterIP: None\n  selector: {{app: a{a}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n"),
+                _ => format!("apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: a{a}-sa{i}\n"),
+            });
+        }
+    }
+    docs.join("---\n")
+}
+
+fn namespaces(prefix: &str, apps: usize) -> Vec<String> {
+    (0..apps.div_ceil(APPS_PER_NAMESPACE))
+        .map(|n| format!("{prefix}-{n}"))
+        .collect()
+}
+
+fn app_namespace(prefix: &str, a: usize) -> String {
+    format!("{prefix}-{}", a / APPS_PER_NAMESPACE)
+}
+
+/// 1000 -> "1,000".
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["--measure", out, "--", program, rest @ ..] => measure(Path::new(out), program, rest),
+        ["--floor-apply", repo, prefix, apps] => {
+            runtime()?.block_on(floor_apply(Path::new(repo), prefix, apps.parse()?))
+        }
+        ["--floor-list", prefix, apps] => runtime()?.block_on(floor_list(prefix, apps.parse()?)),
+        [] => runtime()?.block_on(bench()),
+        _ => bail!("usage: see the top of examples/fleet.rs"),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+/// Runs a program and records its wall time and peak RSS. This process has no other child, so
+/// RUSAGE_CHILDREN's ru_maxrss (the largest of the waited-for children) is the program's own.
+fn measure(out: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let status = std::process::Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    let wall = started.elapsed();
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
+    std::fs::write(out, format!("{} {}", wall.as_micros(), usage.max_rss()))?;
+    std::process::exit(status.code().unwrap_or(128));
+}
+
+/// The GitHub requests the simulator answered since it was last cleared, and how many of
+/// them counted against the token's rate limit (a 304 does not).
+struct ForgeUse {
+    requests: usize,
+    spent: usize,
+}
+
+impl ForgeUse {
+    fn take(sim: &ForgeSimulator) -> ForgeUse {
+        let requests = sim.requests();
+        let github = requests.iter().filter(|r| r.forge == "github");
+        ForgeUse {
+            requests: github.clone().count(),
+            spent: github.filter(|r| r.status != 304).count(),
+        }
+    }
+}
+
+impl std::fmt::Display for ForgeUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} GitHub requests, {} counted by the 5,000/h rate limit",
+            thousands(self.requests),
+            thousands(self.spent)
+        )
+    }
+}
+
+/// What `--measure` recorded about one child.
+struct Measured {
+    wall: Duration,
+    peak_rss_kib: u64,
+    stdout: String,
+}
+
+impl Measured {
+    fn secs(&self) -> f64 {
+        self.wall.as_secs_f64()
+    }
+    fn mib(&self) -> f64 {
+        self.peak_rss_kib as f64 / 1024.0
+    }
+}
+
+/// Runs `program args` under `--measure`, stdout captured, stderr to `log`; fails when the
+/// program does (showing the end of its log).
+async fn run_measured(
+    program: &Path,
+    args: &[&str],
+    kubeconfig: &str,
+    log: &Path,
+) -> anyhow::Result<Measured> {
+    let out = log.with_extension("rusage");
+    let this = std::env::current_exe()?;
+    let output = tokio::process::Command::new(this)
+        .arg("--measure")
+        .arg(&out)
+        .arg("--")
+        .arg(program)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log)?)
+        // (not `output()`: tokio's pipes stderr too, over the file given here)
+        .spawn()?
+        .wait_with_output()
+        .await?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    std::fs::write(log.with_extension("out"), &stdout)?;
+    if !output.status.success() {
+        let log_text = String::from_utf8_lossy(&std::fs::read(log)?).into_owned();
+        let tail: Vec<&str> = log_text.lines().rev().take(20).collect();
+        let failed: Vec<&str> = stdout
+            .lines()
+            .filter(|l| !l.ends_with(": in sync"))
+            .take(20)
+            .collect();
+        bail!(
+            "{} {:?} failed ({}):\n{}\n--- end of its log:\n{}",
+            program.display(),
+            args,
+            output.status,
+            failed.join("\n"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    let text = std::fs::read_to_string(&out)?;
+    let (wall, rss) = text.split_once(' ').context("--measure wrote no figures")?;
+    Ok(Measured {
+        wall: Duration::from_micros(wall.parse()?),
+        peak_rss_kib: rss.parse()?,
+        stdout,
+    })
+}
+
+/// The floor of a cold reconcile: every object of every app, read from the checkout, given
+/// its namespace and driftless's two labels, and server-side applied; nothing else.
+async fn floor_apply(repo: &Path, prefix: &str, apps: usize) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let params = PatchParams::apply("fleet-floor").force();
+    let objects = futures::stream::iter(0..apps).flat_map(|a| {
+        let path = repo.join(format!("apps/a{a}/all.yaml"));
+        let text = std::fs::read_to_string(&path).expect("reading the app's file");
+        let mut objects = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut obj = Value::deserialize(doc).expect("a YAML document");
+            obj["metadata"]["namespace"] = json!(app_namespace(prefix, a));
+            obj["metadata"]["labels"][LABEL_MANAGED_BY] = json!("driftless");
+            obj["metadata"]["labels"][LABEL_APP] = json!(format!("a{a}"));
+            objects.push(obj);
+        }
+        futures::stream::iter(objects)
+    });
+    let results: Vec<anyhow::Result<()>> = objects
+        .map(|obj| {
+            let client = client.clone();
+            let params = params.clone();
+            async move {
+                let kind = obj["kind"].as_str().unwrap_or_default();
+                let ns = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+                let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client, ns, &kind_resource(kind));
+                api.patch(name, &params, &Patch::Apply(&obj))
+                    .await
+                    .with_context(|| format!("applying {kind} {ns}/{name}"))?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(FLOOR_IN_FLIGHT)
+        .collect()
+        .await;
+    let applied = results.iter().filter(|r| r.is_ok()).count();
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        bail!("floor: {applied} applied; {e:#}");
+    }
+    println!("{applied}");
+    Ok(())
+}
+
+/// Counts the app objects in the namespaces: one LIST per kind and namespace.
+async fn count_objects(client: &Client, prefix: &str, apps: usize) -> anyhow::Result<usize> {
+    let selector = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=driftless"));
+    let mut total = 0;
+    for ns in namespaces(prefix, apps) {
+        for (kind, _, _) in KINDS {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &ns, &kind_resource(kind));
+            total += api
+                .list(&selector)
+                .await
+                .with_context(|| format!("listing {kind} in {ns}"))?
+                .items
+                .len();
+        }
+    }
+    Ok(total)
+}
+
+/// The floor of a drift check: read every object once.
+async fn floor_list(prefix: &str, apps: usize) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    println!("{}", count_objects(&client, prefix, apps).await?);
+    Ok(())
+}
+
+async fn apply_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+    api.patch(name, &PatchParams::apply("bench"), &Patch::Apply(&ns))
+        .await
+        .with_context(|| format!("creating namespace {name}"))?;
+    Ok(())
+}
+
+async fn bench() -> anyhow::Result<()> {
+    let kubeconfig = std::env::var("DRIFTLESS_TEST_KUBECONFIG")
+        .context("DRIFTLESS_TEST_KUBECONFIG: start the test control plane (scripts/bench does)")?;
+    let apps: usize = match std::env::var("FLEET_APPS") {
+        Ok(v) => v.parse().context("FLEET_APPS")?,
+        Err(_) => 1000,
+    };
+    let driftless_bin = match std::env::var_os("DRIFTLESS_BIN") {
+        Some(p) => PathBuf::from(p),
+        // target/<profile>/examples/fleet -> target/<profile>/driftless
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(Path::parent)
+            .context("locating the driftless binary")?
+            .join("driftless"),
+    };
+    ensure!(
+        driftless_bin.is_file(),
+        "{} not found: build it with `cargo build --release --bins --examples` (or set DRIFTLESS_BIN)",
+        driftless_bin.display()
+    );
+    let kc = Kubeconfig::read_from(&kubeconfig)?;
+    let client =
+        Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)?;
+
+    let id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let work = tempfile::tempdir()?;
+    let sim = ForgeSimulator::start(SimConfig {
+        github_token: "t".into(),
+        gitlab_token: "t".into(),
+    })
+    .await?;
+    let fleet = Fleet {
+        client: client.clone(),
+        work: work.path().to_path_buf(),
+        driftless_bin,
+        kubeconfig,
+        apps,
+        ours: format!("fleet-{id}-d"),
+        floor: format!("fleet-{id}-f"),
+        state_ns: format!("fleet-{id}-state"),
+    };
+    let result = fleet.run(&sim).await;
+    // Namespaces finish deleting in the background (the controller manager empties them).
+    let nsapi: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client);
+    for ns in fleet.all_namespaces() {
+        let _ = nsapi.delete(&ns, &Default::default()).await;
+    }
+    sim.stop().await;
+    if result.is_err() {
+        eprintln!(
+            "fleet: the children's logs are kept in {}",
+            work.keep().display()
+        );
+    }
+    for row in result? {
+        println!("{row}");
+    }
+    Ok(())
+}
+
+/// One run of the benchmark: where it works and what it names.
+struct Fleet {
+    client: Client,
+    /// Holds the repository, the settings, the token file and the children's logs.
+    work: PathBuf,
+    driftless_bin: PathBuf,
+    kubeconfig: String,
+    apps: usize,
+    /// Namespace prefixes: driftless's apps, the floor's copy of them.
+    ours: String,
+    floor: String,
+    state_ns: String,
+}
+
+impl Fleet {
+    fn all_namespaces(&self) -> Vec<String> {
+        let mut all = vec![self.state_ns.clone()];
+        all.extend(namespaces(&self.ours, self.apps));
+        all.extend(namespaces(&self.floor, self.apps));
+        all
+    }
+
+    async fn run_measured(
+        &self,
+        program: &Path,
+        args: &[&str],
+        log: &str,
+    ) -> anyhow::Result<Measured> {
+        run_measured(program, args, &self.kubeconfig, &self.work.join(log)).await
+    }
+
+    async fn run(&self, sim: &ForgeSimulator) -> anyhow::Result<Vec<String>> {
+        let (apps, ours, floor) = (self.apps, self.ours.as_str(), self.floor.as_str());
+        let setup = Instant::now();
+        let repo = self.work.join("repo");
+        for a in 0..apps {
+            let dir = repo.join(format!("apps/a{a}"));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("all.yaml"), app_manifests(a))?;
+        }
+        git(&repo, &["init", "-q", "-b", "main"]);
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-q", "-m", "fleet"]);
+        sim.add_repo("bench/fleet", &repo);
+
+        let token = self.work.join("token");
+        std::fs::write(&token, "t")?;
+        let mut settings = format!(
+            "[kubernetes]\nstate_namespace = \"{}\"\n[forges.github]\napi_url = \"{}\"\ntoken_file = \"{t}\"\nwebhook_secret_file = \"{t}\"\n",
+            self.state_ns,
+            sim.github_api_url(),
+            t = token.display()
+        );
+        for a in 0..apps {
+            settings.push_str(&format!(
+                "[[apps]]\nname = \"a{a}\"\nforge = \"github\"\nrepo = \"bench/fleet\"\npath = \"apps/a{a}\"\nnamespace = \"{}\"\n",
+                app_namespace(ours, a)
+            ));
+        }
+        let config = self.work.join("driftless.toml");
+        std::fs::write(&config, settings)?;
+        let config = config.to_str().context("temporary path")?.to_string();
+        // The app namespaces exist beforehand, as they would in a cluster driftless is given;
+        // the state namespace is driftless's to create.
+        for ns in namespaces(ours, apps)
+            .iter()
+            .chain(&namespaces(floor, apps))
+        {
+            apply_namespace(&self.client, ns).await?;
+        }
+        let expected = apps * OBJECTS_PER_APP;
+        eprintln!(
+            "fleet: {apps} apps, {expected} objects per side, set up in {:.1} s",
+            setup.elapsed().as_secs_f64()
+        );
+
+        // The floor first, into its own namespaces, so both write fresh objects.
+        let this = std::env::current_exe()?;
+        let repo_arg = repo.to_str().context("temporary path")?;
+        let apps_arg = apps.to_string();
+        let floor_apply = self
+            .run_measured(
+                &this,
+                &["--floor-apply", repo_arg, floor, &apps_arg],
+                "floor-apply.log",
+            )
+            .await?;
+        eprintln!(
+            "fleet: floor applied in {:.1} s, peak RSS {:.0} MiB",
+            floor_apply.secs(),
+            floor_apply.mib()
+        );
+        let floor_count = count_objects(&self.client, floor, apps).await?;
+        ensure!(
+            floor_count == expected,
+            "floor: {floor_count} of {expected} objects in the cluster"
+        );
+
+        let drift_args = ["drift", "--once", "--config", &config];
+        sim.clear_requests();
+        let cold = self
+            .run_measured(&self.driftless_bin, &drift_args, "cold.log")
+            .await?;
+        eprintln!(
+            "fleet: driftless cold reconcile in {:.1} s, peak RSS {:.0} MiB",
+            cold.secs(),
+            cold.mib()
+        );
+        let ours_count = count_objects(&self.client, ours, apps).await?;
+        ensure!(
+            ours_count == expected,
+            "driftless: {ours_count} of {expected} objects in the cluster after `drift --once`"
+        );
+        let in_sync = |m: &Measured| {
+            m.stdout
+                .lines()
+                .filter(|l| l.ends_with(": in sync"))
+                .count()
+        };
+        ensure!(
+            in_sync(&cold) == apps,
+            "driftless: {} of {apps} apps in sync after the cold reconcile",
+            in_sync(&cold)
+        );
+
+        let cold_forge = ForgeUse::take(sim);
+        eprintln!(
+            "fleet: cold reconcile forge requests: {:?}",
+            sim.request_counts()
+        );
+        sim.clear_requests();
+        let steady = self
+            .run_measured(&self.driftless_bin, &drift_args, "steady.log")
+            .await?;
+        ensure!(
+            in_sync(&steady) == apps,
+            "driftless: {} of {apps} apps in sync in the steady-state sweep",
+            in_sync(&steady)
+        );
+        let steady_forge = ForgeUse::take(sim);
+        eprintln!(
+            "fleet: steady sweep forge requests: {:?}",
+            sim.request_counts()
+        );
+        let floor_read = self
+            .run_measured(&this, &["--floor-list", ours, &apps_arg], "floor-list.log")
+            .await?;
+        ensure!(
+            floor_read.stdout.trim() == expected.to_string(),
+            "floor read: {} objects listed, {expected} expected",
+            floor_read.stdout.trim()
+        );
+        eprintln!(
+            "fleet: steady sweep {:.1} s (peak RSS {:.0} MiB), floor read {:.2} s",
+            steady.secs(),
+            steady.mib(),
+            floor_read.secs()
+        );
+
+        let size = format!(
+            "{} apps × {OBJECTS_PER_APP} objects ({} objects)",
+            thousands(apps),
+            thousands(expected)
+        );
+        let ns_count = apps.div_ceil(APPS_PER_NAMESPACE);
+        let layout = format!(
+            "up to {APPS_PER_NAMESPACE} apps to a namespace ({ns_count} namespace{} per side), one file per app (12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts)",
+            if ns_count == 1 { "" } else { "s" }
+        );
+        Ok(vec![
+            format!(
+                "| fleet: cold reconcile, {size}, `driftless drift --once` | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state): {:.1} s | {:.2}× floor | {layout}; driftless fetches from the forge simulator ({cold_forge}), dry-runs then applies each app, records state and posts 2 statuses per app; all {} objects counted afterwards |",
+                cold.secs(),
+                floor_apply.secs(),
+                cold.secs() / floor_apply.secs(),
+                thousands(expected),
+            ),
+            format!(
+                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor client above: {:.0} MiB | {:.2}× floor | ru_maxrss of each child process; steady-state sweep: {:.0} MiB |",
+                cold.mib(),
+                floor_apply.mib(),
+                cold.mib() / floor_apply.mib(),
+                steady.mib(),
+            ),
+            format!(
+                "| fleet: steady-state drift sweep, {size}, nothing changed | {:.1} s | floor (read every object once: one LIST per kind and namespace): {:.2} s | {:.1}× floor | second `drift --once`: per app a branch-head check and the app's file read again (a new process has no blob cache; {steady_forge}), a LIST per kind with the app's label, {} apps at a time |",
+                steady.secs(),
+                floor_read.secs(),
+                steady.secs() / floor_read.secs(),
+                driftless::worker::WORKERS,
+            ),
+        ])
+    }
+}
