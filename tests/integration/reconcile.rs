@@ -495,39 +495,12 @@ async fn a_second_replica_waits_for_the_lease() {
 #[tokio::test]
 async fn health_is_awaited_and_reported() {
     let env = Env::new("github", "").await;
-    let engine = Arc::new(env.engine());
-    env.repo.write(
-        "app/web.yaml",
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:1.27}]}\n",
-    );
+    let engine = env.engine();
+    env.repo.write("app/web.yaml", WEB);
     let c1 = env.repo.commit("web");
-    let run = tokio::spawn({
-        let engine = engine.clone();
-        let job = Job::new(
-            "demo",
-            Some(c1.clone()),
-            JobReason::Push {
-                delivery: None,
-                before: String::new(),
-            },
-        );
-        async move { engine.run(&job, RunOptions::default()).await }
-    });
-    // Play the controller: report the Deployment available through the status subresource.
-    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
-        Api::namespaced(env.ns.client.clone(), &env.ns.name);
-    let generation = loop {
-        if let Some(d) = deployments.get_opt("web").await.unwrap() {
-            break d.metadata.generation.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let status = json!({"status": {"observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}});
-    deployments
-        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .unwrap();
-    let r = run.await.unwrap().unwrap();
+    // The run waits for health while we play the controller and report web available.
+    let (r, ()) = tokio::join!(env.push(&engine, &c1), play_web_available(&env));
+    let r = r.unwrap();
     assert_eq!(r.outcome, Outcome::Applied);
     let states: Vec<String> = env
         .sim
