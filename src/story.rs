@@ -949,7 +949,7 @@ impl WorkTree {
 /// Plays the Deployment controller the test control plane lacks: whenever a Deployment's
 /// generation moves, it reports the rollout complete (all replicas updated and available),
 /// as the real controller does once the new pods are ready.
-fn play_deployment_controller(api: Api<Deployment>) -> tokio::task::JoinHandle<()> {
+pub fn play_deployment_controller(api: Api<Deployment>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             if let Ok(list) = api.list(&Default::default()).await {

@@ -176,34 +176,27 @@ struct AppSlot {
     files: FileCache,
 }
 
-/// The lease of a run: being taken in the background (the quick path, alongside the fetch)
-/// or already held.
+/// The lease of a run: being taken in the background (the quick path, alongside the fetch),
+/// held, or none (a dry run, or a take that failed).
 enum RunLease {
     Taking(tokio::task::JoinHandle<Result<lease::LeaseGuard, lease::LeaseError>>),
     Held(Box<lease::LeaseGuard>),
-    Lost,
     None,
 }
 
 impl RunLease {
     /// Waits until the lease is held; every write of a run comes after this.
     async fn held(&mut self) -> Result<(), ReconcileError> {
-        if let RunLease::Taking(task) = self {
-            *self = match task.await {
-                Ok(Ok(guard)) => RunLease::Held(Box::new(guard)),
-                Ok(Err(e)) => {
-                    *self = RunLease::Lost;
-                    return Err(e.into());
-                }
-                Err(join) => {
-                    *self = RunLease::Lost;
-                    return Err(ReconcileError::Discovery {
-                        what: "lease".into(),
-                        message: join.to_string(),
-                    });
-                }
-            };
-        }
+        let RunLease::Taking(task) = self else {
+            return Ok(());
+        };
+        let taken = task.await;
+        *self = RunLease::None;
+        let guard = taken.map_err(|join| ReconcileError::Discovery {
+            what: "lease".into(),
+            message: join.to_string(),
+        })??;
+        *self = RunLease::Held(Box::new(guard));
         Ok(())
     }
 
@@ -498,6 +491,15 @@ impl Engine {
         // Nothing is written before the lease is held.
         let (fetched, held) = tokio::join!(fetch, run_lease.held());
         held?;
+        let attempt = Attempt {
+            app,
+            job,
+            revision: &revision,
+            started_at: &started_at,
+            started,
+            state_ns,
+            opts,
+        };
         let (tree_sha, files) = match fetched {
             Ok(Fetched::Unchanged { tree_sha }) => {
                 if !opts.dry_run && st.revision.as_deref() != Some(revision.as_str()) {
@@ -513,21 +515,7 @@ impl Engine {
             Err(e) => {
                 // Nothing was written; report the failure where the user looks.
                 let err = ReconcileError::from(e);
-                self.finish_failed(
-                    &Attempt {
-                        app,
-                        job,
-                        revision: &revision,
-                        started_at: &started_at,
-                        started,
-                        state_ns,
-                        opts,
-                    },
-                    st,
-                    &err,
-                    &mut report,
-                )
-                .await?;
+                self.finish_failed(&attempt, st, &err, &mut report).await?;
                 return Err(err);
             }
         };
@@ -602,21 +590,7 @@ impl Engine {
                 Ok(report)
             }
             Err(err) => {
-                self.finish_failed(
-                    &Attempt {
-                        app,
-                        job,
-                        revision: &revision,
-                        started_at: &started_at,
-                        started,
-                        state_ns,
-                        opts,
-                    },
-                    st,
-                    &err,
-                    &mut report,
-                )
-                .await?;
+                self.finish_failed(&attempt, st, &err, &mut report).await?;
                 Err(err)
             }
         }

@@ -4,7 +4,6 @@
 //! drift; ignore rules hold; a push whose webhook never came is
 //! applied by the next tick; `drift --once` exit codes.
 
-use std::time::Duration;
 
 use driftless::metrics::Metrics;
 use driftless::reconcile::Outcome;
@@ -67,36 +66,6 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: reader}
 subjects:
 - {kind: ServiceAccount, name: web}
 "#;
-
-/// Plays the (disabled) deployment controller: reports every Deployment of the namespace as
-/// fully rolled out whenever its generation moves.
-fn play_deployment_controller(env: &Env) -> tokio::task::JoinHandle<()> {
-    let api: Api<Deployment> = Api::namespaced(env.ns.client.clone(), &env.ns.name);
-    tokio::spawn(async move {
-        loop {
-            if let Ok(list) = api.list(&Default::default()).await {
-                for d in list.items {
-                    let generation = d.metadata.generation.unwrap_or(0);
-                    let observed = d
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.observed_generation)
-                        .unwrap_or(-1);
-                    if observed < generation {
-                        let n = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                        let status = json!({"status": {"observedGeneration": generation, "replicas": n,
-                            "updatedReplicas": n, "availableReplicas": n, "readyReplicas": n}});
-                        let name = d.metadata.name.unwrap();
-                        let _ = api
-                            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                            .await;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-}
 
 /// An edit as `kubectl` makes it: a merge patch by another field manager.
 fn kubectl() -> PatchParams {
@@ -172,7 +141,11 @@ async fn drift_once(env: &Env) -> std::process::Output {
 
 async fn applied_env(app_extra: &str) -> (Env, tokio::task::JoinHandle<()>) {
     let env = Env::new("github", app_extra).await;
-    let controller = play_deployment_controller(&env);
+    // Plays the (disabled) Deployment controller for the app's namespace.
+    let controller = driftless::story::play_deployment_controller(Api::namespaced(
+        env.ns.client.clone(),
+        &env.ns.name,
+    ));
     env.repo.write("app/all.yaml", APP);
     env.repo
         .write("app/gadget.yaml", &custom_resource(&crd_group(&env)));

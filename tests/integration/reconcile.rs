@@ -559,29 +559,8 @@ async fn the_revert_of_a_failed_rollout_applies() {
     let e = env.push(&engine, &c2).await.unwrap_err();
     assert!(matches!(e, ReconcileError::Unhealthy { .. }), "{e}");
     let c3 = env.repo.revert(&c2);
-    let (r, ()) = tokio::join!(env.push(&engine, &c3), async {
-        // Play the controller for the reverted spec once it is written.
-        let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
-            Api::namespaced(env.ns.client.clone(), &env.ns.name);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the revert never put nginx:1.27 back"
-            );
-            let d = deployments.get("web").await.unwrap();
-            let spec = serde_json::to_value(&d.spec).unwrap();
-            if spec["template"]["spec"]["containers"][0]["image"] == "nginx:1.27" {
-                let status = json!({"status": {"observedGeneration": d.metadata.generation, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1, "readyReplicas": 1}});
-                deployments
-                    .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
-                    .await
-                    .unwrap();
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    // The controller reports the reverted spec (nginx:1.27 again) available once written.
+    let (r, ()) = tokio::join!(env.push(&engine, &c3), play_web_available(&env));
     let r = r.unwrap();
     assert_eq!(r.outcome, Outcome::Applied);
     assert_eq!(r.applied, [env.id("Deployment", "web")]);
@@ -725,13 +704,22 @@ async fn status_pages_show_the_state_in_the_cluster() {
 
 const WEB: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: web, image: nginx:1.27}]}\n";
 
-/// Plays the Deployment controller once: waits for `web` and reports it available.
+/// Plays the Deployment controller once: waits for `web` running `WEB`'s image (nginx:1.27)
+/// and reports that generation available.
 async fn play_web_available(env: &Env) {
     let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
         Api::namespaced(env.ns.client.clone(), &env.ns.name);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let generation = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "web with nginx:1.27 never appeared"
+        );
         if let Some(d) = deployments.get_opt("web").await.unwrap() {
-            break d.metadata.generation.unwrap();
+            let spec = serde_json::to_value(&d.spec).unwrap();
+            if spec["template"]["spec"]["containers"][0]["image"] == "nginx:1.27" {
+                break d.metadata.generation.unwrap();
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
