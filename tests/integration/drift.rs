@@ -4,7 +4,6 @@
 //! drift; ignore rules hold; a push whose webhook never came is
 //! applied by the next tick; `drift --once` exit codes.
 
-
 use driftless::metrics::Metrics;
 use driftless::reconcile::Outcome;
 use driftless::worker::drift_tick;
