@@ -203,7 +203,7 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!(
-            "{}/../shared/fixtures/gitlab/{name}",
+            "{}/tests/fixtures/gitlab/{name}",
             env!("CARGO_MANIFEST_DIR")
         );
         std::fs::read(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))

@@ -522,7 +522,7 @@ async fn health_readiness_and_metrics() {
 async fn every_fixture_is_accepted_signed_and_refused_tampered() {
     let h = harness();
     let app = app!(h);
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/github");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -7,14 +7,14 @@ pub mod serve;
 
 use std::path::PathBuf;
 
-/// `../shared/fixtures/<rel>`: the real forge payloads this project is tested against.
+/// `tests/fixtures/<rel>`: the real forge payloads this project is tested against.
 pub fn fixture(rel: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
+        .join("tests/fixtures")
         .join(rel);
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
-            "fixture {}: {e} (the tests read ../shared/fixtures beside the checkout)",
+            "fixture {}: {e} (the real forge payloads, copied from the shared corpus into tests/fixtures)",
             path.display()
         )
     })

@@ -10,15 +10,15 @@ use std::sync::OnceLock;
 use driftless::simulator::RecordedRequest;
 use serde_json::Value;
 
-/// `../shared/fixtures/github-openapi/api.github.com.subset.json`, parsed once.
+/// `tests/fixtures/github-openapi/api.github.com.subset.json`, parsed once.
 pub fn description() -> &'static Value {
     static DOC: OnceLock<Value> = OnceLock::new();
     DOC.get_or_init(|| {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../shared/fixtures/github-openapi/api.github.com.subset.json");
+            .join("tests/fixtures/github-openapi/api.github.com.subset.json");
         let text = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
-                "{}: {e} (the tests read ../shared/fixtures beside the checkout)",
+                "{}: {e} (the real forge payloads, copied from the shared corpus into tests/fixtures)",
                 path.display()
             )
         });
