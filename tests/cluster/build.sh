@@ -38,8 +38,10 @@ ensure_deb_src() {
   apt_updated=0
 }
 
+# Empty when the source lists are not fetched yet: apt-cache then fails (exit 100), which must
+# not end the script under `set -e`, since the fix is the update below.
 version_of_source() {
-  apt-cache showsrc kubernetes 2>/dev/null | awk '/^Version:/ {print $2; exit}'
+  { apt-cache showsrc kubernetes 2>/dev/null || true; } | awk '/^Version:/ {print $2; exit}'
 }
 
 ensure_deb_src
