@@ -37,14 +37,13 @@ pub async fn run(queue: Arc<JobQueue>, engine: Arc<Engine>, metrics: Arc<Metrics
 }
 
 /// One drift tick for an app: catch a missed push (the branch head moved without a webhook),
-/// then compare the cluster with the applied revision, healing under `drift = "heal"`.
-/// Returns whether drift remains (found and not healed).
+/// then compare the cluster with the applied revision, healing under `drift = "heal"`. The
+/// comparison runs even when the catch-up fails (a red branch head leaves the applied revision
+/// in place, and its drift must still be found). Returns whether drift remains (found and not
+/// healed); an error when the catch-up failed or a heal was refused, after the check.
 pub async fn drift_tick(engine: &Engine, metrics: &Metrics, app: &str) -> Result<bool, String> {
     let catch_up = Job::new(app, None, JobReason::MissedPush);
-    engine
-        .run(&catch_up, RunOptions::default())
-        .await
-        .map_err(|e| e.to_string())?;
+    let caught_up = engine.run(&catch_up, RunOptions::default()).await;
     let heal = engine
         .settings()
         .app(app)
@@ -65,6 +64,10 @@ pub async fn drift_tick(engine: &Engine, metrics: &Metrics, app: &str) -> Result
         });
     info!(%app, checked = report.checked, drifted = report.drifted.len(), healed = report.healed,
         api_requests = report.api_requests, "drift check");
+    caught_up.map_err(|e| format!("catching up with the branch head: {e}"))?;
+    if let Some(e) = report.heal_error {
+        return Err(e);
+    }
     Ok(!report.drifted.is_empty() && !report.healed)
 }
 

@@ -16,8 +16,8 @@ use super::{
 };
 use crate::drift::{differing_fields, dotted, normalized};
 use crate::forge::{fetch_app, Fetched};
-use crate::manifest;
-use crate::settings::DriftPolicy;
+use crate::manifest::{self, ObjectRef};
+use crate::settings::AppSettings;
 
 /// What one drift check found and did.
 #[derive(Debug, Clone, Default)]
@@ -28,9 +28,16 @@ pub struct DriftReport {
     pub checked: usize,
     pub drifted: Vec<DriftedObject>,
     pub healed: bool,
+    /// Why the heal left drift in place: the first object the API server refused to write,
+    /// with its reason (a field another manager owns under `force_conflicts = false`).
+    pub heal_error: Option<String>,
     /// Kubernetes API requests the check cost (LISTs, GETs, dry-runs, heals).
     pub api_requests: usize,
 }
+
+/// A desired object that looks drifted: its live value (none when missing) and the fields
+/// that differ.
+type Suspect<'p> = (&'p Prepared, Option<Value>, Vec<String>);
 
 impl DriftReport {
     /// A one-line summary: `Drifted: 2 objects (apps/v1 Deployment demo/web: spec.replicas; ...)`.
@@ -59,7 +66,8 @@ impl DriftReport {
 
 impl Engine {
     /// Checks one app for drift against its last applied revision; heals when `heal` is set
-    /// (the caller passes the app's policy, or false for `diff`).
+    /// (the caller passes the app's policy, or false for `diff`). The comparison takes no
+    /// Lease, so a sweep of apps in sync costs no writes; a heal takes it (see [`Self::heal`]).
     pub async fn check_drift(
         &self,
         app_name: &str,
@@ -80,14 +88,127 @@ impl Engine {
         let Some(revision) = st.revision.clone() else {
             return Ok(report);
         };
-        report.revision = Some(revision.clone());
-        let forge = self.forge(&app)?;
+        let mut desired = self.find_drift(&app, &revision, &mut report).await?;
+        let mut healed = Vec::new();
+        if heal && !report.drifted.is_empty() {
+            healed = self.heal(&app, &mut desired, &mut report).await?;
+        }
+        let Some(revision) = report.revision.clone() else {
+            return Ok(report);
+        };
+        if !report.drifted.is_empty() {
+            warn!(app = %app.name, revision = short(&revision), drift = %report.summary(), "drift found");
+            for d in &report.drifted {
+                report.api_requests += 1;
+                self.emit_event(&app.name, d, healed.contains(&d.id)).await;
+            }
+        }
+        // The state is written only when the finding changes, so a sweep of apps in sync
+        // costs no writes; `checked_at` is when the current finding was first made.
+        let unchanged = st.drift.as_ref().is_some_and(|d| {
+            d.revision.as_deref() == Some(revision.as_str())
+                && d.objects == report.drifted
+                && d.healed == report.healed
+        });
+        if !unchanged {
+            let record = DriftRecord {
+                checked_at: now_rfc3339(),
+                revision: Some(revision),
+                objects: report.drifted.clone(),
+                healed: report.healed,
+            };
+            state::save_drift(&self.client, &ns, &app.name, &record).await?;
+            report.api_requests += 1;
+        }
+        Ok(report)
+    }
+
+    /// Re-applies the drifted objects of `report`, under the app's Lease and this replica's
+    /// slot of the app, so no run of the app is in flight. The state is read again under
+    /// them: when a run applied another revision since the comparison, the comparison is made
+    /// again against that one (`desired` and `report` replaced), so a heal never writes an
+    /// older revision over a newer apply. Applies as runs do, so with `force_conflicts =
+    /// false` a field another manager owns is not taken: the conflict goes to
+    /// `report.heal_error` and the rest is healed. Returns the objects healed.
+    async fn heal(
+        &self,
+        app: &AppSettings,
+        desired: &mut Vec<Prepared>,
+        report: &mut DriftReport,
+    ) -> Result<Vec<ObjectRef>, ReconcileError> {
+        let ns = self.settings.kubernetes.state_namespace.as_str();
+        let slot = self.slot(&app.name);
+        let mut slot = slot.lock().await;
+        // The Lease is written below, which voids what the slot remembers of it.
+        slot.lease = None;
+        slot.state = None;
+        let guard = lease::acquire(&self.client, ns, &app.name, &self.identity, LEASE_WAIT).await?;
+        let healed = async {
+            let st = state::load(&self.client, ns, &app.name).await?;
+            report.api_requests += 1;
+            if st.revision != report.revision {
+                info!(app = %app.name, revision = ?st.revision.as_deref().map(short), "applied revision moved since the comparison; comparing again");
+                let requests = report.api_requests;
+                *report = DriftReport {
+                    app: app.name.clone(),
+                    api_requests: requests,
+                    ..Default::default()
+                };
+                desired.clear();
+                if let Some(revision) = &st.revision {
+                    *desired = self.find_drift(app, revision, report).await?;
+                }
+            }
+            let drifted: Vec<&Prepared> = desired
+                .iter()
+                .filter(|p| report.drifted.iter().any(|d| d.id == p.id))
+                .collect();
+            let mut results = self.patch_all(&drifted, &self.params(app, false)).await;
+            report.api_requests += results.len();
+            results.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut healed = Vec::new();
+            for (id, r) in results {
+                match r {
+                    Ok(()) => healed.push(id),
+                    Err(message) if report.heal_error.is_none() => {
+                        report.heal_error = Some(format!("{id}: not healed: {message}"));
+                    }
+                    Err(_) => {}
+                }
+            }
+            report.healed = report.heal_error.is_none() && !report.drifted.is_empty();
+            Ok::<_, ReconcileError>(healed)
+        }
+        .await;
+        guard.release().await;
+        drop(slot);
+        let healed = healed?;
+        match &report.heal_error {
+            Some(e) => warn!(app = %app.name, error = %e, "drift not healed"),
+            None if report.healed => {
+                info!(app = %app.name, objects = report.drifted.len(), "drift healed")
+            }
+            None => {}
+        }
+        Ok(healed)
+    }
+
+    /// Compares the live objects with the desired set at `revision`, filling `report` (its
+    /// revision, the objects checked and drifted, the requests made). Returns the desired set.
+    async fn find_drift(
+        &self,
+        app: &AppSettings,
+        revision: &str,
+        report: &mut DriftReport,
+    ) -> Result<Vec<Prepared>, ReconcileError> {
+        report.revision = Some(revision.to_string());
+        let forge = self.forge(app)?;
         let Fetched::Changed { files, .. } = fetch_app(
             forge.as_ref(),
             &self.blobs,
             &self.settings.fetch,
             &app.repo,
-            &revision,
+            revision,
             &app.path,
             None,
         )
@@ -99,66 +220,14 @@ impl Engine {
             manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;
         let mut desired = Vec::with_capacity(objects.len());
         for obj in &objects {
-            desired.push(self.prepare(&app, obj).await?);
+            desired.push(self.prepare(app, obj).await?);
         }
         report.checked = desired.len();
-
-        // One LIST per (resource, namespace), selecting this app's objects.
-        let mut groups: HashMap<(String, Option<String>), Vec<&Prepared>> = HashMap::new();
-        for p in &desired {
-            let key = (
-                format!("{}/{}", p.resource.api_version, p.resource.plural),
-                p.id.namespace.clone(),
-            );
-            groups.entry(key).or_default().push(p);
-        }
-        let selector = ListParams::default().labels(&format!("{LABEL_APP}={}", app.name));
-        let mut suspects: Vec<(&Prepared, Option<Value>, Vec<String>)> = Vec::new();
-        for members in groups.values() {
-            let api = self.api(members[0]);
-            let list = api
-                .list(&selector)
-                .await
-                .map_err(|e| ReconcileError::Discovery {
-                    what: format!("live {}", members[0].id.kind),
-                    message: kube_message(&e),
-                })?;
-            report.api_requests += 1;
-            let live: HashMap<String, DynamicObject> = list
-                .items
-                .into_iter()
-                .filter_map(|o| o.metadata.name.clone().map(|n| (n, o)))
-                .collect();
-            for p in members {
-                let live_obj = match live.get(&p.id.name) {
-                    Some(o) => Some(o.clone()),
-                    // Not selected: deleted, or our label was taken off.
-                    None => {
-                        report.api_requests += 1;
-                        api.get_opt(&p.id.name)
-                            .await
-                            .map_err(|e| ReconcileError::Discovery {
-                                what: p.id.to_string(),
-                                message: kube_message(&e),
-                            })?
-                    }
-                };
-                match live_obj {
-                    None => suspects.push((p, None, Vec::new())),
-                    Some(o) => {
-                        let value = serde_json::to_value(&o).unwrap_or(Value::Null);
-                        let fields = differing_fields(&p.id.kind, &p.body, &value, &app.ignore);
-                        if !fields.is_empty() {
-                            suspects.push((p, Some(value), fields));
-                        }
-                    }
-                }
-            }
-        }
+        let suspects = self.suspects(app, &desired, report).await?;
 
         // Confirm each suspect: would applying it change anything? Defaulting, quantity
         // formats and mutating admission make a field differ without it being drift.
-        let dry = self.params(&app, true);
+        let dry = self.params(app, true);
         for (p, live, fields) in suspects {
             let Some(live) = live else {
                 report.drifted.push(DriftedObject {
@@ -194,59 +263,74 @@ impl Engine {
             }
         }
         report.drifted.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(desired)
+    }
 
-        if !report.drifted.is_empty() {
-            warn!(app = %app.name, revision = short(&revision), drift = %report.summary(), "drift found");
-            for d in &report.drifted {
-                report.api_requests += 1;
-                self.emit_event(&app.name, d, heal && app.drift == DriftPolicy::Heal)
-                    .await;
-            }
+    /// Objects that look drifted from one LIST per (resource, namespace) with the app's label
+    /// selector: missing ones (with no live value) and those with differing fields.
+    async fn suspects<'p>(
+        &self,
+        app: &AppSettings,
+        desired: &'p [Prepared],
+        report: &mut DriftReport,
+    ) -> Result<Vec<Suspect<'p>>, ReconcileError> {
+        let mut groups: HashMap<(String, Option<String>), Vec<&Prepared>> = HashMap::new();
+        for p in desired {
+            let key = (
+                format!("{}/{}", p.resource.api_version, p.resource.plural),
+                p.id.namespace.clone(),
+            );
+            groups.entry(key).or_default().push(p);
         }
-        if heal && !report.drifted.is_empty() {
-            let guard =
-                lease::acquire(&self.client, &ns, &app.name, &self.identity, LEASE_WAIT).await?;
-            let drifted: Vec<&Prepared> = desired
-                .iter()
-                .filter(|p| report.drifted.iter().any(|d| d.id == p.id))
-                .collect();
-            let mut params = self.params(&app, false);
-            params.force = true;
-            let results = self.patch_all(&drifted, &params).await;
-            report.api_requests += results.len();
-            guard.release().await;
-            if let Some((id, Err(message))) = results.into_iter().find(|(_, r)| r.is_err()) {
-                return Err(ReconcileError::Apply {
-                    object: id.to_string(),
-                    message,
-                });
-            }
-            report.healed = true;
-            info!(app = %app.name, objects = report.drifted.len(), "drift healed");
-        }
-        // The state is written only when the finding changes, so a sweep of apps in sync
-        // costs no writes; `checked_at` is when the current finding was first made.
-        let unchanged = st.drift.as_ref().is_some_and(|d| {
-            d.revision.as_deref() == Some(revision.as_str())
-                && d.objects == report.drifted
-                && d.healed == report.healed
-        });
-        if !unchanged {
-            let record = DriftRecord {
-                checked_at: now_rfc3339(),
-                revision: Some(revision),
-                objects: report.drifted.clone(),
-                healed: report.healed,
-            };
-            state::save_drift(&self.client, &ns, &app.name, &record).await?;
+        let selector = ListParams::default().labels(&format!("{LABEL_APP}={}", app.name));
+        let mut suspects = Vec::new();
+        for members in groups.values() {
+            let api = self.api(members[0]);
+            let list = api
+                .list(&selector)
+                .await
+                .map_err(|e| ReconcileError::Discovery {
+                    what: format!("live {}", members[0].id.kind),
+                    message: kube_message(&e),
+                })?;
             report.api_requests += 1;
+            let live: HashMap<String, DynamicObject> = list
+                .items
+                .into_iter()
+                .filter_map(|o| o.metadata.name.clone().map(|n| (n, o)))
+                .collect();
+            for p in members {
+                let live_obj = match live.get(&p.id.name) {
+                    Some(o) => Some(o.clone()),
+                    // Not selected: deleted, or our label was taken off.
+                    None => {
+                        report.api_requests += 1;
+                        api.get_opt(&p.id.name)
+                            .await
+                            .map_err(|e| ReconcileError::Discovery {
+                                what: p.id.to_string(),
+                                message: kube_message(&e),
+                            })?
+                    }
+                };
+                match live_obj {
+                    None => suspects.push((*p, None, Vec::new())),
+                    Some(o) => {
+                        let value = serde_json::to_value(&o).unwrap_or(Value::Null);
+                        let fields = differing_fields(&p.id.kind, &p.body, &value, &app.ignore);
+                        if !fields.is_empty() {
+                            suspects.push((*p, Some(value), fields));
+                        }
+                    }
+                }
+            }
         }
-        Ok(report)
+        Ok(suspects)
     }
 
     /// A Kubernetes Event on the drifted object (best effort: a missing namespace or RBAC
     /// refusal only logs). Names the fields, never their values.
-    async fn emit_event(&self, app: &str, d: &DriftedObject, healing: bool) {
+    async fn emit_event(&self, app: &str, d: &DriftedObject, healed: bool) {
         let ns = d.id.namespace.clone().unwrap_or_else(|| "default".into());
         let message = if d.missing {
             format!("driftless app {app}: object is missing from the cluster")
@@ -264,7 +348,7 @@ impl Engine {
                 "apiVersion": d.id.api_version, "kind": d.id.kind, "name": d.id.name,
                 "namespace": d.id.namespace,
             },
-            "reason": if healing { "DriftHealed" } else { "DriftDetected" },
+            "reason": if healed { "DriftHealed" } else { "DriftDetected" },
             "message": message,
             "type": "Warning",
             "source": {"component": "driftless"},

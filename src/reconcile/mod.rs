@@ -8,6 +8,7 @@
 pub mod drift_check;
 pub mod health;
 pub mod lease;
+mod revision;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
@@ -24,10 +25,10 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use crate::forge::{
-    fetch_app, BlobCache, CommitStatus, Comparison, Fetched, Forge, ForgeError, Forges, StatusState,
+    fetch_app, BlobCache, CommitStatus, Fetched, Forge, ForgeError, Forges, StatusState,
 };
 use crate::manifest::{self, ManifestError, Object, ObjectRef, Stage};
-use crate::queue::{Job, JobReason};
+use crate::queue::Job;
 use crate::settings::{AppSettings, Settings};
 use health::Health;
 use state::{AppState, InventoryItem, RunRecord};
@@ -78,6 +79,20 @@ pub enum ReconcileError {
         "interrupted by a shutdown after writing {written} objects; the next start resumes the run"
     )]
     Interrupted { written: usize },
+}
+
+impl ReconcileError {
+    /// A fault of the moment (the forge or the API server unavailable), not a verdict on the
+    /// commit: the drift timer tries the revision again.
+    pub fn is_passing(&self) -> bool {
+        match self {
+            ReconcileError::Forge(e) => e.is_transient(),
+            ReconcileError::Discovery { .. }
+            | ReconcileError::State(_)
+            | ReconcileError::Lease(_) => true,
+            _ => false,
+        }
+    }
 }
 
 /// What a run did.
@@ -449,29 +464,14 @@ impl Engine {
         };
         report.revision = Some(revision.clone());
 
-        // A delayed or replayed delivery never rolls the app back; an explicit manual
-        // revision does what it is told.
-        if let Some(applied) = &st.revision {
-            let explicit = matches!(job.reason, JobReason::Manual) && job.revision.is_some();
-            // A push whose `before` is the applied revision moves forward by definition: no
-            // compare round trip on the common path.
-            let follows =
-                matches!(&job.reason, JobReason::Push { before, .. } if before == applied);
-            if applied != &revision
-                && !explicit
-                && !follows
-                && forge.compare(&app.repo, applied, &revision).await? == Comparison::Behind
-            {
-                let why = format!(
-                    "revision {} is behind the applied {}",
-                    short(&revision),
-                    short(applied)
-                );
-                info!(app = %app.name, %why, "skipped");
-                report.outcome = Outcome::Skipped(why);
-                report.duration = started.elapsed();
-                return Ok(report);
-            }
+        if let Some(why) = self
+            .held_back(forge.as_ref(), app, job, st, &revision)
+            .await?
+        {
+            info!(app = %app.name, %why, "skipped");
+            report.outcome = Outcome::Skipped(why);
+            report.duration = started.elapsed();
+            return Ok(report);
         }
 
         let known = if job.full {
@@ -502,11 +502,8 @@ impl Engine {
         };
         let (tree_sha, files) = match fetched {
             Ok(Fetched::Unchanged { tree_sha }) => {
-                if !opts.dry_run && st.revision.as_deref() != Some(revision.as_str()) {
-                    st.revision = Some(revision.clone());
-                    st.tree_sha = Some(tree_sha);
-                    state::save(&self.client, state_ns, &app.name, st).await?;
-                }
+                self.finish_unchanged(forge.as_ref(), &attempt, st, tree_sha)
+                    .await?;
                 info!(app = %app.name, revision = short(&revision), "subtree unchanged; nothing to apply");
                 report.duration = started.elapsed();
                 return Ok(report);
@@ -640,7 +637,14 @@ impl Engine {
             reason: job.reason.as_str().to_string(),
             started_at: started_at.to_string(),
             duration_ms: report.duration.as_millis() as u64,
-            outcome: if interrupted { "interrupted" } else { "failed" }.into(),
+            outcome: if interrupted {
+                "interrupted"
+            } else if err.is_passing() {
+                revision::OUTCOME_ERROR
+            } else {
+                revision::OUTCOME_FAILED
+            }
+            .into(),
             message: err.to_string(),
             applied: report.applied.len(),
             pruned: report.pruned.len(),

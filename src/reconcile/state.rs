@@ -70,7 +70,8 @@ pub struct RunRecord {
     pub reason: String,
     pub started_at: String,
     pub duration_ms: u64,
-    /// `applied`, `unchanged`, `skipped` or `failed`.
+    /// `applied`, `unchanged`, `failed` (a verdict on the commit), `error` (a passing fault,
+    /// retried by the drift timer) or `interrupted`.
     pub outcome: String,
     pub message: String,
     #[serde(default)]

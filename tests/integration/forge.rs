@@ -533,6 +533,8 @@ async fn compare_tells_ahead_behind_identical_and_diverged() {
     let c2 = repo.commit("two");
     repo.git(&["checkout", "-q", "-b", "side", &c1]);
     let side = repo.commit("side");
+    repo.git(&["checkout", "-q", "--orphan", "unrelated"]);
+    let unrelated = repo.commit("no common ancestor");
     repo.git(&["checkout", "-q", "main"]);
     let sim = simulator().await;
     sim.add_repo("acme/deploy", repo.path());
@@ -554,6 +556,13 @@ async fn compare_tells_ahead_behind_identical_and_diverged() {
             forge.compare("acme/deploy", &c2, &side).await.unwrap(),
             Comparison::Diverged
         );
+        // Both forges answer histories with no common ancestor with a 404; the engine takes
+        // that for diverged and lets the branch decide.
+        let e = forge
+            .compare("acme/deploy", &c2, &unrelated)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ForgeError::NotFound { .. }), "{e}");
     }
     assert_github_requests_exist(&sim.requests());
 }

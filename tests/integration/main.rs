@@ -7,6 +7,7 @@ mod deploy;
 mod drift;
 mod forge;
 mod kubernetes;
+mod ordering;
 mod reconcile;
 mod shutdown;
 mod simulator;
