@@ -61,6 +61,8 @@ pub struct Metrics {
     pub webhook_ack_seconds: Family<ForgeLabels, Histogram>,
     pub jobs_queued: Family<ForgeLabels, Counter>,
     pub queue_pending: Gauge,
+    /// Bytes of webhook bodies reserved by requests being read (see `server.body_budget`).
+    pub webhook_body_bytes_reserved: Gauge,
     pub reconcile_runs: Family<RunLabels, Counter>,
     pub reconcile_seconds: Family<RunLabels, Histogram>,
     pub objects_applied: Family<AppLabels, Counter>,
@@ -104,6 +106,12 @@ impl Metrics {
             "queue_pending",
             "Jobs waiting in the queue",
             queue_pending.clone(),
+        );
+        let webhook_body_bytes_reserved = Gauge::default();
+        registry.register(
+            "webhook_body_bytes_reserved",
+            "Bytes of the webhook body budget held by requests whose bodies are being read",
+            webhook_body_bytes_reserved.clone(),
         );
         let reconcile_runs = Family::<RunLabels, Counter>::default();
         registry.register(
@@ -167,6 +175,7 @@ impl Metrics {
             webhook_ack_seconds,
             jobs_queued,
             queue_pending,
+            webhook_body_bytes_reserved,
         }
     }
 

@@ -1,18 +1,20 @@
 //! The HTTP receiver (actix-web): webhook routes, health, readiness and metrics. A webhook
 //! request is verified, parsed, matched and enqueued, and answered at once; it never calls a
-//! forge or Kubernetes. Bodies are read under a size limit and a deadline, so neither a large
-//! nor a slow client can hold a worker.
+//! forge or Kubernetes. Bodies are read under a size limit, a deadline and a byte budget
+//! shared by all connections, so neither a large, a slow nor a crowd of unauthenticated
+//! clients can hold a worker or grow memory past the budget.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::http::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
+use actix_web::http::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use serde_json::json;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -41,6 +43,11 @@ pub struct Receiver {
     deliveries: DeliveryCache,
     pub metrics: Arc<Metrics>,
     body_limit: usize,
+    /// Bytes of request bodies that may be buffered at once, across all connections: a body
+    /// is buffered before its signature can be checked, so without this bound any client
+    /// could make the process hold (connections × `body_limit`) bytes.
+    body_budget: Semaphore,
+    body_budget_bytes: usize,
     read_timeout: Duration,
     /// Whether the API server answered the last check; `None` when this receiver runs without
     /// a cluster (tests of the HTTP surface).
@@ -53,6 +60,11 @@ impl Receiver {
     /// The configured apps.
     pub fn apps(&self) -> &[AppSettings] {
         &self.apps
+    }
+
+    /// Bytes of the body budget reserved now by requests whose bodies are being read.
+    pub fn body_bytes_reserved(&self) -> usize {
+        self.body_budget_bytes - self.body_budget.available_permits()
     }
 
     /// Resolves the webhook secrets. Fails, naming the setting, when one cannot be read: there
@@ -82,6 +94,8 @@ impl Receiver {
             deliveries: DeliveryCache::new(DEDUP_WINDOW, DEDUP_CAPACITY),
             metrics,
             body_limit: settings.server.body_limit,
+            body_budget: Semaphore::new(settings.server.body_budget),
+            body_budget_bytes: settings.server.body_budget,
             read_timeout: settings.server.read_timeout,
             kubernetes_ready: None,
             state_source: None,
@@ -98,13 +112,12 @@ fn github_secrets(gh: &GithubSettings) -> Result<Vec<Secret>, SettingsError> {
 }
 
 fn gitlab_secrets(gl: &GitlabSettings) -> Result<GitlabSecrets, SettingsError> {
-    let mut out = GitlabSecrets::default();
-    for r in [&gl.webhook_token, &gl.previous_webhook_token]
+    let tokens = [&gl.webhook_token, &gl.previous_webhook_token]
         .into_iter()
         .flatten()
-    {
-        out.tokens.push(r.resolve()?);
-    }
+        .map(|r| r.resolve())
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut keys = Vec::new();
     if let Some(r) = &gl.signing_token {
         let key = webhook::gitlab::signing_key(r.resolve()?.expose()).map_err(|message| {
             SettingsError {
@@ -112,9 +125,9 @@ fn gitlab_secrets(gl: &GitlabSettings) -> Result<GitlabSecrets, SettingsError> {
                 message,
             }
         })?;
-        out.signing_keys.push(key);
+        keys.push(key);
     }
-    Ok(out)
+    Ok(GitlabSecrets::new(&tokens, keys))
 }
 
 /// Registers the routes; used by `serve` and by tests through actix's test service.
@@ -152,6 +165,9 @@ async fn readyz(rx: web::Data<Receiver>) -> HttpResponse {
 
 async fn metrics(rx: web::Data<Receiver>) -> HttpResponse {
     rx.metrics.queue_pending.set(rx.queue.pending_len() as i64);
+    rx.metrics
+        .webhook_body_bytes_reserved
+        .set(rx.body_bytes_reserved() as i64);
     HttpResponse::Ok()
         .content_type("application/openmetrics-text; version=1.0.0; charset=utf-8")
         .body(rx.metrics.render())
@@ -161,12 +177,14 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> HttpResponse {
     HttpResponse::build(status).json(json!({"error": message.to_string()}))
 }
 
-/// A refused request: its status, what the sender is told, and the metric label.
+/// A refused request: its status, what the sender is told, the metric label, and when to
+/// try again (a `Retry-After` header) if that can help.
 #[derive(Debug)]
 struct Rejection {
     status: StatusCode,
     message: String,
     label: &'static str,
+    retry_after: Option<Duration>,
 }
 
 impl Rejection {
@@ -175,11 +193,16 @@ impl Rejection {
             status,
             message: message.into(),
             label,
+            retry_after: None,
         }
     }
 
     fn response(&self) -> HttpResponse {
-        error(self.status, &self.message)
+        let mut response = HttpResponse::build(self.status);
+        if let Some(after) = self.retry_after {
+            response.insert_header((RETRY_AFTER, after.as_secs().max(1).to_string()));
+        }
+        response.json(json!({"error": self.message}))
     }
 }
 
@@ -229,36 +252,61 @@ fn check_content_type(req: &HttpRequest) -> Result<(), Rejection> {
     }
 }
 
-/// Reads the body under the size limit (refusing early on a large Content-Length, never
-/// buffering more than the limit) and the read deadline.
+/// The body length the request declares: `None` without a Content-Length (chunked), a 413
+/// when it is over `limit`, so a large body is refused before any of it is read.
+fn declared_length(req: &HttpRequest, limit: usize) -> Result<Option<usize>, Rejection> {
+    let Some(len) = header_str(req.headers(), CONTENT_LENGTH.as_str()) else {
+        return Ok(None);
+    };
+    match len.trim().parse::<u64>() {
+        Ok(n) if n > limit as u64 => Err(too_large(limit)),
+        // Not over the limit, so it fits in usize.
+        Ok(n) => Ok(Some(n as usize)),
+        Err(_) => Err(Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "invalid Content-Length",
+        )),
+    }
+}
+
+fn too_large(limit: usize) -> Rejection {
+    Rejection::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!("body larger than the limit of {limit} bytes"),
+    )
+}
+
+/// Reserves room in the body budget for a body of `declared` bytes, or of the largest
+/// accepted size when its length is not declared (a chunked body may grow to it), before
+/// anything of it is read. No room: 503 at once, with a Retry-After of one read deadline,
+/// the longest any reservation is held.
+fn reserve_body(rx: &Receiver, declared: Option<usize>) -> Result<SemaphorePermit<'_>, Rejection> {
+    // Both sizes are at most body_budget, which settings bound to 1 GiB.
+    let bytes = declared.unwrap_or(rx.body_limit) as u32;
+    rx.body_budget
+        .try_acquire_many(bytes)
+        .map_err(|_| Rejection {
+            retry_after: Some(rx.read_timeout),
+            ..Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many webhook bodies being received at once; retry later",
+            )
+        })
+}
+
+/// Reads the body under the size limit (never buffering more than the limit, whatever the
+/// framing) and the read deadline.
 async fn read_body(
-    req: &HttpRequest,
     mut payload: web::Payload,
+    declared: Option<usize>,
     limit: usize,
     deadline: Duration,
 ) -> Result<Bytes, Rejection> {
-    let too_large = || {
-        Rejection::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("body larger than the limit of {limit} bytes"),
-        )
-    };
-    if let Some(len) = header_str(req.headers(), CONTENT_LENGTH.as_str()) {
-        match len.trim().parse::<u64>() {
-            Ok(n) if n > limit as u64 => return Err(too_large()),
-            Ok(_) => {}
-            Err(_) => {
-                return Err(Rejection::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid",
-                    "invalid Content-Length",
-                ))
-            }
-        }
-    }
     let read = async {
-        let mut buf = BytesMut::new();
+        let mut buf = BytesMut::with_capacity(declared.unwrap_or(0));
         while let Some(chunk) = payload.next().await {
             let chunk = chunk.map_err(|e| {
                 Rejection::new(
@@ -268,7 +316,7 @@ async fn read_body(
                 )
             })?;
             if buf.len() + chunk.len() > limit {
-                return Err(too_large());
+                return Err(too_large(limit));
             }
             buf.extend_from_slice(&chunk);
         }
@@ -350,7 +398,9 @@ async fn receive(
             ));
         }
         check_content_type(&req)?;
-        let body = read_body(&req, payload, rx.body_limit, rx.read_timeout).await?;
+        let declared = declared_length(&req, rx.body_limit)?;
+        let _reserved = reserve_body(&rx, declared)?;
+        let body = read_body(payload, declared, rx.body_limit, rx.read_timeout).await?;
         verify_and_parse(forge, &rx, req.headers(), &body)
     }
     .await;
@@ -428,12 +478,29 @@ fn dispatch(
     let forge_label = forge.as_str();
     let event_label = event_label(&event);
     if let Some(id) = &delivery {
-        if rx.deliveries.check_and_insert(id, Instant::now()) {
+        if rx.deliveries.seen(id, Instant::now()) {
             info!(forge = forge_label, delivery = %id, "duplicate delivery ignored");
             rx.metrics.delivery(forge_label, event_label, "duplicate");
             return HttpResponse::Ok().json(json!({"status": "duplicate", "delivery": id}));
         }
     }
+    let response = act_on(rx, forge_label, event_label, event, &delivery);
+    // Recorded only once acted on: a delivery refused with 503 (shutting down) must be
+    // refused again, not answered "duplicate", when it comes back.
+    if let (Some(id), false) = (&delivery, response.status().is_server_error()) {
+        rx.deliveries.record(id, Instant::now());
+    }
+    response
+}
+
+/// Answers a verified, new delivery: pong, ignore, or match and enqueue a push.
+fn act_on(
+    rx: &Receiver,
+    forge_label: &'static str,
+    event_label: &'static str,
+    event: Event,
+    delivery: &Option<String>,
+) -> HttpResponse {
     match event {
         Event::Ping { hook_id } => {
             info!(forge = forge_label, hook_id = ?hook_id, "webhook ping");
@@ -493,6 +560,28 @@ fn dispatch(
             }))
         }
     }
+}
+
+/// The HTTP server `serve` runs, on an already bound listener: the routes, the receiver, and
+/// the timeouts that keep a slow client from holding a connection (tests run exactly this).
+pub fn listen(
+    receiver: web::Data<Receiver>,
+    server: &crate::settings::ServerSettings,
+    listener: std::net::TcpListener,
+) -> std::io::Result<actix_web::dev::Server> {
+    let body_limit = server.body_limit;
+    Ok(actix_web::HttpServer::new(move || {
+        actix_web::App::new()
+            .app_data(receiver.clone())
+            .app_data(web::PayloadConfig::new(body_limit))
+            .configure(routes)
+    })
+    .client_request_timeout(server.header_timeout)
+    .client_disconnect_timeout(Duration::from_secs(5))
+    .shutdown_timeout(30)
+    .disable_signals()
+    .listen(listener)?
+    .run())
 }
 
 /// How often `/readyz`'s view of the API server is refreshed.
@@ -579,25 +668,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         crate::worker::WORKERS,
     ));
 
-    let body_limit = settings.server.body_limit;
-    let server = actix_web::HttpServer::new(move || {
-        actix_web::App::new()
-            .app_data(receiver.clone())
-            .app_data(web::PayloadConfig::new(body_limit))
-            .configure(routes)
-    })
-    .client_request_timeout(settings.server.header_timeout)
-    .client_disconnect_timeout(Duration::from_secs(5))
-    .shutdown_timeout(30)
-    .disable_signals()
-    .bind(settings.server.listen)
-    .map_err(|e| {
+    let listener = std::net::TcpListener::bind(settings.server.listen).map_err(|e| {
         anyhow::anyhow!(
             "server.listen: cannot listen on {}: {e}",
             settings.server.listen
         )
-    })?
-    .run();
+    })?;
+    let server = listen(receiver, &settings.server, listener)
+        .map_err(|e| anyhow::anyhow!("server.listen: {e}"))?;
     let handle = server.handle();
     info!(listen = %settings.server.listen, apps = settings.apps.len(), "driftless receiver started");
 

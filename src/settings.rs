@@ -80,6 +80,10 @@ pub struct ServerSettings {
     pub public_url: Option<String>,
     /// Largest accepted request body, in bytes.
     pub body_limit: usize,
+    /// Bytes of request bodies that may be in flight at once, across all connections: each
+    /// request reserves its Content-Length (or `body_limit` when it sends none) before its
+    /// body is read, and one that does not fit is refused with 503.
+    pub body_budget: usize,
     /// Time a client has to send its request headers (slowloris guard).
     pub header_timeout: Duration,
     /// Time a client has to send the whole request body.
@@ -503,12 +507,19 @@ impl Default for RawFetch {
     }
 }
 
+/// The largest `server.body_budget`: the receiver counts reserved bytes in 32 bits.
+const MAX_BODY_BUDGET: usize = 1 << 30;
+/// `server.body_budget` when unset (and `body_limit` is not larger).
+const DEFAULT_BODY_BUDGET: usize = 16 << 20;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawServer {
     listen: String,
     public_url: Option<String>,
     body_limit: Value,
+    /// Unset: the default budget, or `body_limit` when that is larger.
+    body_budget: Option<Value>,
     header_timeout: String,
     read_timeout: String,
     shutdown_grace: String,
@@ -519,9 +530,18 @@ impl Default for RawServer {
         Self {
             listen: "0.0.0.0:8080".into(),
             public_url: None,
-            body_limit: Value::String("25MiB".into()),
+            // A push delivery is a few KiB (7 KiB for one commit; GitLab lists at most 20
+            // commits, GitHub each commit's paths); 1 MiB holds a push of hundreds of commits
+            // or thousands of paths. A larger one is refused with 413 and applied anyway by
+            // the drift timer's missed-push catch-up. GitHub's own cap, 25 MB, would let 16
+            // uploads hold 400 MiB before a signature is checked.
+            body_limit: Value::String("1MiB".into()),
+            body_budget: None,
             header_timeout: "5s".into(),
-            read_timeout: "30s".into(),
+            // GitHub and GitLab give up on a delivery after 10 s, so a body still arriving
+            // later comes from no forge; the shorter the deadline, the sooner a slow upload
+            // gives its reservation of the body budget back.
+            read_timeout: "10s".into(),
             shutdown_grace: "25s".into(),
         }
     }
@@ -767,6 +787,34 @@ impl RawSettings {
             Ok(n) => n,
             Err(m) => {
                 p.push("server.body_limit", m);
+                0
+            }
+        };
+        // 16 uploads of the largest body at once, or thousands of real deliveries: RSS stays
+        // far below the 384 MiB limit of deploy/ whatever the senders do.
+        let budget = self
+            .server
+            .body_budget
+            .as_ref()
+            .map_or_else(|| Ok(DEFAULT_BODY_BUDGET.max(body_limit)), parse_byte_size);
+        let body_budget = match budget {
+            Ok(n) if n > MAX_BODY_BUDGET => {
+                p.push("server.body_budget", "must be at most 1GiB");
+                0
+            }
+            Ok(n) if n < body_limit => {
+                p.push(
+                    "server.body_budget",
+                    format!(
+                        "must be at least server.body_limit ({body_limit} bytes), or no body of \
+                         the largest size could ever be read"
+                    ),
+                );
+                0
+            }
+            Ok(n) => n,
+            Err(m) => {
+                p.push("server.body_budget", m);
                 0
             }
         };
@@ -1059,6 +1107,7 @@ impl RawSettings {
                 listen,
                 public_url,
                 body_limit,
+                body_budget,
                 header_timeout,
                 read_timeout,
                 shutdown_grace,
@@ -1289,6 +1338,23 @@ path = "apps/web/"
         assert!(e[0].message.contains("unknown key"));
         let e = errors(&format!("[serverr]\nlisten = \"x\"\n{GOOD}"));
         assert_eq!(e[0].key, "serverr");
+    }
+
+    #[test]
+    fn body_limits_default_to_what_forges_send_and_are_checked() {
+        let s = Settings::from_toml_str(&GOOD.replace("body_limit = \"1MiB\"\n", "")).unwrap();
+        assert_eq!(s.server.body_limit, 1 << 20);
+        assert_eq!(s.server.body_budget, 16 << 20);
+        assert_eq!(s.server.read_timeout, Duration::from_secs(10));
+        // Raising only the body limit raises the budget with it.
+        let s = Settings::from_toml_str(&GOOD.replace("\"1MiB\"", "\"25MiB\"")).unwrap();
+        assert_eq!(s.server.body_budget, 25 << 20);
+        let e = errors(&GOOD.replace("body_limit = \"1MiB\"", "body_budget = \"512KiB\""));
+        assert_eq!(e[0].key, "server.body_budget");
+        assert!(e[0].message.contains("server.body_limit"), "{e:?}");
+        let e = errors(&GOOD.replace("body_limit = \"1MiB\"", "body_budget = \"2GiB\""));
+        assert_eq!(e[0].key, "server.body_budget");
+        assert!(e[0].message.contains("at most 1GiB"), "{e:?}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use reqwest::header::{HeaderMap, HeaderValue, IF_NONE_MATCH};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::http::{Policy, RawResponse};
+use super::http::{all_pages, Policy, RawResponse};
 use super::{
     CommitStatus, Comparison, EntryKind, Forge, ForgeError, Hook, HookSpec, StatusState, TreeEntry,
 };
@@ -536,10 +536,13 @@ impl Forge for GithubForge {
 
     async fn list_hooks(&self, repo: &str) -> Result<Vec<Hook>, ForgeError> {
         let request = format!("webhooks of {repo}");
-        let hooks: Vec<GhHook> = self
-            .get(&request, &self.url(repo, "hooks?per_page=100"))
-            .await?
-            .json(FORGE, &request)?;
+        // 100 is GitHub's largest page; further pages are followed through `Link`.
+        let first = self.url(repo, "hooks?per_page=100");
+        let hooks: Vec<GhHook> = all_pages(FORGE, &request, &self.api_url, first, |url| {
+            let request = &request;
+            async move { self.get(request, &url).await }
+        })
+        .await?;
         Ok(hooks.into_iter().map(Hook::from).collect())
     }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::http::{Policy, RawResponse};
+use super::http::{all_pages, next_link, Policy, RawResponse};
 use super::{
     CommitStatus, Comparison, EntryKind, Forge, ForgeError, Hook, HookSpec, StatusState, TreeEntry,
 };
@@ -58,22 +58,6 @@ fn invalid(request: &str, message: impl Into<String>) -> ForgeError {
         request: request.to_string(),
         message: message.into(),
     }
-}
-
-/// The `rel="next"` URL of a `Link` header.
-fn next_link(link: Option<&str>) -> Option<String> {
-    link?.split(',').find_map(|part| {
-        let (url, params) = part.split_once(';')?;
-        params
-            .split(';')
-            .any(|p| p.trim() == "rel=\"next\"")
-            .then(|| {
-                url.trim()
-                    .trim_start_matches('<')
-                    .trim_end_matches('>')
-                    .to_string()
-            })
-    })
 }
 
 impl GitlabForge {
@@ -386,10 +370,12 @@ impl Forge for GitlabForge {
 
     async fn list_hooks(&self, repo: &str) -> Result<Vec<Hook>, ForgeError> {
         let request = format!("hooks of {repo}");
-        let hooks: Vec<GlHook> = self
-            .get(&request, &self.project_url(repo, "hooks?per_page=100"))
-            .await?
-            .json(FORGE, &request)?;
+        let first = self.project_url(repo, &format!("hooks?per_page={PER_PAGE}"));
+        let hooks: Vec<GlHook> = all_pages(FORGE, &request, &self.api_url, first, |url| {
+            let request = &request;
+            async move { self.get(request, &url).await }
+        })
+        .await?;
         Ok(hooks.into_iter().map(Hook::from).collect())
     }
 
@@ -425,17 +411,6 @@ impl Forge for GitlabForge {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn link_header_next() {
-        let h = r#"<https://gitlab.example.com/api/v4/projects/1/repository/tree?page_token=abc&per_page=100>; rel="next", <https://x/first>; rel="first""#;
-        assert_eq!(
-            next_link(Some(h)).as_deref(),
-            Some("https://gitlab.example.com/api/v4/projects/1/repository/tree?page_token=abc&per_page=100")
-        );
-        assert_eq!(next_link(Some(r#"<https://x>; rel="first""#)), None);
-        assert_eq!(next_link(None), None);
-    }
 
     #[test]
     fn project_paths_are_encoded() {

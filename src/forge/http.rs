@@ -1,6 +1,7 @@
 //! The request policy both forge clients share: classify a response (success, not modified,
 //! rate limited, unauthorized, not found, transient) and retry, wait out a rate limit (up to
-//! `fetch.max_rate_limit_wait`) or fail with a typed [`ForgeError`].
+//! `fetch.max_rate_limit_wait`) or fail with a typed [`ForgeError`]; and reading every page
+//! of a listing by following its `Link: rel="next"` header.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -206,4 +207,85 @@ fn rate_limit_wait(resp: &RawResponse) -> Option<Duration> {
         ));
     }
     None
+}
+
+/// The `rel="next"` URL of a `Link` header (RFC 8288, as GitHub and GitLab send it).
+pub(crate) fn next_link(link: Option<&str>) -> Option<String> {
+    link?.split(',').find_map(|part| {
+        let (url, params) = part.split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"")
+            .then(|| {
+                url.trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+    })
+}
+
+/// Pages of one listing read at most: at 100 entries a page, 10,000 entries.
+pub(crate) const MAX_PAGES: usize = 100;
+
+/// Reads every page of a JSON array listing, starting at `first` and following each
+/// response's `Link: rel="next"`, at most [`MAX_PAGES`] pages. A next link outside `api_root`
+/// is refused: the client's credentials go only to the configured API.
+pub(crate) async fn all_pages<T, F, Fut>(
+    forge: ForgeKind,
+    request: &str,
+    api_root: &str,
+    first: String,
+    mut get: F,
+) -> Result<Vec<T>, ForgeError>
+where
+    T: serde::de::DeserializeOwned,
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<RawResponse, ForgeError>>,
+{
+    let invalid = |message: String| ForgeError::InvalidResponse {
+        forge,
+        request: request.to_string(),
+        message,
+    };
+    let mut all = Vec::new();
+    let mut url = first;
+    for _ in 0..MAX_PAGES {
+        let resp = get(url).await?;
+        let page: Vec<T> = resp.json(forge, request)?;
+        all.extend(page);
+        match next_link(resp.header("link")) {
+            None => return Ok(all),
+            Some(next) if next.starts_with(api_root) => url = next,
+            Some(next) => {
+                return Err(invalid(format!(
+                    "the next page is outside {api_root}: {next}"
+                )))
+            }
+        }
+    }
+    Err(invalid(format!(
+        "more than {MAX_PAGES} pages; driftless reads at most {MAX_PAGES}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_header_next() {
+        let h = r#"<https://gitlab.example.com/api/v4/projects/1/repository/tree?page_token=abc&per_page=100>; rel="next", <https://x/first>; rel="first""#;
+        assert_eq!(
+            next_link(Some(h)).as_deref(),
+            Some("https://gitlab.example.com/api/v4/projects/1/repository/tree?page_token=abc&per_page=100")
+        );
+        let gh = r#"<https://api.github.com/repositories/1/hooks?page=1>; rel="prev", <https://api.github.com/repositories/1/hooks?page=3>; rel="next", <https://api.github.com/repositories/1/hooks?page=5>; rel="last""#;
+        assert_eq!(
+            next_link(Some(gh)).as_deref(),
+            Some("https://api.github.com/repositories/1/hooks?page=3")
+        );
+        assert_eq!(next_link(Some(r#"<https://x>; rel="first""#)), None);
+        assert_eq!(next_link(None), None);
+    }
 }

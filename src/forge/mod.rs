@@ -128,11 +128,20 @@ pub struct CommitStatus {
     pub target_url: Option<String>,
 }
 
-/// A webhook as driftless wants it on a repository.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A webhook as driftless wants it on a repository. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HookSpec {
     pub url: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for HookSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HookSpec")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A webhook as the forge reports it (secrets are never reported back).

@@ -33,13 +33,22 @@ const BODY_LIMIT: usize = 1 << 20;
 /// The route template recorded for a request no endpoint matched.
 pub const UNKNOWN_ROUTE: &str = "(unknown)";
 
-/// The API tokens the simulator accepts.
-#[derive(Debug, Clone)]
+/// The API tokens the simulator accepts. `Debug` never shows them.
+#[derive(Clone)]
 pub struct SimConfig {
     /// Required as `Authorization: Bearer <t>` or `Authorization: token <t>`.
     pub github_token: String,
     /// Required as `PRIVATE-TOKEN: <t>` (or `Authorization: Bearer <t>`, as GitLab allows).
     pub gitlab_token: String,
+}
+
+impl std::fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimConfig")
+            .field("github_token", &"<redacted>")
+            .field("gitlab_token", &"<redacted>")
+            .finish()
+    }
 }
 
 /// One request the simulator answered.
@@ -74,8 +83,9 @@ pub struct RecordedStatus {
     pub target_url: Option<String>,
 }
 
-/// A webhook registered through either forge's API, as it stands now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A webhook registered through either forge's API, as it stands now. `Debug` shows whether
+/// a secret is set, never the secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct SimHook {
     pub id: u64,
     pub url: String,
@@ -87,6 +97,19 @@ pub struct SimHook {
     /// GitHub `config.content_type`; `None` for GitLab.
     pub content_type: Option<String>,
     pub active: bool,
+}
+
+impl std::fmt::Debug for SimHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimHook")
+            .field("id", &self.id)
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("content_type", &self.content_type)
+            .field("active", &self.active)
+            .finish()
+    }
 }
 
 /// A failure to inject into the next `times` matching requests.
@@ -332,7 +355,7 @@ struct StoredStatus {
 }
 
 /// A webhook as stored; each forge's API renders it its own way.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct StoredHook {
     repo: String,
     id: u64,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 /// Longest delivery id kept; longer ids are cut (they are opaque and GitHub's are 36 bytes).
 const MAX_ID_LEN: usize = 128;
 
+/// Delivery ids acted on within the window, bounded in number.
 pub struct DeliveryCache {
     window: Duration,
     capacity: usize,
@@ -31,8 +32,20 @@ impl DeliveryCache {
         }
     }
 
-    /// Records `id` and says whether it was already seen within the window.
-    pub fn check_and_insert(&self, id: &str, now: Instant) -> bool {
+    /// Whether `id` was recorded within the window. Only asks: a delivery is recorded with
+    /// [`DeliveryCache::record`] once it has been acted on, so one refused (a 503 while
+    /// shutting down) is not taken for a duplicate when the forge or a person sends it again.
+    pub fn seen(&self, id: &str, now: Instant) -> bool {
+        let inner = self.inner.lock().expect("delivery cache lock poisoned");
+        inner
+            .seen
+            .get(cut(id))
+            .is_some_and(|at| now.duration_since(*at) < self.window)
+    }
+
+    /// Records `id` as acted on at `now`, forgetting the oldest entries past the window or
+    /// the capacity.
+    pub fn record(&self, id: &str, now: Instant) {
         let id = cut(id);
         let mut inner = self.inner.lock().expect("delivery cache lock poisoned");
         while let Some((at, old)) = inner.order.front() {
@@ -46,16 +59,11 @@ impl DeliveryCache {
                 inner.seen.remove(&old);
             }
         }
-        if let Some(at) = inner.seen.get(id) {
-            if now.duration_since(*at) < self.window {
-                return true;
-            }
-        }
         inner.seen.insert(id.to_string(), now);
         inner.order.push_back((now, id.to_string()));
-        false
     }
 
+    /// Delivery ids remembered now.
     pub fn len(&self) -> usize {
         self.inner
             .lock()
@@ -64,6 +72,7 @@ impl DeliveryCache {
             .len()
     }
 
+    /// Whether no delivery id is remembered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -88,11 +97,14 @@ mod tests {
     fn remembers_within_the_window() {
         let cache = DeliveryCache::new(Duration::from_secs(3600), 10);
         let t0 = Instant::now();
-        assert!(!cache.check_and_insert("a", t0));
-        assert!(cache.check_and_insert("a", t0 + Duration::from_secs(10)));
-        assert!(!cache.check_and_insert("b", t0));
+        assert!(!cache.seen("a", t0));
+        // Asking records nothing.
+        assert!(!cache.seen("a", t0));
+        cache.record("a", t0);
+        assert!(cache.seen("a", t0 + Duration::from_secs(10)));
+        assert!(!cache.seen("b", t0));
         // After the window the id counts as new again.
-        assert!(!cache.check_and_insert("a", t0 + Duration::from_secs(3601)));
+        assert!(!cache.seen("a", t0 + Duration::from_secs(3601)));
     }
 
     #[test]
@@ -100,14 +112,15 @@ mod tests {
         let cache = DeliveryCache::new(Duration::from_secs(3600), 100);
         let t0 = Instant::now();
         for i in 0..10_000 {
-            cache.check_and_insert(&format!("id-{i}"), t0);
+            cache.record(&format!("id-{i}"), t0);
         }
         assert!(cache.len() <= 100, "{}", cache.len());
         // The newest are remembered, the oldest forgotten.
-        assert!(cache.check_and_insert("id-9999", t0));
-        assert!(!cache.check_and_insert("id-0", t0));
+        assert!(cache.seen("id-9999", t0));
+        assert!(!cache.seen("id-0", t0));
         let long = "x".repeat(10_000);
-        assert!(!cache.check_and_insert(&long, t0));
-        assert!(cache.check_and_insert(&long, t0));
+        assert!(!cache.seen(&long, t0));
+        cache.record(&long, t0);
+        assert!(cache.seen(&long, t0));
     }
 }

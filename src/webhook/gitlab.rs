@@ -1,13 +1,14 @@
 //! GitLab deliveries: the signing token (Standard Webhooks: HMAC-SHA256 over
 //! `{webhook-id}.{webhook-timestamp}.{body}`, any of several `v1,<base64>` values may match,
-//! timestamp within five minutes) or, without a signature, the plain `X-Gitlab-Token`
-//! compared in constant time; and the `Push Hook` / `Tag Push Hook` payloads.
+//! timestamp within five minutes), required whenever a signing key is configured; else the
+//! plain `X-Gitlab-Token`, compared as fixed-size digests in constant time; and the
+//! `Push Hook` / `Tag Push Hook` payloads.
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::github::check_sha;
@@ -26,25 +27,59 @@ pub const UUID_HEADER: &str = "X-Gitlab-Event-UUID";
 /// Standard Webhooks recommendation and bounds how long a captured delivery can be replayed.
 pub const TIMESTAMP_TOLERANCE_SECS: i64 = 300;
 
-/// The secrets a GitLab delivery is checked against.
-#[derive(Debug, Clone, Default)]
+/// The secrets a GitLab delivery is checked against. Plain tokens are kept only as SHA-256
+/// digests, so a comparison always runs over 32 bytes and its time tells nothing about the
+/// length of the token configured or presented; `Debug` shows neither tokens nor keys.
+#[derive(Clone, Default)]
 pub struct GitlabSecrets {
-    /// Plain tokens (current, then previous during a rotation).
-    pub tokens: Vec<Secret>,
-    /// Decoded signing keys (the bytes after `whsec_`).
-    pub signing_keys: Vec<Vec<u8>>,
+    /// Digests of the plain tokens (current, then previous during a rotation).
+    tokens: Vec<[u8; 32]>,
+    /// Decoded signing keys (the bytes after `whsec_`), never empty.
+    signing_keys: Vec<Vec<u8>>,
 }
 
-/// Decodes a `whsec_<base64>` signing token into its key bytes.
+impl GitlabSecrets {
+    /// The plain tokens and decoded signing keys (see [`signing_key`]) a delivery may prove.
+    pub fn new(tokens: &[Secret], signing_keys: Vec<Vec<u8>>) -> Self {
+        Self {
+            tokens: tokens
+                .iter()
+                .map(|t| Sha256::digest(t.expose().as_bytes()).into())
+                .collect(),
+            signing_keys,
+        }
+    }
+}
+
+impl std::fmt::Debug for GitlabSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GitlabSecrets")
+            .field("tokens", &self.tokens.len())
+            .field("signing_keys", &self.signing_keys.len())
+            .finish()
+    }
+}
+
+/// Decodes a `whsec_<base64>` signing token into its key bytes. An empty key is refused: an
+/// HMAC under it proves nothing, anyone can compute it.
 pub fn signing_key(token: &str) -> Result<Vec<u8>, String> {
     let b64 = token.strip_prefix("whsec_").unwrap_or(token);
-    BASE64
+    let key = BASE64
         .decode(b64)
-        .map_err(|_| "a signing token is \"whsec_\" followed by base64".to_string())
+        .map_err(|_| "a signing token is \"whsec_\" followed by base64".to_string())?;
+    if key.is_empty() {
+        return Err(
+            "the signing key is empty: a signing token is \"whsec_\" followed by the base64 of \
+             the key GitLab shows for the webhook"
+                .to_string(),
+        );
+    }
+    Ok(key)
 }
 
-/// The headers that carry GitLab's proof, as raw bytes.
-#[derive(Debug, Default, Clone, Copy)]
+/// The headers that carry GitLab's proof, as raw bytes. `Debug` shows whether the token and
+/// signature were sent, never their values.
+#[derive(Default, Clone, Copy)]
 pub struct ProofHeaders<'a> {
     pub token: Option<&'a [u8]>,
     pub signature: Option<&'a [u8]>,
@@ -52,16 +87,32 @@ pub struct ProofHeaders<'a> {
     pub timestamp: Option<&'a [u8]>,
 }
 
-/// Verifies a delivery: the signature when one is sent and a signing key is configured,
-/// else the plain token.
+impl std::fmt::Debug for ProofHeaders<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |v: Option<&[u8]>| v.map(|b| String::from_utf8_lossy(b).into_owned());
+        f.debug_struct("ProofHeaders")
+            .field("token", &self.token.map(|_| "<redacted>"))
+            .field("signature", &self.signature.map(|_| "<redacted>"))
+            .field("id", &shown(self.id))
+            .field("timestamp", &shown(self.timestamp))
+            .finish()
+    }
+}
+
+/// Verifies a delivery. With a signing key configured the signature is required and is the
+/// only proof accepted: a plain token (the weaker secret, perhaps still set on an old hook)
+/// never stands in for a missing signature. Without one, the plain token is required.
 pub fn verify(
     secrets: &GitlabSecrets,
     headers: ProofHeaders<'_>,
     body: &[u8],
     now_unix: i64,
 ) -> Result<(), WebhookError> {
-    if let (Some(sig), false) = (headers.signature, secrets.signing_keys.is_empty()) {
-        return verify_signature(&secrets.signing_keys, sig, headers, body, now_unix);
+    if !secrets.signing_keys.is_empty() {
+        let signature = headers.signature.ok_or(WebhookError::MissingSignature {
+            header: SIGNATURE_HEADER,
+        })?;
+        return verify_signature(&secrets.signing_keys, signature, headers, body, now_unix);
     }
     if secrets.tokens.is_empty() {
         return Err(WebhookError::MissingSignature {
@@ -71,11 +122,12 @@ pub fn verify(
     let token = headers.token.ok_or(WebhookError::MissingSignature {
         header: TOKEN_HEADER,
     })?;
-    let mut ok = false;
+    let presented: [u8; 32] = Sha256::digest(token).into();
+    let mut ok = subtle::Choice::from(0);
     for expected in &secrets.tokens {
-        ok |= bool::from(expected.expose().as_bytes().ct_eq(token));
+        ok |= expected.ct_eq(&presented);
     }
-    if ok {
+    if bool::from(ok) {
         Ok(())
     } else {
         Err(WebhookError::BadToken)
@@ -215,10 +267,7 @@ mod tests {
     const VECTOR_SIG: &str = "v1,JLr1TUpVl7HwcPinA5UmHsDYquXT9bJCMveVwM+wWTA=";
 
     fn signing() -> GitlabSecrets {
-        GitlabSecrets {
-            tokens: vec![],
-            signing_keys: vec![signing_key(VECTOR_TOKEN).unwrap()],
-        }
+        GitlabSecrets::new(&[], vec![signing_key(VECTOR_TOKEN).unwrap()])
     }
 
     fn headers<'a>(sig: &'a str, ts: &'a str) -> ProofHeaders<'a> {
@@ -312,10 +361,7 @@ mod tests {
 
     #[test]
     fn token_fallback() {
-        let secrets = GitlabSecrets {
-            tokens: vec![Secret::new("tok-new"), Secret::new("tok-old")],
-            signing_keys: vec![],
-        };
+        let secrets = GitlabSecrets::new(&[Secret::new("tok-new"), Secret::new("tok-old")], vec![]);
         let with = |t: &'static str| ProofHeaders {
             token: Some(t.as_bytes()),
             ..Default::default()
@@ -330,6 +376,51 @@ mod tests {
             verify(&secrets, ProofHeaders::default(), b"{}", 0),
             Err(WebhookError::MissingSignature { .. })
         ));
+        // Tokens of any length that are not the token fail alike.
+        for wrong in ["", "t", "tok-ne", "tok-nex", "tok-new-and-more"] {
+            assert_eq!(
+                verify(&secrets, with(wrong), b"{}", 0),
+                Err(WebhookError::BadToken),
+                "{wrong:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_signing_key_makes_the_signature_required() {
+        let secrets = GitlabSecrets::new(
+            &[Secret::new("tok")],
+            vec![signing_key(VECTOR_TOKEN).unwrap()],
+        );
+        let token_only = ProofHeaders {
+            token: Some(b"tok"),
+            ..Default::default()
+        };
+        assert_eq!(
+            verify(&secrets, token_only, b"Hello, World!", VECTOR_TS),
+            Err(WebhookError::MissingSignature {
+                header: SIGNATURE_HEADER
+            })
+        );
+        let ts = VECTOR_TS.to_string();
+        let signed = ProofHeaders {
+            token: Some(b"not the token"),
+            ..headers(VECTOR_SIG, &ts)
+        };
+        assert_eq!(
+            verify(&secrets, signed, b"Hello, World!", VECTOR_TS),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn empty_or_malformed_signing_keys_are_refused() {
+        for bad in ["whsec_", "", "whsec_====", "whsec_not base64!"] {
+            assert!(signing_key(bad).is_err(), "{bad:?}");
+        }
+        assert!(signing_key("whsec_")
+            .unwrap_err()
+            .contains("the signing key is empty"));
     }
 
     #[test]

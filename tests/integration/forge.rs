@@ -567,22 +567,26 @@ async fn compare_tells_ahead_behind_identical_and_diverged() {
     assert_github_requests_exist(&sim.requests());
 }
 
-/// `driftless hooks register`, run as a user runs it, against both simulated forges.
-#[tokio::test]
-async fn hooks_register_creates_once_and_updates_when_the_secret_changes() {
+/// The simulator serving one empty repository as `acme/deploy` (GitHub) and
+/// `acme/platform/deploy` (GitLab), for the hook tests.
+async fn hook_repos() -> (GitRepo, ForgeSimulator) {
     let repo = GitRepo::new();
     repo.commit("empty");
     let sim = simulator().await;
     sim.add_repo("acme/deploy", repo.path());
     sim.add_repo("acme/platform/deploy", repo.path());
-    let dir = tempfile::tempdir().unwrap();
+    (repo, sim)
+}
+
+/// Settings for `hooks register` against the simulator: two GitHub apps on `acme/deploy`, one
+/// GitLab app on `acme/platform/deploy`, the webhook secret read from `secret`.
+fn hooks_config(sim: &ForgeSimulator, dir: &std::path::Path, secret: &str) -> String {
     let file = |name: &str, v: &str| {
-        let p = dir.path().join(name);
+        let p = dir.join(name);
         std::fs::write(&p, v).unwrap();
         p.display().to_string()
     };
-    let secret = file("secret", "first-secret");
-    let config = file(
+    file(
         "d.toml",
         &format!(
             r#"
@@ -615,24 +619,37 @@ repo = "acme/platform/deploy"
             sim.gitlab_api_url(),
             file("glt", GL_TOKEN),
         ),
+    )
+}
+
+/// Runs `driftless hooks register` as a user does; fails the test on a non-zero exit.
+async fn register(config: &str, extra: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+        .args(["hooks", "register", "--config", config])
+        .args(extra)
+        .env_remove("DRIFTLESS_CONFIG")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `driftless hooks register`, run as a user runs it, against both simulated forges.
+#[tokio::test]
+async fn hooks_register_creates_once_and_updates_when_the_secret_changes() {
+    let (_repo, sim) = hook_repos().await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "first-secret").unwrap();
+    let config = hooks_config(&sim, dir.path(), &secret.display().to_string());
     let run = |extra: &'static [&'static str]| {
         let config = config.clone();
-        async move {
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
-                .args(["hooks", "register", "--config", &config])
-                .args(extra)
-                .env_remove("DRIFTLESS_CONFIG")
-                .output()
-                .await
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8(out.stdout).unwrap()
-        }
+        async move { register(&config, extra).await }
     };
     let first = run(&[]).await;
     assert!(
@@ -689,15 +706,56 @@ repo = "acme/platform/deploy"
     assert_github_requests_exist(&sim.requests());
 }
 
+/// A repository with more hooks than fit on one page: register finds its own hook on the
+/// second page of the listing (both forges page their hook lists) and never adds another.
+#[tokio::test]
+async fn hooks_register_finds_its_hook_past_the_first_page() {
+    let (_repo, sim) = hook_repos().await;
+    let c = clients(&sim, GH_TOKEN, "");
+    // 100 hooks of other services fill the first page (driftless asks for 100 a page, the
+    // most either forge serves), so the one register creates is the 101st.
+    for i in 0..100 {
+        let spec = HookSpec {
+            url: format!("https://ci-{i}.example.net/hook"),
+            secret: format!("other-{i}"),
+        };
+        c.github.create_hook("acme/deploy", &spec).await.unwrap();
+        c.gitlab
+            .create_hook("acme/platform/deploy", &spec)
+            .await
+            .unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "ours").unwrap();
+    let config = hooks_config(&sim, dir.path(), &secret.display().to_string());
+    let first = register(&config, &[]).await;
+    assert_eq!(first.matches("created hook").count(), 2, "{first}");
+    for _ in 0..2 {
+        let again = register(&config, &[]).await;
+        assert_eq!(again.matches("is up to date").count(), 2, "{again}");
+    }
+    for name in ["acme/deploy", "acme/platform/deploy"] {
+        let hooks = sim.hooks(name);
+        assert_eq!(hooks.len(), 101, "{name}");
+        let ours: Vec<_> = hooks
+            .iter()
+            .filter(|h| h.url.starts_with("https://driftless.example.com/"))
+            .collect();
+        assert_eq!(ours.len(), 1, "{name}: {ours:?}");
+    }
+    // The first run found one full page and no next link; the two after it read both pages
+    // of each list, following the forge's next link.
+    assert_eq!(count(&sim, "github", "GET /repos/{owner}/{repo}/hooks"), 5);
+    assert_eq!(count(&sim, "gitlab", "GET /projects/:id/hooks"), 5);
+    assert_github_requests_exist(&sim.requests());
+}
+
 /// `serve` registers hooks at start-up only on the forges whose section sets
 /// `register_webhooks = true`.
 #[tokio::test]
 async fn serve_registers_hooks_only_where_asked() {
-    let repo = GitRepo::new();
-    repo.commit("empty");
-    let sim = simulator().await;
-    sim.add_repo("acme/deploy", repo.path());
-    sim.add_repo("acme/platform/deploy", repo.path());
+    let (_repo, sim) = hook_repos().await;
     let dir = tempfile::tempdir().unwrap();
     let file = |name: &str, v: &str| {
         let p = dir.path().join(name);

@@ -14,3 +14,4 @@ mod simulator;
 mod support;
 mod webhook;
 mod webhook_fuzz;
+mod webhook_stream;

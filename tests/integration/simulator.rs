@@ -1782,3 +1782,135 @@ async fn send_gitlab_push_is_verified_and_queued_by_the_receiver() {
     assert_eq!(commits[0]["title"], "change 2");
     assert_eq!(commits[19]["modified"], json!(["a"]));
 }
+
+/// The default page size GitHub's OpenAPI description gives an operation's `per_page`.
+fn documented_per_page_default(method: &str, path: &str) -> usize {
+    let (_, op) = find_operation(method, path).expect("a GitHub operation");
+    let doc = crate::support::openapi::description();
+    op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| match p.get("$ref").and_then(Value::as_str) {
+            Some(r) => doc.pointer(r.trim_start_matches('#')).unwrap(),
+            None => p,
+        })
+        .find(|p| p["name"] == "per_page")
+        .and_then(|p| p["schema"]["default"].as_u64())
+        .expect("per_page has a documented default") as usize
+}
+
+/// GitHub's hook list pages as its description says: `per_page` (default 30, at most 100)
+/// and `page`, a `Link` header (declared for the 200 answer) with `next` while more remain;
+/// following `next` yields every hook exactly once, each page valid against the schema.
+#[tokio::test]
+async fn github_hook_listing_pages_as_documented() {
+    let (repo, _) = sample_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let gh = GithubClient::new(&sim);
+    let mut created = BTreeSet::new();
+    for i in 0..65 {
+        let hook = gh
+            .send(
+                Method::POST,
+                "/repos/acme/deploy/hooks",
+                Some(json!({"config": {"url": format!("https://ci-{i}.example.net/hook")}})),
+                &[],
+            )
+            .await;
+        assert_eq!(hook.status, 201);
+        created.insert(hook.json["id"].as_u64().unwrap());
+    }
+    let path = "/repos/acme/deploy/hooks";
+    let (_, op) = find_operation("GET", path).unwrap();
+    assert!(
+        op["responses"]["200"]["headers"].get("Link").is_some(),
+        "the description declares Link on the hook list"
+    );
+    let default = documented_per_page_default("GET", path);
+    assert_eq!(default, 30);
+    for (query, per_page) in [("", default), ("?per_page=100", 100), ("?per_page=7", 7)] {
+        let mut seen = BTreeSet::new();
+        let mut pages = 0;
+        let mut next = Some(format!("{path}{query}"));
+        while let Some(p) = next {
+            let page = gh.get(&p).await;
+            assert_eq!(page.status, 200);
+            let rows = page.json.as_array().unwrap();
+            assert!(rows.len() <= per_page, "{query}");
+            for row in rows {
+                assert!(
+                    seen.insert(row["id"].as_u64().unwrap()),
+                    "{query}: repeated"
+                );
+            }
+            pages += 1;
+            next = next_link(&page).map(|url| {
+                url.strip_prefix(&gh.api)
+                    .unwrap_or_else(|| panic!("next page outside the API: {url}"))
+                    .to_string()
+            });
+            if next.is_some() {
+                assert!(page.header("link").unwrap().contains("rel=\"last\""));
+            }
+        }
+        assert_eq!(seen, created, "{query}");
+        assert_eq!(pages, created.len().div_ceil(per_page), "{query}");
+    }
+    let capped = gh.get(&format!("{path}?per_page=1000")).await;
+    assert_eq!(capped.json.as_array().unwrap().len(), 65);
+    assert_github_requests_exist(&sim.requests());
+}
+
+/// GitLab's hook list pages with its offset headers: `per_page` (default 20, at most 100),
+/// `X-Next-Page` and `Link: rel="next"` while more remain, every hook exactly once.
+#[tokio::test]
+async fn gitlab_hook_listing_pages_as_documented() {
+    let (repo, _) = sample_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/platform/deploy", repo.path());
+    let gl = GitlabClient::new(&sim);
+    let mut created = BTreeSet::new();
+    for i in 0..45 {
+        let hook = gl
+            .send(
+                Method::POST,
+                &format!("/projects/{GL_PROJECT}/hooks"),
+                Some(json!({"url": format!("https://ci-{i}.example.net/hook")})),
+            )
+            .await;
+        assert_eq!(hook.status, 201);
+        created.insert(hook.json["id"].as_u64().unwrap());
+    }
+    for (query, per_page) in [("", 20), ("?per_page=100", 100), ("?per_page=7", 7)] {
+        let mut seen = BTreeSet::new();
+        let mut pages = 0;
+        let mut next = Some(format!("{}/projects/{GL_PROJECT}/hooks{query}", gl.api));
+        while let Some(url) = next {
+            let page = gl.send_url(Method::GET, &url, None).await;
+            assert_eq!(page.status, 200);
+            pages += 1;
+            assert_eq!(page.header("x-page"), Some(pages.to_string().as_str()));
+            assert_eq!(
+                page.header("x-per-page"),
+                Some(per_page.to_string().as_str())
+            );
+            assert_eq!(page.header("x-total"), Some("45"));
+            for row in page.json.as_array().unwrap() {
+                assert!(
+                    seen.insert(row["id"].as_u64().unwrap()),
+                    "{query}: repeated"
+                );
+            }
+            next = next_link(&page);
+            let x_next = page.header("x-next-page").unwrap_or("");
+            assert_eq!(x_next.is_empty(), next.is_none(), "{query}");
+            if let Some(n) = &next {
+                assert!(n.contains(&format!("page={x_next}")), "{n} vs {x_next}");
+            }
+        }
+        assert_eq!(seen, created, "{query}");
+        assert_eq!(pages, created.len().div_ceil(per_page), "{query}");
+    }
+}

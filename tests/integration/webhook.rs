@@ -25,7 +25,9 @@ struct Harness {
     receiver: web::Data<Receiver>,
 }
 
-fn harness_with(extra: &str, body_limit: &str) -> Harness {
+/// A receiver for the three apps; GitLab deliveries prove the plain token, or with `signing`
+/// the Standard Webhooks signature (then required).
+fn harness_with(server: &str, signing: bool) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, value: &str| {
         let p = dir.path().join(name);
@@ -35,7 +37,7 @@ fn harness_with(extra: &str, body_limit: &str) -> Harness {
     let text = format!(
         r#"
 [server]
-body_limit = "{body_limit}"
+{server}
 [forges.github]
 token_file = "{gh_token}"
 webhook_secret_file = "{gh_secret}"
@@ -43,7 +45,7 @@ previous_webhook_secret_file = "{gh_old}"
 [forges.gitlab]
 token_file = "{gl_api}"
 webhook_token_file = "{gl_token}"
-signing_token_file = "{gl_signing}"
+{signing}
 [[apps]]
 name = "hello"
 forge = "github"
@@ -60,14 +62,20 @@ name = "diaspora"
 forge = "gitlab"
 repo = "mike/diaspora"
 branch = "master"
-{extra}
 "#,
         gh_token = write("gh-token", "ghp_x"),
         gh_secret = write("gh-secret", GH_SECRET),
         gh_old = write("gh-old", GH_OLD_SECRET),
         gl_api = write("gl-api", "glpat-x"),
         gl_token = write("gl-token", GL_TOKEN),
-        gl_signing = write("gl-signing", GL_SIGNING),
+        signing = if signing {
+            format!(
+                "signing_token_file = \"{}\"",
+                write("gl-signing", GL_SIGNING)
+            )
+        } else {
+            String::new()
+        },
     );
     let settings = Settings::from_toml_str(&text).unwrap();
     let queue = Arc::new(JobQueue::new());
@@ -81,7 +89,12 @@ branch = "master"
 }
 
 fn harness() -> Harness {
-    harness_with("", "25MiB")
+    harness_with("", false)
+}
+
+/// GitLab deliveries must carry a signature made with [`GL_SIGNING`].
+fn signing_harness() -> Harness {
+    harness_with("", true)
 }
 
 macro_rules! app {
@@ -312,7 +325,7 @@ async fn ping_other_events_tags_deletions_and_strangers() {
 
 #[actix_web::test]
 async fn content_type_and_size_limits() {
-    let h = harness_with("", "4KiB");
+    let h = harness_with(r#"body_limit = "4KiB""#, false);
     let app = app!(h);
     let body = branch_push();
     let form = test::TestRequest::post()
@@ -389,9 +402,7 @@ async fn gitlab_token_and_signature() {
     for (what, req) in [
         (
             "wrong token",
-            gitlab_request("Push Hook", &body)
-                .insert_header(("X-Gitlab-Token", "nope"))
-                .to_request(),
+            with_token("Push Hook", &body, "nope").to_request(),
         ),
         ("no token", gitlab_request("Push Hook", &body).to_request()),
     ] {
@@ -402,7 +413,9 @@ async fn gitlab_token_and_signature() {
         );
     }
 
-    // Standard Webhooks signature, verified instead of the token when present.
+    // With a signing token configured, the Standard Webhooks signature is the proof.
+    let h = signing_harness();
+    let app = app!(h);
     let key = gitlab::signing_key(GL_SIGNING).unwrap();
     let ts = now();
     let signed = |id: &str, ts: i64, sig: String| {
@@ -447,18 +460,14 @@ async fn gitlab_tag_pushes_and_other_events() {
     let tag = fixture("gitlab/tag_push.json");
     let resp = test::call_service(
         &app,
-        gitlab_request("Tag Push Hook", &tag)
-            .insert_header(("X-Gitlab-Token", GL_TOKEN))
-            .to_request(),
+        with_token("Tag Push Hook", &tag, GL_TOKEN).to_request(),
     )
     .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(json_body(resp).await["status"], "no_match");
     let resp = test::call_service(
         &app,
-        gitlab_request("Merge Request Hook", b"{}")
-            .insert_header(("X-Gitlab-Token", GL_TOKEN))
-            .to_request(),
+        with_token("Merge Request Hook", b"{}", GL_TOKEN).to_request(),
     )
     .await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
@@ -507,20 +516,15 @@ async fn health_readiness_and_metrics() {
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     // A push while shutting down is a 503 (retry later), never a 4xx.
     let body = fixture("gitlab/push.json");
-    let resp = test::call_service(
-        &app,
-        gitlab_request("Push Hook", &body)
-            .insert_header(("X-Gitlab-Token", GL_TOKEN))
-            .to_request(),
-    )
-    .await;
+    let resp =
+        test::call_service(&app, with_token("Push Hook", &body, GL_TOKEN).to_request()).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
 
 /// Every real payload, signed correctly, is accepted; one changed byte or another secret is 401.
 #[actix_web::test]
 async fn every_fixture_is_accepted_signed_and_refused_tampered() {
-    let h = harness();
+    let h = signing_harness();
     let app = app!(h);
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/github");
     let mut names: Vec<String> = std::fs::read_dir(&dir)
@@ -608,14 +612,13 @@ async fn every_fixture_is_accepted_signed_and_refused_tampered() {
             StatusCode::UNAUTHORIZED,
             "{file} other key"
         );
-        let resp = test::call_service(
-            &app,
-            gitlab_request(event, &body)
-                .insert_header(("X-Gitlab-Token", GL_TOKEN))
-                .to_request(),
-        )
-        .await;
-        assert!(resp.status().is_success(), "{file} with token");
+        // The plain token alone does not stand in for the signature.
+        let resp = test::call_service(&app, with_token(event, &body, GL_TOKEN).to_request()).await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::UNAUTHORIZED,
+            "{file} with the token only"
+        );
     }
 }
 
@@ -654,13 +657,195 @@ async fn two_quick_pushes_make_one_job_with_the_newer_revision() {
     );
 }
 
+/// The default limit is 1 MiB: a body of exactly that is read (and here refused for its
+/// signature), one byte more is refused with 413 before it is read, signed or not.
 #[actix_web::test]
-async fn a_26_mib_body_is_refused_with_the_default_limit() {
+async fn a_body_over_the_default_1_mib_limit_is_refused() {
     let h = harness();
     let app = app!(h);
-    let body = vec![b' '; 26 << 20];
-    let req = github_request("push", &body, Some(github::sign(GH_SECRET, &body))).to_request();
+    let at_limit = vec![b' '; 1 << 20];
+    let req = github_request("push", &at_limit, Some(github::sign("guess", &at_limit)));
+    let resp = test::call_service(&app, req.to_request()).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let over = vec![b' '; (1 << 20) + 1];
+    let req = github_request("push", &over, Some(github::sign(GH_SECRET, &over))).to_request();
     let resp = test::call_service(&app, req).await;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        json_body(resp).await["error"],
+        "body larger than the limit of 1048576 bytes"
+    );
     assert_eq!(h.queue.pending_len(), 0);
+}
+
+/// A delivery refused with 503 while shutting down is not remembered: its redelivery is
+/// refused the same way (never answered "duplicate", which would tell the forge it landed),
+/// and reaches a fresh receiver as new.
+#[actix_web::test]
+async fn a_delivery_refused_during_shutdown_is_not_taken_for_a_duplicate() {
+    let body = branch_push();
+    let send = || {
+        test::TestRequest::post()
+            .uri("/hooks/github")
+            .insert_header(("Content-Type", "application/json"))
+            .insert_header(("X-GitHub-Event", "push"))
+            .insert_header(("X-GitHub-Delivery", "5f1c3a2e-0d6b-11ef-9a7e-refused"))
+            .insert_header(("X-Hub-Signature-256", github::sign(GH_SECRET, &body)))
+            .set_payload(body.clone())
+            .to_request()
+    };
+    let h = harness();
+    let app = app!(h);
+    h.queue.close();
+    for attempt in ["first", "redelivery"] {
+        let resp = test::call_service(&app, send()).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "{attempt}");
+        assert!(
+            json_body(resp).await["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("shutting down")),
+            "{attempt}"
+        );
+    }
+    let fresh = harness();
+    let app = app!(fresh);
+    let resp = test::call_service(&app, send()).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    assert_eq!(json_body(resp).await["status"], "queued");
+    assert_eq!(fresh.queue.pending_len(), 2);
+}
+
+/// A GitLab delivery whose only proof is the plain token `token`.
+fn with_token(event: &str, body: &[u8], token: &str) -> test::TestRequest {
+    gitlab_request(event, body).insert_header(("X-Gitlab-Token", token))
+}
+
+/// With a signing token configured, a GitLab delivery must carry a valid signature: a correct
+/// plain token alone does not stand in for it. Without one, the token is the proof, and a
+/// wrong one fails whatever its length.
+#[actix_web::test]
+async fn gitlab_signing_key_makes_the_signature_required() {
+    let body = fixture("gitlab/push.json");
+    let signing = signing_harness();
+    let app = app!(signing);
+    let resp =
+        test::call_service(&app, with_token("Push Hook", &body, GL_TOKEN).to_request()).await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let error = json_body(resp).await["error"].as_str().unwrap().to_string();
+    assert!(error.contains("webhook-signature"), "{error}");
+    assert_eq!(signing.queue.pending_len(), 0);
+
+    let token_only = harness();
+    let app = app!(token_only);
+    for (what, token, status) in [
+        ("the token", GL_TOKEN, StatusCode::ACCEPTED),
+        ("shorter", &GL_TOKEN[..4], StatusCode::UNAUTHORIZED),
+        (
+            "same length",
+            "gl-token-for-tesTS",
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            "longer",
+            "gl-token-for-tests-and-more",
+            StatusCode::UNAUTHORIZED,
+        ),
+    ] {
+        let resp =
+            test::call_service(&app, with_token("Push Hook", &body, token).to_request()).await;
+        assert_eq!(resp.status(), status, "{what}");
+    }
+}
+
+/// `whsec_` with nothing after it would make every delivery's HMAC key empty: refused at
+/// start, naming the setting.
+#[actix_web::test]
+async fn an_empty_gitlab_signing_key_is_a_settings_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let signing = dir.path().join("gl-signing");
+    let api = dir.path().join("gl-api");
+    std::fs::write(&api, "glpat-x\n").unwrap();
+    for empty in ["whsec_", "whsec_\n"] {
+        std::fs::write(&signing, empty).unwrap();
+        let settings = Settings::from_toml_str(&format!(
+            "[forges.gitlab]\ntoken_file = {:?}\nsigning_token_file = {:?}\n",
+            api.display().to_string(),
+            signing.display().to_string()
+        ))
+        .unwrap();
+        let Err(error) = Receiver::new(
+            &settings,
+            Arc::new(JobQueue::new()),
+            Arc::new(Metrics::new()),
+        ) else {
+            panic!("{empty:?} was accepted as a signing token");
+        };
+        assert_eq!(error.key, "forges.gitlab.signing_token_file", "{empty:?}");
+        assert!(
+            error.message.contains("empty"),
+            "{empty:?}: {}",
+            error.message
+        );
+    }
+}
+
+/// No type that holds a secret prints it in `Debug` output, plain or pretty.
+#[actix_web::test]
+async fn secrets_never_appear_in_debug_output() {
+    use driftless::forge::HookSpec;
+    use driftless::settings::Secret;
+    use driftless::webhook::gitlab::{GitlabSecrets, ProofHeaders};
+
+    let token = "gl-tok-7f3a9c";
+    let key = gitlab::signing_key(GL_SIGNING).unwrap();
+    let key_b64 = GL_SIGNING.trim_start_matches("whsec_");
+    let secrets = GitlabSecrets::new(&[Secret::new(token)], vec![key.clone()]);
+    let proof = ProofHeaders {
+        token: Some(token.as_bytes()),
+        signature: Some(b"v1,c2lnbmF0dXJl"),
+        id: Some(b"msg-1"),
+        timestamp: Some(b"1744578123"),
+    };
+    let spec = HookSpec {
+        url: "https://d.example.com/hooks/github?s=0a1b2c3d".into(),
+        secret: token.into(),
+    };
+    let sim = driftless::simulator::SimConfig {
+        github_token: token.into(),
+        gitlab_token: token.into(),
+    };
+    let sim_hook = driftless::simulator::SimHook {
+        id: 7,
+        url: "https://d.example.com/hooks/gitlab".into(),
+        events: vec!["push".into()],
+        secret: Some(token.into()),
+        content_type: None,
+        active: true,
+    };
+    let shown = [
+        format!("{:?}", Secret::new(token)),
+        format!("{sim:?}"),
+        format!("{sim_hook:#?}"),
+        format!("{secrets:?}"),
+        format!("{secrets:#?}"),
+        format!("{proof:?}"),
+        format!("{proof:#?}"),
+        format!("{spec:?}"),
+        format!("{spec:#?}"),
+    ];
+    // The key bytes as Debug would print a Vec<u8>: "[0, 1, 2, ...]" and "0,\n 1,".
+    let key_plain = format!("{key:?}");
+    let key_inner = key_plain.trim_matches(|c| c == '[' || c == ']');
+    let key_pretty = format!("{key:#?}");
+    let key_pretty_inner = key_pretty.trim_matches(|c| c == '[' || c == ']').trim();
+    for text in &shown {
+        for secret in [token, key_b64, key_inner, key_pretty_inner] {
+            assert!(!text.contains(secret), "{secret:?} shown in {text}");
+        }
+        assert!(!text.contains("c2lnbmF0dXJl"), "signature shown in {text}");
+    }
+    assert!(
+        format!("{spec:?}").contains("d.example.com/hooks/github"),
+        "the URL is not secret"
+    );
 }

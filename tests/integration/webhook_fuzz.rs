@@ -109,10 +109,7 @@ proptest! {
     ) {
         let secrets = [Secret::new("s")];
         prop_assert!(github::verify_signature(&secrets, Some(&sig), &body).is_err());
-        let gl = GitlabSecrets {
-            tokens: vec![Secret::new("t")],
-            signing_keys: vec![vec![1, 2, 3]],
-        };
+        let gl = GitlabSecrets::new(&[Secret::new("t")], vec![vec![1, 2, 3]]);
         let headers = ProofHeaders {
             token: Some(&sig),
             signature: Some(&sig),
