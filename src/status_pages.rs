@@ -94,7 +94,7 @@ impl StateSource {
                 let verdict = match api.get_opt(&id.name).await {
                     Ok(Some(live)) => {
                         let value = serde_json::to_value(&live).unwrap_or(Value::Null);
-                        match health::health(&id.kind, &value) {
+                        match health::health(id, &value) {
                             Health::Healthy => "healthy".to_string(),
                             Health::Progressing(why) => format!("progressing: {why}"),
                             Health::Failed(why) => format!("failed: {why}"),

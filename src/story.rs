@@ -7,8 +7,9 @@
 //! against a real Kubernetes API server, over a real git repository served by the
 //! [forge simulator](crate::simulator), which sends the signed push webhooks. The test control
 //! plane has no nodes and no workload controllers, so the story plays the Deployment
-//! controller: whenever a Deployment's spec changes it reports the rollout complete through
-//! the status subresource, as the real controller would once the pods are up.
+//! controller ([`PlayedController`]): whenever a Deployment's spec changes it reports the
+//! rollout complete through the status subresource, as the real controller would once the
+//! pods are up.
 //!
 //! Each run uses namespaces of its own (`shop-<id>` for the app, `driftless-story-<id>` for
 //! driftless's state), so runs can go on in parallel and repeatedly; they are deleted at the
@@ -29,6 +30,9 @@ use serde_json::{json, Value};
 use crate::reconcile::state::{DriftRecord, RunRecord};
 use crate::settings::ForgeKind;
 use crate::simulator::{ForgeSimulator, RecordedStatus, SimConfig};
+
+mod rollout;
+pub use rollout::{PlayedController, Reported, RolloutStep, Workload};
 
 /// The app the story deploys.
 pub const APP: &str = "shop";
@@ -53,8 +57,6 @@ const PUSH_DEADLINE: Duration = Duration::from_secs(30);
 const TICK_DEADLINE: Duration = Duration::from_secs(DRIFT_INTERVAL.as_secs() + 30);
 /// How often the story looks at the cluster, the forge and the status page while waiting.
 const POLL: Duration = Duration::from_millis(50);
-/// How often the played Deployment controller looks for new generations.
-const CONTROLLER_POLL: Duration = Duration::from_millis(100);
 /// Lines of the `driftless serve` log quoted when a step fails.
 const LOG_TAIL_LINES: usize = 40;
 
@@ -210,7 +212,7 @@ struct Stage {
     http: reqwest::Client,
     serve: Option<tokio::process::Child>,
     log: PathBuf,
-    controller: tokio::task::JoinHandle<()>,
+    controller: PlayedController,
     /// The branch head the forge last announced in a webhook (the next push's `before`).
     announced: String,
 }
@@ -946,37 +948,18 @@ impl WorkTree {
     }
 }
 
-/// Plays the Deployment controller the test control plane lacks: whenever a Deployment's
-/// generation moves, it reports the rollout complete (all replicas updated and available),
-/// as the real controller does once the new pods are ready.
-pub fn play_deployment_controller(api: Api<Deployment>) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            if let Ok(list) = api.list(&Default::default()).await {
-                for d in list.items {
-                    let generation = d.metadata.generation.unwrap_or(0);
-                    let observed = d
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.observed_generation)
-                        .unwrap_or(-1);
-                    if observed >= generation {
-                        continue;
-                    }
-                    let n = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-                    let status = json!({"status": {"observedGeneration": generation,
-                        "replicas": n, "updatedReplicas": n, "readyReplicas": n,
-                        "availableReplicas": n}});
-                    if let Some(name) = d.metadata.name {
-                        let _ = api
-                            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                            .await;
-                    }
-                }
-            }
-            tokio::time::sleep(CONTROLLER_POLL).await;
-        }
-    })
+/// Plays the Deployment controller the test control plane lacks, on the happy path: whenever
+/// a Deployment's generation moves, it reports the rollout complete (all replicas updated and
+/// available), as the real controller does once the new pods are ready. Scripted rollouts
+/// (old pods left, a deadline exceeded) are [`PlayedController`]'s.
+pub fn play_deployment_controller(api: Api<Deployment>) -> PlayedController {
+    let namespace = api.namespace().unwrap_or("default").to_string();
+    PlayedController::start(
+        api.into_client(),
+        &namespace,
+        Workload::Deployment,
+        |_: &Value| vec![RolloutStep::Complete],
+    )
 }
 
 async fn kube_client(kubeconfig: &Path) -> Result<Client, String> {

@@ -1211,7 +1211,7 @@ impl Engine {
                     continue;
                 };
                 let value = serde_json::to_value(&live).unwrap_or(Value::Null);
-                match health::health(&p.id.kind, &value) {
+                match health::health(&p.id, &value) {
                     Health::Healthy => {}
                     Health::Failed(reason) => {
                         return Err(ReconcileError::Unhealthy {

@@ -138,7 +138,7 @@ async fn drift_once(env: &Env) -> std::process::Output {
         .unwrap()
 }
 
-async fn applied_env(app_extra: &str) -> (Env, tokio::task::JoinHandle<()>) {
+async fn applied_env(app_extra: &str) -> (Env, driftless::story::PlayedController) {
     let env = Env::new("github", app_extra).await;
     // Plays the (disabled) Deployment controller for the app's namespace.
     let controller = driftless::story::play_deployment_controller(Api::namespaced(

@@ -6,6 +6,7 @@ mod cli;
 mod deploy;
 mod drift;
 mod forge;
+mod health;
 mod kubernetes;
 mod ordering;
 mod reconcile;
