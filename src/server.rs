@@ -606,10 +606,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     let kube_ready = Arc::new(AtomicBool::new(false));
     receiver.kubernetes_ready = Some(kube_ready.clone());
-    receiver.state_source = Some(crate::status_pages::StateSource {
-        client: client.clone(),
-        namespace: settings.kubernetes.state_namespace.clone(),
-    });
+    receiver.state_source = Some(crate::status_pages::StateSource::new(
+        client.clone(),
+        settings.kubernetes.state_namespace.clone(),
+    ));
     let receiver = web::Data::new(receiver);
     let shutdown = CancellationToken::new();
 

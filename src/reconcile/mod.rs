@@ -701,10 +701,12 @@ impl Engine {
         sorted.sort_by(|a, b| a.path.cmp(&b.path));
         let mut entries = Vec::with_capacity(sorted.len());
         let mut defined_by_crds: HashSet<(String, String)> = HashSet::new();
+        // Shared by the files parsed in this run, so together they stay within the limits.
+        let mut budget = manifest::Budget::default();
         for f in &sorted {
             let entry = match cache.get(&f.path) {
                 Some((sha, prepared)) if *sha == f.sha => Entry::Cached(prepared.clone()),
-                _ => Entry::Parsed(manifest::parse_file(&f.path, &f.content)?),
+                _ => Entry::Parsed(manifest::parse_file(&f.path, &f.content, &mut budget)?),
             };
             match &entry {
                 Entry::Cached(ps) => defined_by_crds.extend(

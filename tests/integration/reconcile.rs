@@ -597,10 +597,12 @@ async fn status_pages_show_the_state_in_the_cluster() {
         Arc::new(driftless::metrics::Metrics::new()),
     )
     .unwrap();
-    rx.state_source = Some(driftless::status_pages::StateSource {
-        client: env.ns.client.clone(),
-        namespace: env.state_ns.name.clone(),
-    });
+    // Every request reads the cluster: the test changes health between two requests.
+    rx.state_source = Some(driftless::status_pages::StateSource::with_ttl(
+        env.ns.client.clone(),
+        env.state_ns.name.clone(),
+        Duration::ZERO,
+    ));
     let app = test::init_service(
         App::new()
             .app_data(web::Data::new(rx))

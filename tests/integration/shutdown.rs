@@ -12,7 +12,7 @@ use kube::Api;
 use serde_json::json;
 
 use crate::reconcile::Env;
-use crate::support::serve::Serve;
+use crate::support::serve::{Serve, ServeConfig};
 
 const REPO: &str = "acme/deploy";
 
@@ -36,24 +36,15 @@ async fn wait_state(env: &Env, what: &str, ok: impl Fn(&AppState) -> bool) -> Ap
 #[tokio::test]
 async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     let env = Env::new("github", "health_timeout = \"300s\"").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let base = format!("http://127.0.0.1:{port}");
-    let text = std::fs::read_to_string(&env.config_file).unwrap().replacen(
-        "[server]\n",
-        &format!("[log]\nformat = \"json\"\n[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"2s\"\n"),
-        1,
+    let cfg = ServeConfig::new(
+        &env.config_file,
+        "[log]\nformat = \"json\"\n",
+        "shutdown_grace = \"2s\"\n",
     );
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("driftless.toml");
-    std::fs::write(&config, text).unwrap();
-
+    let (config, base) = (&cfg.path, &cfg.base);
     env.repo.write("app/a.yaml", &env.cm("a", "0"));
     let c0 = env.repo.commit("start");
-    let serve = Serve::start(&config, &base, dir.path().join("serve-1.log")).await;
+    let serve = Serve::start(config, base, cfg.log("serve-1.log")).await;
     // The start-up catch-up applies the branch head.
     wait_state(&env, "the catch-up of c0", |st| {
         st.revision.as_deref() == Some(c0.as_str())
@@ -69,7 +60,7 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     let c1 = env.repo.commit("add web");
     let code = env
         .sim
-        .send_github_push(&base, REPO, "main", &c0, &c1, "s")
+        .send_github_push(base, REPO, "main", &c0, &c1, "s")
         .await
         .unwrap();
     assert_eq!(code.as_u16(), 202, "{}", serve.log());
@@ -89,7 +80,7 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let code = env
         .sim
-        .send_github_push(&base, REPO, "main", &c0, &c1, "s")
+        .send_github_push(base, REPO, "main", &c0, &c1, "s")
         .await
         .unwrap();
     assert_eq!(code.as_u16(), 503, "{}", serve.log());
@@ -154,7 +145,7 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
         .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
         .await
         .unwrap();
-    let serve = Serve::start(&config, &base, dir.path().join("serve-2.log")).await;
+    let serve = Serve::start(config, base, cfg.log("serve-2.log")).await;
     let st = wait_state(&env, "the resumed c1", |st| {
         st.revision.as_deref() == Some(c1.as_str())
     })

@@ -15,6 +15,18 @@ pub const KUBECONFIG_ENV: &str = "DRIFTLESS_TEST_KUBECONFIG";
 
 /// A client for the test control plane; panics with instructions when there is none.
 pub async fn client() -> Client {
+    let (path, config) = config().await;
+    let client = Client::try_from(config).expect("building a client for the test control plane");
+    client
+        .apiserver_version()
+        .await
+        .unwrap_or_else(|e| panic!("test control plane from {path} is not answering: {e}"));
+    client
+}
+
+/// The test control plane's kubeconfig path and client configuration; panics with
+/// instructions when there is none.
+pub async fn config() -> (String, Config) {
     let path = std::env::var(KUBECONFIG_ENV).unwrap_or_else(|_| {
         panic!(
             "no test control plane: {KUBECONFIG_ENV} is not set. Run the whole suite with \
@@ -27,12 +39,7 @@ pub async fn client() -> Client {
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap_or_else(|e| panic!("test kubeconfig {path}: {e}"));
-    let client = Client::try_from(config).expect("building a client for the test control plane");
-    client
-        .apiserver_version()
-        .await
-        .unwrap_or_else(|e| panic!("test control plane from {path} is not answering: {e}"));
-    client
+    (path, config)
 }
 
 /// A namespace of its own for one test, named `<prefix>-<random>`; deleted by [`cleanup`]

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod api_calls;
 pub mod cluster;
 pub mod git;
 pub mod openapi;

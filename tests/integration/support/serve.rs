@@ -4,6 +4,45 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+/// A settings file for `serve` listening on a free loopback port, in a directory of its own
+/// that also holds the logs.
+pub struct ServeConfig {
+    pub dir: tempfile::TempDir,
+    pub path: std::path::PathBuf,
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+}
+
+impl ServeConfig {
+    /// `config` with `sections` added before its `[server]` table and `server_lines` (with
+    /// `listen`) at the top of it.
+    pub fn new(config: &std::path::Path, sections: &str, server_lines: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = std::fs::read_to_string(config).unwrap().replacen(
+            "[server]\n",
+            &format!("{sections}[server]\nlisten = \"127.0.0.1:{port}\"\n{server_lines}"),
+            1,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("driftless.toml");
+        std::fs::write(&path, text).unwrap();
+        Self {
+            dir,
+            path,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// A log file in the directory.
+    pub fn log(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
 /// A running `driftless serve`.
 pub struct Serve {
     child: tokio::process::Child,
@@ -37,6 +76,11 @@ impl Serve {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         serve
+    }
+
+    /// The process id, to read its memory from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("serve is running")
     }
 
     pub fn log(&self) -> String {
