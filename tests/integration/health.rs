@@ -9,22 +9,18 @@
 //! and went on waiting. So a run that ends early fails the test whatever the machine's speed,
 //! and none of these tests depends on timing.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use driftless::forge;
 use driftless::queue::{Job, JobReason};
 use driftless::reconcile::{Engine, Outcome, ReconcileError, RunOptions, RunReport};
 use driftless::story::{PlayedController, RolloutStep, Workload};
-use kube::client::ClientBuilder;
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 
 use crate::reconcile::Env;
-use crate::support::cluster::KUBECONFIG_ENV;
+use crate::support::api_calls::{counting_client, ApiCalls};
 
 use RolloutStep::{Complete, DeadlineExceeded, OldPodsRemain, Unobserved, UpdatedNotAvailable};
 
@@ -37,77 +33,12 @@ const WITHIN: Duration = Duration::from_secs(60);
 /// A full rollout: every state short of complete, in the order the real controllers go.
 const ROLLOUT: [RolloutStep; 4] = [Unobserved, OldPodsRemain, UpdatedNotAvailable, Complete];
 
-/// GET requests sent through a client, by path.
-#[derive(Clone, Default)]
-struct Reads(Arc<Mutex<HashMap<String, usize>>>);
-
-impl Reads {
-    fn of(&self, path: &str) -> usize {
-        self.0.lock().unwrap().get(path).copied().unwrap_or(0)
-    }
-}
-
-impl<S> tower::Layer<S> for Reads {
-    type Service = CountReads<S>;
-    fn layer(&self, inner: S) -> CountReads<S> {
-        CountReads {
-            inner,
-            reads: self.clone(),
-        }
-    }
-}
-
-/// Counts a GET when it is sent, so a read counted after a status was written saw it.
-struct CountReads<S> {
-    inner: S,
-    reads: Reads,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for CountReads<S>
-where
-    S: tower::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> S::Future {
-        if req.method() == http::Method::GET {
-            *(self.reads.0.lock().unwrap())
-                .entry(req.uri().path().to_string())
-                .or_default() += 1;
-        }
-        self.inner.call(req)
-    }
-}
-
-/// A client of the test control plane that counts its reads.
-async fn counting_client() -> (kube::Client, Reads) {
-    let path = std::env::var(KUBECONFIG_ENV).unwrap_or_else(|_| {
-        panic!("no test control plane: {KUBECONFIG_ENV} is not set (tests/cluster/up.sh)")
-    });
-    let kubeconfig = Kubeconfig::read_from(&path).unwrap();
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .unwrap();
-    let reads = Reads::default();
-    let client = ClientBuilder::try_from(config)
-        .unwrap()
-        .with_layer(&reads)
-        .build();
-    (client, reads)
-}
-
 /// One app holding one workload named `web`, driftless's engine on a read-counting client,
 /// and the workload's played controller.
 struct Rig {
     env: Env,
     engine: Arc<Engine>,
-    reads: Reads,
+    reads: ApiCalls,
     controller: PlayedController,
     /// `/apis/apps/v1/namespaces/<ns>/<plural>/web`: where driftless reads the workload.
     path: String,
@@ -180,9 +111,9 @@ impl Rig {
             if i + 1 == steps.len() {
                 break;
             }
-            let before = self.reads.of(&self.path);
+            let before = self.reads.gets_of(&self.path);
             let guard = Instant::now() + WITHIN;
-            while self.reads.of(&self.path) < before + 2 {
+            while self.reads.gets_of(&self.path) < before + 2 {
                 if run.is_finished() {
                     let result = run.await.unwrap();
                     panic!("the run ended while the controller reported {step:?}: {result:?}");

@@ -12,6 +12,19 @@ use kube::Client;
 pub struct ApiCalls(Arc<Mutex<Vec<String>>>);
 
 impl ApiCalls {
+    /// GET requests of exactly `path` (any query) so far. A request is recorded when it is
+    /// sent, so a read counted after a write saw that write.
+    pub fn gets_of(&self, path: &str) -> usize {
+        let query = format!("GET {path}?");
+        let plain = format!("GET {path}");
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == plain || c.starts_with(&query))
+            .count()
+    }
+
     /// Every request so far, forgetting them.
     pub fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.0.lock().unwrap())
