@@ -201,6 +201,7 @@ fn every_kustomization_renders_the_reviewed_inventory() {
     let serverless = [
         "serving.knative.dev/v1 Service driftless/driftless",
         "batch/v1 CronJob driftless/driftless-drift",
+        "networking.k8s.io/v1 Ingress driftless/driftless",
     ];
     let cluster_wide = [
         "rbac.authorization.k8s.io/v1 ClusterRole driftless-cluster-apply",
@@ -421,7 +422,7 @@ fn every_pod_is_locked_down_and_wired_to_its_settings() {
         "workloads checked"
     );
 
-    // Service → Deployment port, Ingress → Service, PDB and NetworkPolicy → the pods.
+    // Service → Deployment port, PDB and NetworkPolicy → the pods.
     let base = render(".");
     let svc = the(&base, "v1 Service");
     assert_eq!(svc["spec"]["ports"][0]["port"], 80);
@@ -443,18 +444,100 @@ fn every_pod_is_locked_down_and_wired_to_its_settings() {
             assert_eq!(&pod_labels[k], v, "{what} selects the receiver pods by {k}");
         }
     }
-    let paths: Vec<&Value> = the(&base, "networking.k8s.io/v1 Ingress")["spec"]["rules"][0]["http"]
-        ["paths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| &p["path"])
-        .collect();
-    assert_eq!(
-        paths,
-        [&json!("/hooks/")],
-        "the Ingress exposes only the webhooks"
-    );
+    // What the Ingress exposes: only_the_webhooks_are_reachable_from_outside_the_cluster.
+}
+
+/// Kinds that would publish something outside the cluster: Knative's own routes and domain
+/// mappings, and the Gateway API's. Only the Ingress (webhooks only) may do that here.
+const PUBLISHING_KINDS: &[&str] = &[
+    "serving.knative.dev/v1 Route",
+    "serving.knative.dev/v1beta1 DomainMapping",
+    "serving.knative.dev/v1alpha1 DomainMapping",
+    "gateway.networking.k8s.io/v1 Gateway",
+    "gateway.networking.k8s.io/v1 HTTPRoute",
+    "gateway.networking.k8s.io/v1beta1 HTTPRoute",
+];
+
+/// Knative publishes a Service on its external gateway unless it is labelled cluster-local.
+const KNATIVE_VISIBILITY: &str = "networking.knative.dev/visibility";
+
+#[test]
+fn only_the_webhooks_are_reachable_from_outside_the_cluster() {
+    for overlay in OVERLAYS {
+        let objects = render(overlay);
+        let what = format!("deploy/{overlay}");
+        for o in &objects {
+            let t = type_of(o);
+            assert!(
+                !PUBLISHING_KINDS.contains(&t.as_str()),
+                "{what}: {} publishes the receiver",
+                id(o)
+            );
+            if t == "v1 Service" {
+                let kind = o["spec"]["type"].as_str().unwrap_or("ClusterIP");
+                assert_eq!(
+                    kind,
+                    "ClusterIP",
+                    "{what}: {} is reachable from outside",
+                    id(o)
+                );
+            }
+            // A Knative Service is public by default: /apps and /metrics with it.
+            if t == "serving.knative.dev/v1 Service" {
+                assert_eq!(
+                    o["metadata"]["labels"][KNATIVE_VISIBILITY],
+                    "cluster-local",
+                    "{what}: {} is published on Knative's external gateway",
+                    id(o)
+                );
+            }
+        }
+        // The one way in from outside: the Ingress, and on it only /hooks/.
+        let ingress = the(&objects, "networking.k8s.io/v1 Ingress");
+        let rules = ingress["spec"]["rules"].as_array().unwrap();
+        assert!(!rules.is_empty(), "{what}");
+        assert!(
+            ingress["spec"]["defaultBackend"].is_null(),
+            "{what}: a default backend"
+        );
+        for rule in rules {
+            let paths = rule["http"]["paths"].as_array().unwrap();
+            let exposed: Vec<(&Value, &Value)> =
+                paths.iter().map(|p| (&p["path"], &p["pathType"])).collect();
+            assert_eq!(
+                exposed,
+                [(&json!("/hooks/"), &json!("Prefix"))],
+                "{what}: the Ingress exposes more than the webhooks"
+            );
+            let backend = &paths[0]["backend"]["service"];
+            match find(&objects, "serving.knative.dev/v1 Service")[..] {
+                // Knative serves a cluster-local Service through its local gateway, behind a
+                // Service of the same name (ExternalName, port 80) that it creates; the gateway
+                // routes by the cluster-local host name, so the Ingress must send that.
+                [ksvc] => {
+                    let name = ksvc["metadata"]["name"].as_str().unwrap();
+                    let ns = ksvc["metadata"]["namespace"].as_str().unwrap();
+                    assert_eq!(backend["name"], name, "{what}");
+                    assert_eq!(backend["port"]["number"], 80, "{what}");
+                    assert_eq!(
+                        ingress["metadata"]["annotations"]
+                            ["nginx.ingress.kubernetes.io/upstream-vhost"],
+                        format!("{name}.{ns}.svc.cluster.local"),
+                        "{what}: the local gateway would not know the Ingress's host"
+                    );
+                }
+                [] => {
+                    let svc = the(&objects, "v1 Service");
+                    assert_eq!(backend["name"], svc["metadata"]["name"], "{what}");
+                    assert_eq!(
+                        backend["port"]["name"], svc["spec"]["ports"][0]["name"],
+                        "{what}"
+                    );
+                }
+                _ => panic!("{what}: more than one Knative Service"),
+            }
+        }
+    }
 }
 
 /// The environment variables a pod spec fills from the Secret `driftless`.
@@ -725,7 +808,14 @@ async fn every_rendered_object_is_accepted_by_exactly_one_validator() {
         (
             "serverless",
             [
-                [&api_server_base[..], &["serving.knative.dev/v1 Service"]].concat(),
+                [
+                    &api_server_base[..],
+                    &[
+                        "serving.knative.dev/v1 Service",
+                        "networking.k8s.io/v1 Ingress",
+                    ],
+                ]
+                .concat(),
                 vec!["batch/v1 CronJob"],
             ],
         ),
