@@ -121,6 +121,12 @@ fn github_request(event: &str, body: &[u8], signature: Option<String>) -> test::
     req
 }
 
+/// A correctly signed push delivery carrying the delivery id `id`, as a forge repeats it.
+fn signed_push_with_id(body: &[u8], id: &str) -> test::TestRequest {
+    github_request("push", body, Some(github::sign(GH_SECRET, body)))
+        .insert_header(("X-GitHub-Delivery", id.to_string()))
+}
+
 async fn json_body(resp: actix_web::dev::ServiceResponse) -> Value {
     let bytes = test::read_body(resp).await;
     serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {bytes:?}"))
@@ -246,16 +252,7 @@ async fn duplicate_delivery_is_answered_but_not_queued_twice() {
     let h = harness();
     let app = app!(h);
     let body = branch_push();
-    let send = || {
-        test::TestRequest::post()
-            .uri("/hooks/github")
-            .insert_header(("Content-Type", "application/json"))
-            .insert_header(("X-GitHub-Event", "push"))
-            .insert_header(("X-GitHub-Delivery", "72d3162e-cc78-11e3-81ab-4c9367dc0958"))
-            .insert_header(("X-Hub-Signature-256", github::sign(GH_SECRET, &body)))
-            .set_payload(body.clone())
-            .to_request()
-    };
+    let send = || signed_push_with_id(&body, "72d3162e-cc78-11e3-81ab-4c9367dc0958").to_request();
     assert_eq!(
         test::call_service(&app, send()).await.status(),
         StatusCode::ACCEPTED
@@ -684,16 +681,7 @@ async fn a_body_over_the_default_1_mib_limit_is_refused() {
 #[actix_web::test]
 async fn a_delivery_refused_during_shutdown_is_not_taken_for_a_duplicate() {
     let body = branch_push();
-    let send = || {
-        test::TestRequest::post()
-            .uri("/hooks/github")
-            .insert_header(("Content-Type", "application/json"))
-            .insert_header(("X-GitHub-Event", "push"))
-            .insert_header(("X-GitHub-Delivery", "5f1c3a2e-0d6b-11ef-9a7e-refused"))
-            .insert_header(("X-Hub-Signature-256", github::sign(GH_SECRET, &body)))
-            .set_payload(body.clone())
-            .to_request()
-    };
+    let send = || signed_push_with_id(&body, "5f1c3a2e-0d6b-11ef-9a7e-refused").to_request();
     let h = harness();
     let app = app!(h);
     h.queue.close();
