@@ -240,6 +240,9 @@ async fn sync(
                     for id in &report.pruned {
                         println!("  pruned {id}");
                     }
+                    for kept in &report.kept {
+                        println!("  kept {}: {}", kept.id, kept.reason);
+                    }
                 }
                 Outcome::Unchanged => println!("{app}: revision {rev}: unchanged"),
                 Outcome::Skipped(why) => println!("{app}: skipped: {why}"),

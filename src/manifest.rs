@@ -50,6 +50,41 @@ impl ObjectRef {
             None => ("", self.api_version.as_str()),
         }
     }
+
+    /// What the API server treats as one object, whatever version it is read or written in:
+    /// moving an Ingress from `networking.k8s.io/v1beta1` to `v1` keeps its identity.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            group: canonical_group(self.group_version().0, &self.kind).to_string(),
+            kind: self.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// The group an object lives in whatever group it is spoken to through: the API server
+/// serves the same objects under the old `extensions` group and under their new groups (and
+/// Events under both the core group and `events.k8s.io`), so moving a manifest from one to
+/// the other must not prune the object it just applied.
+fn canonical_group<'a>(group: &'a str, kind: &str) -> &'a str {
+    match (group, kind) {
+        ("extensions", "Deployment" | "DaemonSet" | "ReplicaSet") => "apps",
+        ("extensions", "Ingress" | "NetworkPolicy") => "networking.k8s.io",
+        ("extensions", "PodSecurityPolicy") => "policy",
+        ("events.k8s.io", "Event") => "",
+        _ => group,
+    }
+}
+
+/// Group, kind, namespace and name: the key of inventory, prune and duplicate checks. The
+/// version is only how an object is spoken to, never part of what it is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    pub group: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
 }
 
 impl fmt::Display for ObjectRef {
@@ -105,17 +140,17 @@ pub fn parse_files<'a>(
     files.sort_by(|a, b| a.0.cmp(b.0));
     let mut budget = Budget::default();
     let mut out = Vec::new();
-    let mut seen: BTreeMap<ObjectRef, Source> = BTreeMap::new();
+    let mut seen: BTreeMap<Identity, Source> = BTreeMap::new();
     for (path, bytes) in files {
         for obj in parse_file(path, bytes, &mut budget)? {
-            if let Some(first) = seen.get(&obj.id) {
+            if let Some(first) = seen.get(&obj.id.identity()) {
                 return Err(ManifestError::Duplicate {
                     id: obj.id.to_string(),
                     first: first.to_string(),
                     second: obj.source.to_string(),
                 });
             }
-            seen.insert(obj.id.clone(), obj.source.clone());
+            seen.insert(obj.id.identity(), obj.source.clone());
             out.push(obj);
         }
     }
@@ -592,6 +627,32 @@ mod tests {
         );
         let e = parse("long.yaml", yaml.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("bytes of strings"), "{e}");
+    }
+
+    #[test]
+    fn identity_ignores_the_version_and_the_old_extensions_group() {
+        let id = |api_version: &str, kind: &str| ObjectRef {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            namespace: Some("web".into()),
+            name: "x".into(),
+        };
+        let ingress = id("networking.k8s.io/v1", "Ingress").identity();
+        assert_eq!(
+            id("networking.k8s.io/v1beta1", "Ingress").identity(),
+            ingress
+        );
+        assert_eq!(id("extensions/v1beta1", "Ingress").identity(), ingress);
+        assert_eq!(
+            id("extensions/v1beta1", "Deployment").identity(),
+            id("apps/v1", "Deployment").identity()
+        );
+        assert_ne!(id("apps/v1", "Deployment").identity(), ingress);
+        assert_ne!(
+            id("example.com/v1", "Ingress").identity(),
+            ingress,
+            "a custom kind of the same name is another object"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod drift_check;
 pub mod health;
 pub mod lease;
+pub mod prune;
 mod revision;
 pub mod state;
 
@@ -16,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use kube::discovery::Scope;
 use kube::{Api, Client};
@@ -87,9 +88,9 @@ impl ReconcileError {
     pub fn is_passing(&self) -> bool {
         match self {
             ReconcileError::Forge(e) => e.is_transient(),
-            ReconcileError::Discovery { .. }
-            | ReconcileError::State(_)
-            | ReconcileError::Lease(_) => true,
+            // A state too large to record is the commit's doing; a failed write is not.
+            ReconcileError::State(e) => e.step != state::STEP_SIZE,
+            ReconcileError::Discovery { .. } | ReconcileError::Lease(_) => true,
             _ => false,
         }
     }
@@ -116,7 +117,25 @@ pub struct RunReport {
     /// Objects written (created or changed).
     pub applied: Vec<ObjectRef>,
     pub pruned: Vec<ObjectRef>,
+    /// Inventory objects that left Git but were not deleted, with the reason.
+    pub kept: Vec<prune::Kept>,
     pub duration: Duration,
+}
+
+impl RunReport {
+    /// The report of a run that has done nothing yet.
+    fn new(app: &str) -> Self {
+        Self {
+            app: app.to_string(),
+            revision: None,
+            outcome: Outcome::Unchanged,
+            objects: 0,
+            applied: Vec::new(),
+            pruned: Vec::new(),
+            kept: Vec::new(),
+            duration: Duration::ZERO,
+        }
+    }
 }
 
 /// Options of a run that only the CLI sets.
@@ -229,6 +248,60 @@ fn kube_message(e: &kube::Error) -> String {
         kube::Error::Api(s) => s.message.clone(),
         other => other.to_string(),
     }
+}
+
+/// What an applied run says on the commit and in its record: counts first (the forge keeps
+/// 140 characters), then each object left in place and why (the record keeps 1,024).
+fn applied_message(report: &RunReport) -> String {
+    let mut counts = format!("{} changed", report.applied.len());
+    if !report.pruned.is_empty() {
+        counts += &format!(", {} pruned", report.pruned.len());
+    }
+    if !report.kept.is_empty() {
+        counts += &format!(", {} kept", report.kept.len());
+    }
+    let mut message = format!(
+        "Applied {} objects ({counts}), healthy in {:.1}s",
+        report.objects,
+        report.duration.as_secs_f64()
+    );
+    for kept in &report.kept {
+        message += &format!("; kept {}: {}", kept.id, kept.reason);
+    }
+    message
+}
+
+/// Fails before anything is written when the state this run could leave behind (everything
+/// the inventory knows plus every desired object, and a run message of the longest kind) would
+/// not fit in the app's ConfigMap.
+fn check_state_fits<'a>(
+    app: &AppSettings,
+    st: &AppState,
+    desired: impl Iterator<Item = &'a ObjectRef>,
+) -> Result<(), ReconcileError> {
+    let mut largest = st.clone();
+    let known: HashSet<manifest::Identity> = st.inventory.iter().map(|i| i.id.identity()).collect();
+    largest.inventory.extend(
+        desired
+            .filter(|id| !known.contains(&id.identity()))
+            .map(|id| InventoryItem {
+                id: id.clone(),
+                // As long as a real hash, as random (so as incompressible) as one.
+                hash: hex::encode(&Sha256::digest(id.to_string().as_bytes())[..16]),
+            }),
+    );
+    largest.record(RunRecord {
+        revision: Some("f".repeat(40)),
+        reason: "push".into(),
+        started_at: now_rfc3339(),
+        duration_ms: u64::MAX,
+        outcome: "interrupted".into(),
+        message: "x".repeat(state::MAX_MESSAGE_CHARS * 4),
+        applied: usize::MAX,
+        pruned: usize::MAX,
+    });
+    state::check_fits(&app.name, &largest)?;
+    Ok(())
 }
 
 fn now_rfc3339() -> String {
@@ -448,15 +521,7 @@ impl Engine {
         let started = Instant::now();
         let started_at = now_rfc3339();
         let forge = self.forge(app)?;
-        let mut report = RunReport {
-            app: app.name.clone(),
-            revision: None,
-            outcome: Outcome::Unchanged,
-            objects: 0,
-            applied: Vec::new(),
-            pruned: Vec::new(),
-            duration: Duration::ZERO,
-        };
+        let mut report = RunReport::new(&app.name);
 
         let revision = match &job.revision {
             Some(r) => r.clone(),
@@ -547,17 +612,7 @@ impl Engine {
                     return Ok(report);
                 }
                 let changed = report.applied.len();
-                let message = format!(
-                    "Applied {} objects ({} changed{}), healthy in {:.1}s",
-                    report.objects,
-                    changed,
-                    if report.pruned.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", {} pruned", report.pruned.len())
-                    },
-                    report.duration.as_secs_f64()
-                );
+                let message = applied_message(&report);
                 st.revision = Some(revision.clone());
                 st.tree_sha = Some(tree_sha);
                 st.inventory = inventory;
@@ -621,8 +676,16 @@ impl Engine {
         // tree say: the next run (say, the revert of this commit, whose tree is the applied
         // one) rewrites those objects instead of finding them unchanged.
         for id in &report.applied {
-            match st.inventory.iter_mut().find(|i| &i.id == id) {
-                Some(item) => item.hash.clear(),
+            match st
+                .inventory
+                .iter_mut()
+                .find(|i| i.id.identity() == id.identity())
+            {
+                Some(item) => {
+                    // Kept in the version it was written in, the one prune will use.
+                    item.id = id.clone();
+                    item.hash.clear();
+                }
                 None => st.inventory.push(InventoryItem {
                     id: id.clone(),
                     hash: String::new(),
@@ -725,9 +788,9 @@ impl Engine {
             after_crds: Vec::new(),
         };
         let mut fresh = FileCache::new();
-        let mut seen: HashMap<ObjectRef, manifest::Source> = HashMap::new();
+        let mut seen: HashMap<manifest::Identity, manifest::Source> = HashMap::new();
         let mut check_unique = |id: &ObjectRef, source: &manifest::Source| match seen
-            .insert(id.clone(), source.clone())
+            .insert(id.identity(), source.clone())
         {
             Some(first) => Err(ManifestError::Duplicate {
                 id: id.to_string(),
@@ -775,13 +838,15 @@ impl Engine {
     }
 
     /// Parse, validate, apply, prune, wait for health. Fills `report` as it goes and returns
-    /// the new inventory.
+    /// the new inventory. Before its first write, the run checks that the state it would leave
+    /// fits in the cluster and records any object the inventory does not know yet (`st` is
+    /// updated and saved), so nothing it applies can be forgotten.
     async fn apply_files(
         &self,
         app: &AppSettings,
         job: &Job,
         opts: RunOptions,
-        st: &AppState,
+        st: &mut AppState,
         desired: Desired,
         report: &mut RunReport,
     ) -> Result<Vec<InventoryItem>, ReconcileError> {
@@ -790,14 +855,23 @@ impl Engine {
             return Err(ReconcileError::EmptySet);
         }
         report.objects = ready.len() + after_crds.len();
+        check_state_fits(
+            app,
+            st,
+            ready
+                .iter()
+                .map(|p| &p.id)
+                .chain(after_crds.iter().map(|o| &o.id)),
+        )?;
 
-        let previous: HashMap<&ObjectRef, &str> = st
+        let previous: HashMap<manifest::Identity, String> = st
             .inventory
             .iter()
-            .map(|i| (&i.id, i.hash.as_str()))
+            .map(|i| (i.id.identity(), i.hash.clone()))
             .collect();
-        let needs_write =
-            |p: &Prepared| job.full || previous.get(&p.id).copied() != Some(p.hash.as_str());
+        let needs_write = |p: &Prepared| {
+            job.full || previous.get(&p.id.identity()).map(String::as_str) != Some(p.hash.as_str())
+        };
 
         // Validate every write first (a single write validates itself). Objects in namespaces
         // this run creates are validated once those namespaces exist.
@@ -832,14 +906,29 @@ impl Engine {
             report.applied = writes.iter().map(|p| p.id.clone()).collect();
             return Ok(Vec::new());
         }
+        self.record_intent(app, st, writes.iter().map(|p| &p.id))
+            .await?;
 
-        // Stage 1: Namespaces and CRDs.
+        // Stage 1: Namespaces and CRDs. What this stage creates is deleted again if an object
+        // that could only be validated once it exists is rejected.
         self.check_interrupt(report)?;
         let foundation: Vec<&Prepared> = writes
             .iter()
             .copied()
             .filter(|p| p.stage == Stage::Foundation)
             .collect();
+        let mut created: Vec<&ObjectRef> = foundation
+            .iter()
+            .filter(|p| manifest::is_namespace(&p.id) && missing_ns.contains(p.id.name.as_str()))
+            .map(|p| &p.id)
+            .collect();
+        if !after_crds.is_empty() {
+            for crd in foundation.iter().filter(|p| manifest::is_crd(&p.id)) {
+                if !self.exists(crd).await? {
+                    created.push(&crd.id);
+                }
+            }
+        }
         self.apply_all(&foundation, app, report).await?;
         if !after_crds.is_empty() || foundation.iter().any(|p| manifest::is_crd(&p.id)) {
             for crd in foundation.iter().filter(|p| manifest::is_crd(&p.id)) {
@@ -851,6 +940,8 @@ impl Engine {
             self.forget_kind(&obj.id);
             late.push(self.prepare(app, obj).await?);
         }
+        self.record_intent(app, st, late.iter().map(|p| &p.id))
+            .await?;
         let late_refs: Vec<&Prepared> = late.iter().collect();
         let pending_validation: Vec<&Prepared> = later
             .iter()
@@ -859,7 +950,10 @@ impl Engine {
             .chain(late_refs.iter().copied())
             .collect();
         if !pending_validation.is_empty() && total_writes > 1 {
-            self.dry_run_all(&pending_validation, app).await?;
+            if let Err(rejected) = self.dry_run_all(&pending_validation, app).await {
+                self.undo_created(app, &created, report).await;
+                return Err(rejected);
+            }
         }
 
         // Stages 2 and 3.
@@ -877,12 +971,13 @@ impl Engine {
         // Prune what left Git.
         let mut desired: Vec<Arc<Prepared>> = ready;
         desired.extend(late.into_iter().map(Arc::new));
-        let keep: HashSet<&ObjectRef> = desired.iter().map(|p| &p.id).collect();
+        // By identity: an object whose apiVersion changed is still wanted, never pruned.
+        let keep: HashSet<manifest::Identity> = desired.iter().map(|p| p.id.identity()).collect();
         let gone: Vec<&ObjectRef> = st
             .inventory
             .iter()
             .map(|i| &i.id)
-            .filter(|id| !keep.contains(id))
+            .filter(|id| !keep.contains(&id.identity()))
             .collect();
         if app.prune && !gone.is_empty() {
             self.check_interrupt(report)?;
@@ -903,13 +998,91 @@ impl Engine {
         }
 
         report.objects = desired.len();
+        // A Namespace or CRD kept for what it still holds stays in the inventory, so a later
+        // run deletes it once it holds nothing else.
+        let retried = report
+            .kept
+            .iter()
+            .filter(|k| k.retry)
+            .map(|k| InventoryItem {
+                id: k.id.clone(),
+                hash: String::new(),
+            });
         Ok(desired
             .iter()
             .map(|p| InventoryItem {
                 id: p.id.clone(),
                 hash: p.hash.clone(),
             })
+            .chain(retried)
             .collect())
+    }
+
+    /// Adds to the inventory, and saves before anything is written, the objects it does not
+    /// know yet (by identity), with an empty hash: if the run dies or its final save fails,
+    /// the next run still knows them, fetches the app again and can prune them. Costs no
+    /// write when the run only changes known objects.
+    async fn record_intent<'a>(
+        &self,
+        app: &AppSettings,
+        st: &mut AppState,
+        ids: impl Iterator<Item = &'a ObjectRef>,
+    ) -> Result<(), ReconcileError> {
+        let known: HashSet<manifest::Identity> =
+            st.inventory.iter().map(|i| i.id.identity()).collect();
+        let new: Vec<InventoryItem> = ids
+            .filter(|id| !known.contains(&id.identity()))
+            .map(|id| InventoryItem {
+                id: id.clone(),
+                hash: String::new(),
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        st.inventory.extend(new);
+        // Stored without the recorded tree: should this run end with no chance to record
+        // what it wrote, the next one must not find the app's tree "unchanged" and skip it.
+        // The run itself keeps the tree, which its own failure record restores if it wrote
+        // nothing.
+        let ahead = AppState {
+            tree_sha: None,
+            ..st.clone()
+        };
+        let ns = &self.settings.kubernetes.state_namespace;
+        state::save_intent(&self.client, ns, &app.name, &ahead).await?;
+        Ok(())
+    }
+
+    /// Deletes again the Namespaces and CRDs this run created, after an object that could only
+    /// be validated once they existed was rejected; through prune, so nothing anyone put in
+    /// them meanwhile goes with them. What cannot be deleted stays in `report.applied` (and so
+    /// in the inventory, for a later run to prune).
+    async fn undo_created(
+        &self,
+        app: &AppSettings,
+        created: &[&ObjectRef],
+        report: &mut RunReport,
+    ) {
+        if created.is_empty() {
+            return;
+        }
+        let mut undo = RunReport::new(&app.name);
+        if let Err(e) = self.prune(app, created, &mut undo).await {
+            warn!(app = %app.name, error = %e, "cannot delete what the rejected run created");
+        }
+        report.applied.retain(|id| !undo.pruned.contains(id));
+    }
+
+    async fn exists(&self, p: &Prepared) -> Result<bool, ReconcileError> {
+        self.api(p)
+            .get_opt(&p.id.name)
+            .await
+            .map(|o| o.is_some())
+            .map_err(|e| ReconcileError::Discovery {
+                what: p.id.to_string(),
+                message: kube_message(&e),
+            })
     }
 
     async fn namespace_exists(&self, name: &str) -> Result<bool, ReconcileError> {
@@ -1129,65 +1302,6 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-
-    /// Deletes objects that left Git, only when they are in the inventory (the caller passes
-    /// only those) and still carry this app's labels and no `driftless.dev/prune: disabled`.
-    /// Namespaces go last.
-    async fn prune(
-        &self,
-        app: &AppSettings,
-        gone: &[&ObjectRef],
-        report: &mut RunReport,
-    ) -> Result<(), ReconcileError> {
-        let mut ordered: Vec<&ObjectRef> = gone.to_vec();
-        ordered.sort_by_key(|id| manifest::is_namespace(id));
-        for id in ordered {
-            let (resource, namespaced) = match self.resolve(id).await {
-                Ok(found) => found,
-                Err(ReconcileError::UnknownKind { .. }) => {
-                    warn!(app = %app.name, object = %id, "kind no longer served; not pruned");
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let api: Api<DynamicObject> = match (&id.namespace, namespaced) {
-                (Some(ns), true) => Api::namespaced_with(self.client.clone(), ns, &resource),
-                _ => Api::all_with(self.client.clone(), &resource),
-            };
-            let live = api
-                .get_opt(&id.name)
-                .await
-                .map_err(|e| ReconcileError::Prune {
-                    object: id.to_string(),
-                    message: kube_message(&e),
-                })?;
-            let Some(live) = live else { continue };
-            let labels = live.metadata.labels.clone().unwrap_or_default();
-            let ours = labels.get(LABEL_APP).map(String::as_str) == Some(app.name.as_str())
-                && labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some("driftless");
-            let disabled = live
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_PRUNE))
-                .is_some_and(|v| v == "disabled");
-            if !ours || disabled {
-                info!(app = %app.name, object = %id, ours, disabled, "left in place");
-                continue;
-            }
-            match api.delete(&id.name, &DeleteParams::background()).await {
-                Ok(_) => report.pruned.push(id.clone()),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => {
-                    return Err(ReconcileError::Prune {
-                        object: id.to_string(),
-                        message: kube_message(&e),
-                    })
-                }
-            }
-        }
-        Ok(())
     }
 
     async fn wait_healthy(

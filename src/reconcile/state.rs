@@ -16,6 +16,13 @@ const KEY: &str = "state.json";
 const DRIFT_KEY: &str = "drift.json";
 /// Runs kept for the status pages.
 pub const RUNS_KEPT: usize = 10;
+/// Characters kept of a run's message (an API server's rejection can quote a whole object).
+pub const MAX_MESSAGE_CHARS: usize = 1024;
+/// Bytes the drift finding may take; objects beyond it are left out of the record.
+pub const MAX_DRIFT_BYTES: usize = 64 * 1024;
+/// Bytes the run record may take: a ConfigMap holds at most 1 MiB of keys and values, shared
+/// with the drift finding (and a little room for the two keys).
+pub const MAX_STATE_BYTES: usize = 1024 * 1024 - MAX_DRIFT_BYTES - 1024;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AppState {
@@ -81,11 +88,22 @@ pub struct RunRecord {
 }
 
 impl AppState {
-    pub fn record(&mut self, run: RunRecord) {
+    /// Records a run, its message cut to [`MAX_MESSAGE_CHARS`].
+    pub fn record(&mut self, mut run: RunRecord) {
+        run.message = clip(&run.message, MAX_MESSAGE_CHARS);
         self.runs.insert(0, run.clone());
         self.runs.truncate(RUNS_KEPT);
         self.last_result = Some(run);
     }
+}
+
+/// `text` cut to `max` characters, marked with an ellipsis when cut.
+pub fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    let kept: String = text.chars().take(max.saturating_sub(1)).collect();
+    format!("{kept}…")
 }
 
 pub fn object_name(app: &str) -> String {
@@ -98,6 +116,66 @@ pub struct StateError {
     pub app: String,
     pub step: &'static str,
     pub message: String,
+}
+
+/// The step of a [`StateError`] saying the state would not fit: a verdict on the commit.
+pub const STEP_SIZE: &str = "size";
+
+/// Fails unless `state`, as stored, fits in its ConfigMap beside the largest drift finding.
+/// Called before a run writes anything, with the largest state the run could leave behind, so
+/// no object is ever applied that could not then be recorded (and so never pruned).
+pub fn check_fits(app: &str, state: &AppState) -> Result<(), StateError> {
+    let size = encode(&AppState {
+        drift: None,
+        ..state.clone()
+    })
+    .map_err(|e| StateError {
+        app: app.to_string(),
+        step: "encode",
+        message: e.to_string(),
+    })?
+    .len();
+    if size > MAX_STATE_BYTES {
+        return Err(StateError {
+            app: app.to_string(),
+            step: STEP_SIZE,
+            message: format!(
+                "the state of {} objects would take {size} bytes, over the {MAX_STATE_BYTES} \
+                 bytes one ConfigMap can hold beside the drift record; nothing was applied \
+                 (split the app into smaller apps)",
+                state.inventory.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Saves a failure of the next [`save`] of an app's run record, for tests of what a run does
+/// when its state cannot be written after it applied (the write-ahead [`save_intent`] is not
+/// affected). Keyed by state namespace and app, so parallel tests do not interfere.
+#[doc(hidden)]
+pub fn fail_next_save(namespace: &str, app: &str) {
+    failing_saves()
+        .lock()
+        .expect("failing saves")
+        .push((namespace.to_string(), app.to_string()));
+}
+
+fn failing_saves() -> &'static std::sync::Mutex<Vec<(String, String)>> {
+    static FAILING: std::sync::OnceLock<std::sync::Mutex<Vec<(String, String)>>> =
+        std::sync::OnceLock::new();
+    FAILING.get_or_init(Default::default)
+}
+
+fn take_injected_failure(namespace: &str, app: &str) -> bool {
+    let mut failing = failing_saves().lock().expect("failing saves");
+    match failing.iter().position(|(n, a)| n == namespace && a == app) {
+        Some(i) => {
+            failing.remove(i);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Reads an app's state; an app never reconciled has the default (empty) state.
@@ -180,6 +258,25 @@ pub async fn save(
     app: &str,
     state: &AppState,
 ) -> Result<(), StateError> {
+    if take_injected_failure(namespace, app) {
+        return Err(StateError {
+            app: app.to_string(),
+            step: "write",
+            message: "failure injected by a test".into(),
+        });
+    }
+    save_intent(client, namespace, app, state).await
+}
+
+/// Writes an app's run record before a run applies objects the inventory does not know yet
+/// (they are listed with an empty hash): should the run die or its final save fail, the next
+/// run still knows them and can prune them.
+pub async fn save_intent(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    state: &AppState,
+) -> Result<(), StateError> {
     let record = AppState {
         drift: None,
         ..state.clone()
@@ -199,14 +296,27 @@ pub async fn save_drift(
     app: &str,
     drift: &DriftRecord,
 ) -> Result<(), StateError> {
-    write_key(
-        client,
-        namespace,
-        app,
-        DRIFT_KEY,
-        serde_json::to_string(drift),
-    )
-    .await
+    write_key(client, namespace, app, DRIFT_KEY, bounded_drift(drift)).await
+}
+
+/// The drift finding as stored: objects past [`MAX_DRIFT_BYTES`] are left out (the counts a
+/// user needs are in the run records and the live diff).
+fn bounded_drift(drift: &DriftRecord) -> Result<String, serde_json::Error> {
+    let mut drift = drift.clone();
+    for obj in &mut drift.objects {
+        obj.fields.truncate(32);
+        for f in &mut obj.fields {
+            *f = clip(f, 256);
+        }
+    }
+    loop {
+        let text = serde_json::to_string(&drift)?;
+        if text.len() <= MAX_DRIFT_BYTES || drift.objects.is_empty() {
+            return Ok(text);
+        }
+        let keep = drift.objects.len() * MAX_DRIFT_BYTES / text.len();
+        drift.objects.truncate(keep.min(drift.objects.len() - 1));
+    }
 }
 
 /// Sets one data key of the app's ConfigMap with a merge patch (cheap for the API server even
@@ -318,6 +428,82 @@ mod tests {
             text.len(),
             plain.len()
         );
+    }
+
+    #[test]
+    fn messages_and_drift_findings_are_bounded() {
+        let mut st = AppState::default();
+        st.record(RunRecord {
+            revision: None,
+            reason: "push".into(),
+            started_at: String::new(),
+            duration_ms: 0,
+            outcome: "failed".into(),
+            message: "é".repeat(10_000),
+            applied: 0,
+            pruned: 0,
+        });
+        assert_eq!(st.runs[0].message.chars().count(), MAX_MESSAGE_CHARS);
+        assert!(st.runs[0].message.ends_with('…'));
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("exactly10!", 10), "exactly10!");
+
+        let drift = DriftRecord {
+            checked_at: String::new(),
+            revision: None,
+            objects: (0..5000)
+                .map(|i| DriftedObject {
+                    id: ObjectRef {
+                        api_version: "v1".into(),
+                        kind: "ConfigMap".into(),
+                        namespace: Some("ns".into()),
+                        name: format!("cm-{i}"),
+                    },
+                    missing: false,
+                    fields: vec!["data.x".repeat(100); 100],
+                })
+                .collect(),
+            healed: false,
+        };
+        let text = bounded_drift(&drift).unwrap();
+        assert!(text.len() <= MAX_DRIFT_BYTES, "{}", text.len());
+        let back: DriftRecord = serde_json::from_str(&text).unwrap();
+        assert!(!back.objects.is_empty());
+    }
+
+    #[test]
+    fn a_state_too_large_for_a_config_map_is_refused_naming_app_and_size() {
+        assert!(check_fits("small", &sample(1000)).is_ok());
+        let mut st = sample(0);
+        // Names of random letters barely compress: about 20,000 of them overflow.
+        let mut x: u64 = 1;
+        st.inventory = (0..20_000)
+            .map(|i| {
+                let name: String = (0..200)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (b'a' + (x % 26) as u8) as char
+                    })
+                    .collect();
+                InventoryItem {
+                    id: ObjectRef {
+                        api_version: "v1".into(),
+                        kind: "ConfigMap".into(),
+                        namespace: Some("web".into()),
+                        name: format!("{name}-{i}"),
+                    },
+                    hash: String::new(),
+                }
+            })
+            .collect();
+        let e = check_fits("big", &st).unwrap_err().to_string();
+        assert!(
+            e.starts_with("state of app big (size): the state of 20000 objects would take "),
+            "{e}"
+        );
+        assert!(e.contains("nothing was applied"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod health;
 mod hostile_manifests;
 mod kubernetes;
 mod ordering;
+mod prune;
 mod reconcile;
 mod shutdown;
 mod simulator;
