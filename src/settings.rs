@@ -187,7 +187,8 @@ pub struct DriftSettings {
     pub interval: Duration,
     /// Largest random offset added to each app's slot in the interval.
     pub jitter: Duration,
-    /// Set the applied commit's status to failure while drift remains.
+    /// Post drift that remains after a check as `failure` on the applied commit, and
+    /// `success` once it is gone (each when the finding changes).
     pub report_status: bool,
 }
 

@@ -15,7 +15,7 @@ use super::{
     LEASE_WAIT,
 };
 use crate::drift::{differing_fields, dotted, normalized};
-use crate::forge::{fetch_app, Fetched};
+use crate::forge::{fetch_app, Fetched, StatusState};
 use crate::manifest::{self, ObjectRef};
 use crate::settings::AppSettings;
 
@@ -113,14 +113,50 @@ impl Engine {
         if !unchanged {
             let record = DriftRecord {
                 checked_at: now_rfc3339(),
-                revision: Some(revision),
+                revision: Some(revision.clone()),
                 objects: report.drifted.clone(),
                 healed: report.healed,
             };
             state::save_drift(&self.client, &ns, &app.name, &record).await?;
             report.api_requests += 1;
+            if self.settings.drift.report_status {
+                self.post_drift_status(&app, &revision, st.drift.as_ref(), &report)
+                    .await;
+            }
         }
         Ok(report)
+    }
+
+    /// Under `drift.report_status`, the applied commit's status follows the drift finding:
+    /// `failure` naming what drifted while drift remains (found and not healed), `success`
+    /// once the cluster matches that revision again. Called only when the finding changed
+    /// (`before` is the previous one), so a tick that finds what the last found posts nothing.
+    async fn post_drift_status(
+        &self,
+        app: &AppSettings,
+        revision: &str,
+        before: Option<&DriftRecord>,
+        report: &DriftReport,
+    ) {
+        let remains = !report.drifted.is_empty() && !report.healed;
+        let remained = before.is_some_and(|d| {
+            d.revision.as_deref() == Some(revision) && !d.objects.is_empty() && !d.healed
+        });
+        let (state, description) = match (remains, remained) {
+            (true, _) => (StatusState::Failure, report.summary()),
+            (false, true) => (
+                StatusState::Success,
+                format!("In sync again with {}", short(revision)),
+            ),
+            (false, false) => return,
+        };
+        match self.forge(app) {
+            Ok(forge) => {
+                self.post_status(forge.as_ref(), app, revision, state, &description)
+                    .await
+            }
+            Err(e) => warn!(app = %app.name, error = %e, "cannot post the drift status"),
+        }
     }
 
     /// Re-applies the drifted objects of `report`, under the app's Lease and this replica's

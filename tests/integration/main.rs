@@ -5,6 +5,7 @@ mod acceptance;
 mod cli;
 mod deploy;
 mod drift;
+mod drift_status;
 mod forge;
 mod health;
 mod hostile_manifests;
