@@ -111,6 +111,9 @@ pub struct LogSettings {
 pub struct KubernetesSettings {
     /// Namespace holding the per-app state objects and Leases.
     pub state_namespace: String,
+    /// How long an app's Lease stays valid without renewal: a crashed replica blocks its
+    /// apps for at most this long.
+    pub lease_duration: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -552,12 +555,14 @@ impl Default for RawServer {
 #[serde(deny_unknown_fields, default)]
 struct RawKubernetes {
     state_namespace: String,
+    lease_duration: String,
 }
 
 impl Default for RawKubernetes {
     fn default() -> Self {
         Self {
             state_namespace: "driftless".into(),
+            lease_duration: "15s".into(),
         }
     }
 }
@@ -836,6 +841,13 @@ impl RawSettings {
 
         if let Err(m) = check_dns_label(&self.kubernetes.state_namespace) {
             p.push("kubernetes.state_namespace", m);
+        }
+        let lease_duration =
+            p.duration("kubernetes.lease_duration", &self.kubernetes.lease_duration);
+        // Renewals go out every fifth of the duration: below 2s that is a write every few
+        // hundred milliseconds per running app; above 10m a crash blocks apps for too long.
+        if !(Duration::from_secs(2)..=Duration::from_secs(600)).contains(&lease_duration) {
+            p.push("kubernetes.lease_duration", "must be between 2s and 10m");
         }
 
         let github = self.forges.github.map(|g| {
@@ -1116,6 +1128,7 @@ impl RawSettings {
             log: LogSettings { format: log_format },
             kubernetes: KubernetesSettings {
                 state_namespace: self.kubernetes.state_namespace,
+                lease_duration,
             },
             forges: ForgeSettings { github, gitlab },
             fetch,
@@ -1322,6 +1335,7 @@ path = "apps/web/"
         let s = Settings::from_toml_str(GOOD).unwrap();
         assert_eq!(s.server.body_limit, 1 << 20);
         assert_eq!(s.kubernetes.state_namespace, "driftless");
+        assert_eq!(s.kubernetes.lease_duration, Duration::from_secs(15));
         assert_eq!(s.drift.interval, Duration::from_secs(600));
         let app = &s.apps[0];
         assert_eq!(app.branch, "main");
@@ -1330,6 +1344,18 @@ path = "apps/web/"
         assert_eq!(app.drift, DriftPolicy::Heal);
         assert_eq!(app.health_timeout, Duration::from_secs(300));
         assert_eq!(s.forges.github.as_ref().unwrap().api_url, GITHUB_API_URL);
+    }
+
+    #[test]
+    fn lease_duration_is_bounded() {
+        for bad in ["1s", "11m", "soon"] {
+            let text = format!("[kubernetes]\nlease_duration = \"{bad}\"\n{GOOD}");
+            let e = errors(&text);
+            assert_eq!(e[0].key, "kubernetes.lease_duration", "{bad}: {e:?}");
+        }
+        let text = format!("[kubernetes]\nlease_duration = \"30s\"\n{GOOD}");
+        let s = Settings::from_toml_str(&text).unwrap();
+        assert_eq!(s.kubernetes.lease_duration, Duration::from_secs(30));
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Workers: take jobs from the queue and run them through the reconcile engine, a bounded
 //! number at a time, one per app (the queue guarantees that in this process; the engine's
-//! Lease across replicas). They stop when the queue is closed and drained.
+//! Lease across replicas). A job whose app's Lease is busy goes back to the queue with a
+//! backoff. They stop when the queue is closed and drained.
 
 use std::sync::Arc;
 
-use tracing::{error, info, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 use crate::metrics::{AppLabels, Metrics, RunLabels};
 use crate::queue::{Job, JobQueue, JobReason};
@@ -22,9 +23,13 @@ pub async fn run(queue: Arc<JobQueue>, engine: Arc<Engine>, metrics: Arc<Metrics
             async move {
                 while let Some(job) = queue.next().await {
                     let app = job.app.clone();
-                    run_one(&engine, &metrics, &job)
-                        .instrument(tracing::info_span!("reconcile", app = %app))
+                    let span = tracing::info_span!("reconcile", app = %app);
+                    let retry = run_one(&engine, &metrics, &job)
+                        .instrument(span.clone())
                         .await;
+                    if retry {
+                        span.in_scope(|| requeue(&queue, job));
+                    }
                     queue.done(&app);
                 }
             }
@@ -71,7 +76,20 @@ pub async fn drift_tick(engine: &Engine, metrics: &Metrics, app: &str) -> Result
     Ok(!report.drifted.is_empty() && !report.healed)
 }
 
-async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
+/// Puts a job whose app's Lease was busy back in the queue, to run after a backoff.
+fn requeue(queue: &JobQueue, job: Job) {
+    let (app, revision) = (job.app.clone(), job.revision.clone());
+    match queue.retry(job) {
+        Ok(delay) => {
+            info!(%app, ?revision, delay = %humantime::format_duration(delay), "lease busy; job requeued")
+        }
+        Err(_) => warn!(%app, ?revision,
+            "lease busy and the queue is closed; the next start catches the app up from Git"),
+    }
+}
+
+/// Runs one job; returns whether it must run again later (its app's Lease was busy or lost).
+async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) -> bool {
     metrics
         .queue_wait_seconds
         .observe(job.queued_at.elapsed().as_secs_f64());
@@ -91,9 +109,10 @@ async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
                 outcome,
             })
             .inc();
-        return;
+        return false;
     }
     let started = std::time::Instant::now();
+    let mut retry = false;
     let (outcome, applied, pruned) = match engine.run(job, RunOptions::default()).await {
         Ok(report) => {
             let label = match &report.outcome {
@@ -103,6 +122,11 @@ async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
                 Outcome::Failed(_) => "failed",
             };
             (label, report.applied.len(), report.pruned.len())
+        }
+        Err(e) if e.retry_later() => {
+            warn!(app = %job.app, reason = job.reason.as_str(), error = %e, "reconcile did not get through its lease");
+            retry = true;
+            ("requeued", 0, 0)
         }
         Err(e) => {
             error!(app = %job.app, reason = job.reason.as_str(), error = %e, "reconcile failed");
@@ -129,6 +153,7 @@ async fn run_one(engine: &Engine, metrics: &Metrics, job: &Job) {
         .objects_pruned
         .get_or_create(&app)
         .inc_by(pruned as u64);
+    retry
 }
 
 /// The drift timer: every `interval`, queue a drift check for each app at its slot in the

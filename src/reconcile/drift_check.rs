@@ -10,10 +10,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::state::{self, DriftRecord, DriftedObject};
-use super::{
-    kube_message, lease, now_rfc3339, short, Engine, Prepared, ReconcileError, LABEL_APP,
-    LEASE_WAIT,
-};
+use super::{kube_message, now_rfc3339, short, Engine, Prepared, ReconcileError, LABEL_APP};
 use crate::drift::{differing_fields, dotted, normalized};
 use crate::forge::{fetch_app, Fetched, StatusState};
 use crate::manifest::{self, ObjectRef};
@@ -178,7 +175,7 @@ impl Engine {
         // The Lease is written below, which voids what the slot remembers of it.
         slot.lease = None;
         slot.state = None;
-        let guard = lease::acquire(&self.client, ns, &app.name, &self.identity, LEASE_WAIT).await?;
+        let guard = self.leases().acquire(&app.name).await?;
         let healed = async {
             let st = state::load(&self.client, ns, &app.name).await?;
             report.api_requests += 1;
@@ -199,6 +196,13 @@ impl Engine {
                 .iter()
                 .filter(|p| report.drifted.iter().any(|d| d.id == p.id))
                 .collect();
+            if let Some(why) = guard.watch().lost() {
+                return Err(ReconcileError::LeaseLost {
+                    app: app.name.clone(),
+                    why,
+                    written: 0,
+                });
+            }
             let mut results = self.patch_all(&drifted, &self.params(app, false)).await;
             report.api_requests += results.len();
             results.sort_by(|a, b| a.0.cmp(&b.0));

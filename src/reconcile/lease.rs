@@ -1,21 +1,70 @@
-//! One reconcile at a time per app across replicas: a `coordination.k8s.io/v1` Lease
-//! `driftless-app-<app>` in the state namespace. Taken with optimistic concurrency
-//! (resourceVersion), so two processes can never both hold it; an expired lease (its holder
-//! died mid-run) is taken over.
+//! One reconcile at a time per app, across replicas and within one process: a
+//! `coordination.k8s.io/v1` Lease `driftless-app-<app>` in the state namespace, held the way
+//! client-go's leader election holds one. It is short (15 s by default) and renewed every few
+//! seconds; a holder that cannot renew gives it up before anyone may take it over; another
+//! replica judges it expired by its own clock (unchanged for a whole duration since it first
+//! saw it), never by comparing the holder's `renewTime` with its clock. Every write is
+//! conditional on the resourceVersion last seen, and a conflict is answered by reading again.
 
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::Client;
+use tokio_util::sync::CancellationToken;
 
 use super::state::object_name;
 
-/// How long a lease is valid without renewal; longer than any single apply step.
-pub const LEASE_SECONDS: i32 = 120;
+/// The default lease duration: client-go's leader election default. A crashed holder blocks
+/// its app for at most this long.
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
+/// How often a waiting acquisition looks at the lease again.
+const POLL: Duration = Duration::from_millis(200);
+/// Bounds on the duration another holder writes into a lease: a record claiming more than an
+/// hour would block the app for that long on a typo.
+const RECORD_DURATION_MAX: Duration = Duration::from_secs(3600);
+
+/// How a lease is held and waited for, all derived from its duration in client-go's
+/// proportions (15 s duration, 10 s renew deadline, a renewal every 3 s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTiming {
+    /// How long the lease stays valid without renewal, as other replicas judge it.
+    pub duration: Duration,
+    /// How often the holder renews it.
+    pub renew_every: Duration,
+    /// How long the holder may go without a successful renewal before it takes the lease as
+    /// lost. Shorter than `duration`, so a holder stops writing before anyone may take over.
+    pub renew_deadline: Duration,
+    /// How long an acquisition waits for another holder: two durations, so the lease of a
+    /// crashed holder is always taken over within one wait.
+    pub wait: Duration,
+}
+
+impl LeaseTiming {
+    pub fn new(duration: Duration) -> Self {
+        Self {
+            duration,
+            renew_every: duration / 5,
+            renew_deadline: duration * 2 / 3,
+            wait: duration * 2,
+        }
+    }
+
+    /// Pause between two attempts of one renewal.
+    fn retry(&self) -> Duration {
+        self.duration / 15
+    }
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        Self::new(DEFAULT_LEASE_DURATION)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -32,162 +81,428 @@ pub enum LeaseError {
     Moved { app: String },
 }
 
+/// What this process knows of leases beyond what the API server says.
+#[derive(Default)]
+struct Local {
+    /// `(namespace, name, identity)` of every lease a guard of this process holds: the API
+    /// server cannot tell two guards of one identity apart, so this process must.
+    held: HashSet<(String, String, String)>,
+    /// `(namespace, name)` → the lease's spec as last seen and when this process first saw
+    /// it so: expiry is judged from then, by this process's monotonic clock.
+    observed: HashMap<(String, String), (LeaseSpec, Instant)>,
+}
+
+static LOCAL: LazyLock<Mutex<Local>> = LazyLock::new(Mutex::default);
+
+fn local() -> std::sync::MutexGuard<'static, Local> {
+    LOCAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// This process's claim on a lease for one identity; given up when dropped.
+struct Claim((String, String, String));
+
+impl Claim {
+    fn take(namespace: &str, name: &str, identity: &str) -> Option<Claim> {
+        let key = (
+            namespace.to_string(),
+            name.to_string(),
+            identity.to_string(),
+        );
+        // Built only once inserted: a Claim dropped here would give up the holder's claim.
+        let inserted = local().held.insert(key.clone());
+        inserted.then(|| Claim(key))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        local().held.remove(&self.0);
+    }
+}
+
+fn holder_of(lease: &Lease) -> &str {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.as_deref())
+        .unwrap_or("")
+}
+
+/// Whether another holder's lease has expired as this process sees it: its spec has not
+/// changed for the duration it states, counted from when this process first saw that spec.
+/// A process that has just started therefore waits a whole duration, as client-go does.
+fn expired(namespace: &str, lease: &Lease, ours: Duration) -> bool {
+    let spec = lease.spec.clone().unwrap_or_default();
+    let duration = spec
+        .lease_duration_seconds
+        .filter(|s| *s > 0)
+        .map_or(ours, |s| Duration::from_secs(s as u64))
+        .min(RECORD_DURATION_MAX);
+    let key = (
+        namespace.to_string(),
+        lease.metadata.name.clone().unwrap_or_default(),
+    );
+    let now = Instant::now();
+    let mut local = local();
+    let seen_since = match local.observed.get(&key) {
+        Some((seen, since)) if *seen == spec => *since,
+        _ => {
+            local.observed.insert(key, (spec, now));
+            now
+        }
+    };
+    now.duration_since(seen_since) >= duration
+}
+
+/// Whether a held lease is still this guard's. Cloned into whatever must stop writing when it
+/// is not: the run checks it at its safe points.
+#[derive(Clone)]
+pub struct LeaseWatch {
+    inner: Arc<WatchState>,
+}
+
+struct WatchState {
+    lost: CancellationToken,
+    why: Mutex<Option<String>>,
+    /// When the last successful write of the lease was sent.
+    renewed: Mutex<Instant>,
+    renew_deadline: Duration,
+}
+
+impl LeaseWatch {
+    fn new(renewed: Instant, renew_deadline: Duration) -> Self {
+        Self {
+            inner: Arc::new(WatchState {
+                lost: CancellationToken::new(),
+                why: Mutex::new(None),
+                renewed: Mutex::new(renewed),
+                renew_deadline,
+            }),
+        }
+    }
+
+    /// Why the lease is no longer ours (taken over, deleted, not renewed in time), or `None`
+    /// while it is. Judged also by the clock, so a renewer starved of CPU cannot make a
+    /// holder write on a lease it may have lost.
+    pub fn lost(&self) -> Option<String> {
+        if let Some(why) = self.inner.why.lock().expect("lease watch").clone() {
+            return Some(why);
+        }
+        let since = self.inner.renewed.lock().expect("lease watch").elapsed();
+        if since > self.inner.renew_deadline {
+            let why = format!("not renewed for {}s", since.as_secs());
+            self.mark_lost(why.clone());
+            return Some(why);
+        }
+        None
+    }
+
+    /// Resolves once the lease is known lost.
+    pub async fn cancelled(&self) {
+        self.inner.lost.cancelled().await
+    }
+
+    fn mark_lost(&self, why: String) {
+        self.inner
+            .why
+            .lock()
+            .expect("lease watch")
+            .get_or_insert(why);
+        self.inner.lost.cancel();
+    }
+
+    fn renewed(&self, sent: Instant) {
+        *self.inner.renewed.lock().expect("lease watch") = sent;
+    }
+
+    fn renewed_at(&self) -> Instant {
+        *self.inner.renewed.lock().expect("lease watch")
+    }
+}
+
+/// The leases of one identity in one namespace.
+#[derive(Clone)]
+pub struct Leases {
+    api: Api<Lease>,
+    namespace: String,
+    identity: String,
+    timing: LeaseTiming,
+}
+
+impl Leases {
+    pub fn new(client: &Client, namespace: &str, identity: &str, timing: LeaseTiming) -> Self {
+        Self {
+            api: Api::namespaced(client.clone(), namespace),
+            namespace: namespace.to_string(),
+            identity: identity.to_string(),
+            timing,
+        }
+    }
+
+    pub fn timing(&self) -> LeaseTiming {
+        self.timing
+    }
+
+    fn body(&self, name: &str, resource_version: Option<String>) -> Lease {
+        let now = MicroTime(Timestamp::now());
+        let mut lease: Lease = serde_json::from_value(serde_json::json!({
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "driftless"}},
+            "spec": {
+                "holderIdentity": self.identity,
+                "leaseDurationSeconds": self.timing.duration.as_secs().max(1),
+            },
+        }))
+        .expect("a static Lease");
+        lease.metadata.resource_version = resource_version;
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.acquire_time = Some(now.clone());
+            spec.renew_time = Some(now);
+        }
+        lease
+    }
+
+    fn api_error(&self, app: &str, e: kube::Error) -> LeaseError {
+        LeaseError::Api {
+            app: app.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Takes the app's lease with a single write, from the copy this replica wrote when it
+    /// last released it. Fails with [`LeaseError::Moved`] when anyone has written the lease
+    /// since (or another guard of this process holds it); the caller then takes the ordinary
+    /// path ([`Leases::acquire`]).
+    pub async fn take_released(
+        &self,
+        app: &str,
+        released: Lease,
+    ) -> Result<LeaseGuard, LeaseError> {
+        let name = object_name(app);
+        let moved = || LeaseError::Moved {
+            app: app.to_string(),
+        };
+        let claim = Claim::take(&self.namespace, &name, &self.identity).ok_or_else(moved)?;
+        let body = self.body(&name, released.metadata.resource_version.clone());
+        let sent = Instant::now();
+        match self.api.replace(&name, &PostParams::default(), &body).await {
+            Ok(lease) => Ok(self.hold(name, lease, sent, claim)),
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Err(moved()),
+            Err(e) => Err(self.api_error(app, e)),
+        }
+    }
+
+    /// Takes the app's lease, waiting up to [`LeaseTiming::wait`] while another holder (or
+    /// another guard of this process) has it.
+    pub async fn acquire(&self, app: &str) -> Result<LeaseGuard, LeaseError> {
+        let name = object_name(app);
+        let started = Instant::now();
+        loop {
+            let holder = match Claim::take(&self.namespace, &name, &self.identity) {
+                None => format!("{} (another run in this process)", self.identity),
+                Some(claim) => match self.try_take(app, &name, claim).await? {
+                    Ok(guard) => return Ok(guard),
+                    Err(holder) => holder,
+                },
+            };
+            if started.elapsed() >= self.timing.wait {
+                return Err(LeaseError::Held {
+                    app: app.to_string(),
+                    holder,
+                    waited: started.elapsed(),
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// One look at the lease with this process's claim on it: taken, or the holder to wait
+    /// for. A write that meets a conflict (someone else wrote first) reads again.
+    async fn try_take(
+        &self,
+        app: &str,
+        name: &str,
+        claim: Claim,
+    ) -> Result<Result<LeaseGuard, String>, LeaseError> {
+        loop {
+            let current = self
+                .api
+                .get_opt(name)
+                .await
+                .map_err(|e| self.api_error(app, e))?;
+            let sent = Instant::now();
+            let attempt = match &current {
+                None => {
+                    self.api
+                        .create(&PostParams::default(), &self.body(name, None))
+                        .await
+                }
+                Some(lease) => {
+                    let holder = holder_of(lease);
+                    let free = holder.is_empty()
+                        // Ours from an earlier guard that could not hand it back.
+                        || holder == self.identity
+                        || expired(&self.namespace, lease, self.timing.duration);
+                    if !free {
+                        return Ok(Err(holder.to_string()));
+                    }
+                    let body = self.body(name, lease.metadata.resource_version.clone());
+                    self.api.replace(name, &PostParams::default(), &body).await
+                }
+            };
+            match attempt {
+                Ok(lease) => return Ok(Ok(self.hold(name.to_string(), lease, sent, claim))),
+                // Someone else wrote first (409 conflict or 409 already exists): look again.
+                Err(kube::Error::Api(e)) if e.code == 409 => continue,
+                Err(e) => return Err(self.api_error(app, e)),
+            }
+        }
+    }
+
+    /// Starts renewing `lease`, just written by us with a request sent at `sent`.
+    fn hold(&self, name: String, lease: Lease, sent: Instant, claim: Claim) -> LeaseGuard {
+        let watch = LeaseWatch::new(sent, self.timing.renew_deadline);
+        let current = Arc::new(Mutex::new(lease));
+        let renewer = tokio::spawn(
+            Renewer {
+                api: self.api.clone(),
+                name: name.clone(),
+                identity: self.identity.clone(),
+                current: current.clone(),
+                watch: watch.clone(),
+                timing: self.timing,
+            }
+            .run(),
+        );
+        LeaseGuard {
+            api: self.api.clone(),
+            name,
+            identity: self.identity.clone(),
+            current,
+            watch,
+            renewer,
+            _claim: claim,
+        }
+    }
+}
+
+/// The background task that keeps a held lease: a renewal every [`LeaseTiming::renew_every`],
+/// each retried until it succeeds or the renew deadline passes.
+struct Renewer {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    current: Arc<Mutex<Lease>>,
+    watch: LeaseWatch,
+    timing: LeaseTiming,
+}
+
+impl Renewer {
+    async fn run(self) {
+        loop {
+            tokio::time::sleep(self.timing.renew_every).await;
+            if let Err(why) = self.renew().await {
+                tracing::warn!(lease = %self.name, %why, "lease lost; the run stops at its next safe point");
+                self.watch.mark_lost(why);
+                return;
+            }
+        }
+    }
+
+    /// One renewal: `Err` with the reason when the lease is no longer ours.
+    async fn renew(&self) -> Result<(), String> {
+        let deadline = self.watch.renewed_at() + self.timing.renew_deadline;
+        let mut last_error = String::from("no answer");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "not renewed for {}s: {last_error}",
+                    self.timing.renew_deadline.as_secs_f64()
+                ));
+            }
+            let mut lease = self.current.lock().expect("lease").clone();
+            if let Some(spec) = lease.spec.as_mut() {
+                spec.renew_time = Some(MicroTime(Timestamp::now()));
+            }
+            let sent = Instant::now();
+            let replaced = tokio::time::timeout(
+                left,
+                self.api.replace(&self.name, &PostParams::default(), &lease),
+            )
+            .await;
+            match replaced {
+                Ok(Ok(renewed)) => {
+                    *self.current.lock().expect("lease") = renewed;
+                    self.watch.renewed(sent);
+                    return Ok(());
+                }
+                // Written by someone since our last write: read it again, and carry on from
+                // the fresh copy if it is still ours.
+                Ok(Err(kube::Error::Api(e))) if e.code == 409 => {
+                    match tokio::time::timeout(left, self.api.get_opt(&self.name)).await {
+                        Ok(Ok(Some(fresh))) if holder_of(&fresh) == self.identity => {
+                            *self.current.lock().expect("lease") = fresh;
+                            continue;
+                        }
+                        Ok(Ok(Some(fresh))) => {
+                            return Err(match holder_of(&fresh) {
+                                "" => "released by someone else".to_string(),
+                                other => format!("taken over by {other}"),
+                            })
+                        }
+                        Ok(Ok(None)) => return Err("the Lease was deleted".into()),
+                        Ok(Err(e)) => last_error = e.to_string(),
+                        Err(_) => last_error = "reading it timed out".into(),
+                    }
+                }
+                Ok(Err(kube::Error::Api(e))) if e.code == 404 => {
+                    return Err("the Lease was deleted".into())
+                }
+                Ok(Err(e)) => last_error = e.to_string(),
+                Err(_) => {
+                    last_error = "the renewal timed out".into();
+                    continue;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(self.timing.retry().min(left)).await;
+        }
+    }
+}
+
 /// A held lease, renewed in the background while held; [`LeaseGuard::release`] hands it back.
+/// Dropped without a release, it stops renewing and the lease expires.
 pub struct LeaseGuard {
     api: Api<Lease>,
     name: String,
     identity: String,
     /// The lease as last written by us (its resourceVersion makes the next write conditional).
     current: Arc<Mutex<Lease>>,
+    watch: LeaseWatch,
     renewer: tokio::task::JoinHandle<()>,
-}
-
-fn lease_body(name: &str, identity: &str, resource_version: Option<String>) -> Lease {
-    let now = MicroTime(Timestamp::now());
-    let mut lease: Lease = serde_json::from_value(serde_json::json!({
-        "apiVersion": "coordination.k8s.io/v1",
-        "kind": "Lease",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "driftless"}},
-        "spec": {"holderIdentity": identity, "leaseDurationSeconds": LEASE_SECONDS},
-    }))
-    .expect("a static Lease");
-    lease.metadata.resource_version = resource_version;
-    if let Some(spec) = lease.spec.as_mut() {
-        spec.acquire_time = Some(now.clone());
-        spec.renew_time = Some(now);
-    }
-    lease
-}
-
-fn expired(lease: &Lease) -> bool {
-    let Some(spec) = &lease.spec else { return true };
-    let Some(renew) = &spec.renew_time else {
-        return true;
-    };
-    let secs = spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS) as i64;
-    Timestamp::now().as_second() > renew.0.as_second() + secs
-}
-
-/// Takes the app's lease with a single write, from the copy this replica wrote when it last
-/// released it. Fails with [`LeaseError::Moved`] when anyone has written the lease since; the
-/// caller then takes the ordinary path ([`acquire`]).
-pub async fn take_released(
-    client: &Client,
-    namespace: &str,
-    app: &str,
-    identity: &str,
-    released: Lease,
-) -> Result<LeaseGuard, LeaseError> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let name = object_name(app);
-    let body = lease_body(&name, identity, released.metadata.resource_version.clone());
-    match api.replace(&name, &PostParams::default(), &body).await {
-        Ok(lease) => Ok(LeaseGuard::hold(api, name, identity, lease)),
-        Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Err(LeaseError::Moved {
-            app: app.to_string(),
-        }),
-        Err(e) => Err(LeaseError::Api {
-            app: app.to_string(),
-            message: e.to_string(),
-        }),
-    }
-}
-
-/// Takes the app's lease, waiting up to `wait` while another holder has it.
-pub async fn acquire(
-    client: &Client,
-    namespace: &str,
-    app: &str,
-    identity: &str,
-    wait: Duration,
-) -> Result<LeaseGuard, LeaseError> {
-    let api: Api<Lease> = Api::namespaced(client.clone(), namespace);
-    let name = object_name(app);
-    let started = Instant::now();
-    let api_err = |e: kube::Error| LeaseError::Api {
-        app: app.to_string(),
-        message: e.to_string(),
-    };
-    loop {
-        let current = api.get_opt(&name).await.map_err(api_err)?;
-        let attempt = match &current {
-            None => {
-                api.create(&PostParams::default(), &lease_body(&name, identity, None))
-                    .await
-            }
-            Some(lease) => {
-                let holder = lease
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.holder_identity.clone())
-                    .unwrap_or_default();
-                if holder.is_empty() || holder == identity || expired(lease) {
-                    api.replace(
-                        &name,
-                        &PostParams::default(),
-                        &lease_body(&name, identity, lease.metadata.resource_version.clone()),
-                    )
-                    .await
-                } else {
-                    if started.elapsed() >= wait {
-                        return Err(LeaseError::Held {
-                            app: app.to_string(),
-                            holder,
-                            waited: started.elapsed(),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            }
-        };
-        match attempt {
-            Ok(lease) => return Ok(LeaseGuard::hold(api, name, identity, lease)),
-            // Someone else won the race (409 conflict or 409 already exists): look again.
-            Err(kube::Error::Api(e)) if e.code == 409 => continue,
-            Err(e) => return Err(api_err(e)),
-        }
-    }
+    _claim: Claim,
 }
 
 impl LeaseGuard {
-    /// Starts renewing `lease` (just written by us) every third of its duration, so a run
-    /// longer than the lease (a long health wait) keeps it.
-    fn hold(api: Api<Lease>, name: String, identity: &str, lease: Lease) -> Self {
-        let current = Arc::new(Mutex::new(lease));
-        let renewer = {
-            let (api, name, current) = (api.clone(), name.clone(), current.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(Duration::from_secs(LEASE_SECONDS as u64 / 3)).await;
-                    let mut lease = current.lock().expect("lease").clone();
-                    if let Some(spec) = lease.spec.as_mut() {
-                        spec.renew_time = Some(MicroTime(Timestamp::now()));
-                    }
-                    match api.replace(&name, &PostParams::default(), &lease).await {
-                        Ok(renewed) => *current.lock().expect("lease") = renewed,
-                        Err(e) => {
-                            tracing::warn!(lease = %name, error = %e, "cannot renew the lease")
-                        }
-                    }
-                }
-            })
-        };
-        Self {
-            api,
-            name,
-            identity: identity.to_string(),
-            current,
-            renewer,
-        }
+    /// A handle telling whether the lease is still ours.
+    pub fn watch(&self) -> LeaseWatch {
+        self.watch.clone()
     }
 
     /// Hands the lease back so the next holder does not wait for it to expire. Returns the
-    /// released lease as written, for [`take_released`].
+    /// released lease as written, for [`Leases::take_released`]. A lease already lost is not
+    /// written: it may be someone else's now.
     pub async fn release(self) -> Option<Lease> {
         // A renewal cut off mid-flight leaves `current` stale; the replace below then meets a
         // conflict and looks again.
         self.renewer.abort();
+        if self.watch.lost().is_some() {
+            return None;
+        }
         let mut lease = self.current.lock().expect("lease").clone();
         loop {
             if let Some(spec) = lease.spec.as_mut() {
@@ -205,12 +520,7 @@ impl LeaseGuard {
                     let Ok(Some(fresh)) = self.api.get_opt(&self.name).await else {
                         return None;
                     };
-                    let ours = fresh
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.holder_identity.as_deref())
-                        == Some(&self.identity);
-                    if !ours {
+                    if holder_of(&fresh) != self.identity {
                         return None;
                     }
                     lease = fresh;
@@ -218,5 +528,92 @@ impl LeaseGuard {
                 Err(_) => return None,
             }
         }
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.renewer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(name: &str, holder: &str, renewed_secs: i64, duration: Option<i32>) -> Lease {
+        let mut lease = Lease::default();
+        lease.metadata.name = Some(name.into());
+        lease.spec = Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: duration,
+            renew_time: Some(MicroTime(
+                Timestamp::from_second(renewed_secs).expect("a valid time"),
+            )),
+            ..Default::default()
+        });
+        lease
+    }
+
+    #[test]
+    fn timing_keeps_client_go_proportions() {
+        let t = LeaseTiming::default();
+        assert_eq!(t.duration, Duration::from_secs(15));
+        assert_eq!(t.renew_every, Duration::from_secs(3));
+        assert_eq!(t.renew_deadline, Duration::from_secs(10));
+        assert!(
+            t.renew_deadline < t.duration,
+            "a holder must stop before others take over"
+        );
+        assert!(
+            t.wait > t.duration,
+            "one wait must outlast a crashed holder's lease"
+        );
+    }
+
+    #[test]
+    fn expiry_counts_from_the_first_sight_of_a_record_whatever_its_renew_time() {
+        // A renewTime an hour ago, as a holder with a slow clock writes: not expired on
+        // first sight, however old it says it is.
+        let old = lease("unit-expiry-a", "other", 0, Some(15));
+        assert!(!expired("unit", &old, Duration::from_secs(15)));
+        // A zero duration in the record is ignored for ours; a record that changes starts
+        // the clock again.
+        let zero = lease("unit-expiry-b", "other", 0, Some(0));
+        assert!(!expired("unit", &zero, Duration::from_secs(1)));
+        let immediate = lease("unit-expiry-c", "other", 0, Some(1));
+        assert!(!expired("unit", &immediate, Duration::from_secs(15)));
+        local()
+            .observed
+            .get_mut(&("unit".to_string(), "unit-expiry-c".to_string()))
+            .expect("observed")
+            .1 -= Duration::from_secs(2);
+        assert!(expired("unit", &immediate, Duration::from_secs(15)));
+        let renewed = lease("unit-expiry-c", "other", 1, Some(1));
+        assert!(!expired("unit", &renewed, Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn one_claim_per_lease_and_identity_in_a_process() {
+        let first = Claim::take("unit", "claim", "me").expect("free");
+        assert!(Claim::take("unit", "claim", "me").is_none());
+        let other = Claim::take("unit", "claim", "someone-else");
+        assert!(other.is_some(), "other identities meet at the API server");
+        drop(first);
+        assert!(Claim::take("unit", "claim", "me").is_some());
+    }
+
+    #[tokio::test]
+    async fn a_watch_is_lost_once_renewals_stop_for_the_deadline() {
+        let started = Instant::now() - Duration::from_secs(11);
+        let watch = LeaseWatch::new(started, Duration::from_secs(10));
+        assert!(watch.lost().unwrap().starts_with("not renewed for"));
+        // Known lost: whoever waits on it wakes.
+        watch.cancelled().await;
+        let fresh = LeaseWatch::new(Instant::now(), Duration::from_secs(10));
+        assert_eq!(fresh.lost(), None);
+        fresh.mark_lost("taken over by x".into());
+        fresh.mark_lost("later reason".into());
+        assert_eq!(fresh.lost().as_deref(), Some("taken over by x"));
     }
 }

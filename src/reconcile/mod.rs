@@ -43,8 +43,6 @@ pub const ANNOTATION_PRUNE: &str = "driftless.dev/prune";
 const APPLY_CONCURRENCY: usize = 8;
 /// How long a CRD may take to become Established.
 const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a run waits for another replica to finish the same app.
-pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
@@ -80,6 +78,27 @@ pub enum ReconcileError {
         "interrupted by a shutdown after writing {written} objects; the next start resumes the run"
     )]
     Interrupted { written: usize },
+    /// The run's lease stopped being its own (taken over, deleted, or not renewed in time): it
+    /// stopped at the next safe point and wrote nothing more, not even its state.
+    #[error("lease of app {app} lost ({why}) after writing {written} objects; stopped there, the app's next run finishes the job")]
+    LeaseLost {
+        app: String,
+        why: String,
+        written: usize,
+    },
+}
+
+impl ReconcileError {
+    /// The job never got to run, or was cut short, because another holder had the app's
+    /// lease (or the lease could not be read or kept): run it again later, never drop it.
+    pub fn retry_later(&self) -> bool {
+        matches!(
+            self,
+            ReconcileError::LeaseLost { .. }
+                | ReconcileError::Lease(lease::LeaseError::Held { .. })
+                | ReconcileError::Lease(lease::LeaseError::Api { .. })
+        )
+    }
 }
 
 impl ReconcileError {
@@ -191,6 +210,9 @@ pub struct Engine {
     slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<AppSlot>>>>,
     /// Set when the grace period of a shutdown is over: runs stop at the next safe point.
     interrupt: tokio_util::sync::CancellationToken,
+    lease_timing: lease::LeaseTiming,
+    /// The lease of each app's run in progress, checked at the run's safe points.
+    run_leases: Mutex<HashMap<String, lease::LeaseWatch>>,
 }
 
 /// Prepared objects of each manifest file by path, valid for the file's blob SHA.
@@ -320,6 +342,7 @@ impl Engine {
             std::process::id(),
             rand::random::<u32>() & 0xff_ffff
         );
+        let lease_timing = lease::LeaseTiming::new(settings.kubernetes.lease_duration);
         Self {
             client,
             forges,
@@ -330,6 +353,8 @@ impl Engine {
             state_ns_ready: std::sync::atomic::AtomicBool::new(false),
             slots: Mutex::new(HashMap::new()),
             interrupt: tokio_util::sync::CancellationToken::new(),
+            lease_timing,
+            run_leases: Mutex::new(HashMap::new()),
         }
     }
 
@@ -398,15 +423,8 @@ impl Engine {
         // conditional write, made while the forge is read, and the state it saved is current.
         if let (Some(released), Some(mut st)) = (slot.lease.take(), slot.state.take()) {
             let take = {
-                let (client, ns, app, identity) = (
-                    self.client.clone(),
-                    ns.clone(),
-                    app.name.clone(),
-                    self.identity.clone(),
-                );
-                tokio::spawn(async move {
-                    lease::take_released(&client, &ns, &app, &identity, released).await
-                })
+                let (leases, app) = (self.leases(), app.name.clone());
+                tokio::spawn(async move { leases.take_released(&app, released).await })
             };
             let mut run_lease = RunLease::Taking(take);
             let r = self
@@ -417,27 +435,36 @@ impl Engine {
                 r,
                 Err(ReconcileError::Lease(lease::LeaseError::Moved { .. }))
             ) {
-                self.finish_run(run_lease, slot_guard, &r, st);
+                self.finish_run(&app.name, run_lease, slot_guard, &r, st);
                 return r;
             }
         }
 
-        let guard =
-            lease::acquire(&self.client, &ns, &app.name, &self.identity, LEASE_WAIT).await?;
+        let guard = self.leases().acquire(&app.name).await?;
         let mut run_lease = RunLease::Held(Box::new(guard));
         let mut st = match state::load(&self.client, &ns, &app.name).await {
             Ok(st) => st,
             Err(e) => {
                 let r = Err(e.into());
-                self.finish_run(run_lease, slot_guard, &r, AppState::default());
+                self.finish_run(&app.name, run_lease, slot_guard, &r, AppState::default());
                 return r;
             }
         };
         let r = self
             .run_locked(&app, job, opts, &mut st, &mut run_lease, &mut slot.files)
             .await;
-        self.finish_run(run_lease, slot_guard, &r, st);
+        self.finish_run(&app.name, run_lease, slot_guard, &r, st);
         r
+    }
+
+    /// The leases of this replica (its identity) in the state namespace.
+    pub(crate) fn leases(&self) -> lease::Leases {
+        lease::Leases::new(
+            &self.client,
+            &self.settings.kubernetes.state_namespace,
+            &self.identity,
+            self.lease_timing,
+        )
     }
 
     /// Stops every running reconcile at its next safe point (between apply stages, before
@@ -447,13 +474,61 @@ impl Engine {
         self.interrupt.cancel();
     }
 
+    /// A safe point of a run: stop here on a shutdown's interrupt or when the run's lease is
+    /// no longer its own.
     fn check_interrupt(&self, report: &RunReport) -> Result<(), ReconcileError> {
         if self.interrupt.is_cancelled() {
             return Err(ReconcileError::Interrupted {
                 written: report.applied.len() + report.pruned.len(),
             });
         }
-        Ok(())
+        self.check_lease(report)
+    }
+
+    /// Whether the run of `report.app` still holds its lease; every write of a run after the
+    /// lease is taken comes after this check.
+    fn check_lease(&self, report: &RunReport) -> Result<(), ReconcileError> {
+        let watch = self
+            .run_leases
+            .lock()
+            .expect("run leases")
+            .get(&report.app)
+            .cloned();
+        match watch.and_then(|w| w.lost()) {
+            Some(why) => Err(ReconcileError::LeaseLost {
+                app: report.app.clone(),
+                why,
+                written: report.applied.len() + report.pruned.len(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves when the run of `app` must stop: a shutdown's interrupt, or its lease lost.
+    async fn stop_requested(&self, app: &str) {
+        let watch = self
+            .run_leases
+            .lock()
+            .expect("run leases")
+            .get(app)
+            .cloned();
+        match watch {
+            Some(watch) => tokio::select! {
+                () = self.interrupt.cancelled() => {}
+                () = watch.cancelled() => {}
+            },
+            None => self.interrupt.cancelled().await,
+        }
+    }
+
+    /// From now on the safe points of the app's run check `run_lease`.
+    fn watch_run_lease(&self, app: &str, run_lease: &RunLease) {
+        if let RunLease::Held(guard) = run_lease {
+            self.run_leases
+                .lock()
+                .expect("run leases")
+                .insert(app.to_string(), guard.watch());
+        }
     }
 
     /// Waits until every lease this engine took is handed back (releases run in the
@@ -487,14 +562,18 @@ impl Engine {
     /// run reads it from the cluster.
     fn finish_run(
         &self,
+        app: &str,
         run_lease: RunLease,
         mut slot: tokio::sync::OwnedMutexGuard<AppSlot>,
         result: &Result<RunReport, ReconcileError>,
         st: AppState,
     ) {
+        self.run_leases.lock().expect("run leases").remove(app);
         let state_current = !matches!(
             result,
-            Err(ReconcileError::State(_) | ReconcileError::Lease(_))
+            Err(ReconcileError::State(_)
+                | ReconcileError::Lease(_)
+                | ReconcileError::LeaseLost { .. })
         );
         tokio::spawn(async move {
             let released = match run_lease.into_guard().await {
@@ -556,6 +635,7 @@ impl Engine {
         // Nothing is written before the lease is held.
         let (fetched, held) = tokio::join!(fetch, run_lease.held());
         held?;
+        self.watch_run_lease(&app.name, run_lease);
         let attempt = Attempt {
             app,
             job,
@@ -603,6 +683,8 @@ impl Engine {
                 .await
         };
         let (result, ()) = tokio::join!(work, pending);
+        // Applied and healthy, but nothing is recorded on a lease that is no longer ours.
+        let result = result.and_then(|inventory| self.check_lease(&report).map(|()| inventory));
 
         match result {
             Ok(inventory) => {
@@ -668,7 +750,9 @@ impl Engine {
         report.duration = started.elapsed();
         let interrupted = matches!(err, ReconcileError::Interrupted { .. });
         warn!(app = %app.name, revision = short(revision), error = %err, "reconcile failed");
-        if opts.dry_run {
+        // Without the lease, a state write could undo the new holder's and a status could
+        // overwrite its verdict: the run's record is its report and this log line.
+        if opts.dry_run || self.check_lease(report).is_err() {
             return Ok(());
         }
         // The inventory keeps what was applied before plus anything this run did write, so a
@@ -994,7 +1078,7 @@ impl Engine {
         self.check_interrupt(report)?;
         tokio::select! {
             r = self.wait_healthy(app, &watch) => r?,
-            () = self.interrupt.cancelled() => self.check_interrupt(report)?,
+            () = self.stop_requested(&report.app) => self.check_interrupt(report)?,
         }
 
         report.objects = desired.len();

@@ -110,13 +110,13 @@ async fn a_heal_never_reapplies_an_older_revision_over_a_newer_apply() {
     let r2 = env.repo.commit("v2");
 
     // Another replica holds the app while the healer finds the drift against r1.
-    let other = lease::acquire(
+    let other = lease::Leases::new(
         &env.ns.client,
         &env.state_ns.name,
-        "demo",
         "other-replica",
-        Duration::from_secs(5),
+        lease::LeaseTiming::default(),
     )
+    .acquire("demo")
     .await
     .unwrap();
     env.sim.clear_requests();

@@ -456,13 +456,13 @@ async fn a_second_replica_waits_for_the_lease() {
     env.repo.write("app/a.yaml", &env.cm("a", "v1"));
     let c1 = env.repo.commit("one");
     // Another replica holds the app's lease.
-    let held = lease::acquire(
+    let held = lease::Leases::new(
         &env.ns.client,
         &env.state_ns.name,
-        "demo",
         "other-replica",
-        Duration::from_secs(5),
+        lease::LeaseTiming::default(),
     )
+    .acquire("demo")
     .await
     .unwrap();
     let run = tokio::spawn({

@@ -4,6 +4,7 @@ pub mod api_calls;
 pub mod cluster;
 pub mod git;
 pub mod openapi;
+pub mod partition;
 pub mod serve;
 
 use std::path::PathBuf;

@@ -97,6 +97,12 @@ impl Serve {
         assert!(ok, "kill -TERM {pid}");
     }
 
+    /// `kill -9`: the process dies at once, holding whatever it held. Returns its log.
+    pub async fn kill(mut self) -> String {
+        self.child.kill().await.expect("kill -9 serve");
+        self.log()
+    }
+
     pub async fn exit_code(mut self, within: Duration) -> (i32, String) {
         let status = tokio::time::timeout(within, self.child.wait())
             .await
