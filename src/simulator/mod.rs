@@ -277,6 +277,11 @@ impl ForgeSimulator {
         }
     }
 
+    /// Drops the queued faults no request has used up; returns how many were left.
+    pub fn clear_faults(&self) -> usize {
+        std::mem::take(&mut *lock(&self.state().faults)).len()
+    }
+
     /// Sends a signed GitHub `push` delivery for `refs/heads/<branch>` of `repo` to
     /// `{receiver_base_url}/hooks/github`, built from the repository's real commits.
     pub async fn send_github_push(

@@ -1294,6 +1294,17 @@ async fn faults_apply_then_are_consumed() {
     );
     assert_eq!(gh.get(gh_path).await.status, 200);
 
+    // A fault withdrawn before any request used it up changes nothing.
+    sim.inject(Fault {
+        forge: Some("github"),
+        path_contains: "/git/ref/".into(),
+        kind: FaultKind::Status(502),
+        times: 3,
+    });
+    assert_eq!(gh.get(gh_path).await.status, 502);
+    assert_eq!(sim.clear_faults(), 1);
+    assert_eq!(gh.get(gh_path).await.status, 200);
+
     // Primary rate limit: GitHub 403 with remaining 0 and the reset time.
     sim.inject(Fault {
         forge: Some("github"),
@@ -1369,7 +1380,7 @@ async fn faults_apply_then_are_consumed() {
     let statuses: Vec<u16> = sim.requests().iter().map(|r| r.status).collect();
     assert_eq!(
         statuses,
-        [200, 200, 502, 502, 200, 500, 200, 403, 200, 429, 429, 200, 200, 200]
+        [200, 200, 502, 502, 200, 500, 200, 502, 200, 403, 200, 429, 429, 200, 200, 200]
     );
     assert_github_requests_exist(&sim.requests());
 }
