@@ -295,23 +295,28 @@ fn applied_message(report: &RunReport) -> String {
 
 /// Fails before anything is written when the state this run could leave behind (everything
 /// the inventory knows plus every desired object, and a run message of the longest kind) would
-/// not fit in the app's ConfigMap.
+/// not fit in the app's ConfigMap. Only a run that adds objects can grow the inventory, so a
+/// run that adds none (the common push) is not checked: its state is the one last saved, which
+/// fitted, plus at most one bounded run record.
 fn check_state_fits<'a>(
     app: &AppSettings,
     st: &AppState,
     desired: impl Iterator<Item = &'a ObjectRef>,
 ) -> Result<(), ReconcileError> {
-    let mut largest = st.clone();
     let known: HashSet<manifest::Identity> = st.inventory.iter().map(|i| i.id.identity()).collect();
-    largest.inventory.extend(
-        desired
-            .filter(|id| !known.contains(&id.identity()))
-            .map(|id| InventoryItem {
-                id: id.clone(),
-                // As long as a real hash, as random (so as incompressible) as one.
-                hash: hex::encode(&Sha256::digest(id.to_string().as_bytes())[..16]),
-            }),
-    );
+    let added: Vec<InventoryItem> = desired
+        .filter(|id| !known.contains(&id.identity()))
+        .map(|id| InventoryItem {
+            id: id.clone(),
+            // As long as a real hash, as random (so as incompressible) as one.
+            hash: hex::encode(&Sha256::digest(id.to_string().as_bytes())[..16]),
+        })
+        .collect();
+    if added.is_empty() {
+        return Ok(());
+    }
+    let mut largest = st.clone();
+    largest.inventory.extend(added);
     largest.record(RunRecord {
         revision: Some("f".repeat(40)),
         reason: "push".into(),

@@ -82,12 +82,8 @@ async fn an_alias_bomb_fails_its_commit_and_serve_stays_small_and_alive() {
     env.repo.write("app/bomb.yaml", &bomb);
     env.repo.write("app/a.yaml", &env.cm("a", "1"));
     let c1 = env.repo.commit("an alias bomb");
-    let code = env
-        .sim
-        .send_github_push(base, REPO, "main", &c0, &c1, "s")
-        .await
-        .unwrap();
-    assert_eq!(code.as_u16(), 202, "{}", serve.log());
+    let code = serve.github_push(&env.sim, base, REPO, &c0, &c1).await;
+    assert_eq!(code, 202, "{}", serve.log());
     let status = terminal_status(&env, &serve, &c1).await;
     let (rss_after, peak) = memory_mib(serve.pid());
     eprintln!(
@@ -114,12 +110,8 @@ async fn an_alias_bomb_fails_its_commit_and_serve_stays_small_and_alive() {
     env.repo.remove("app/bomb.yaml");
     env.repo.write("app/a.yaml", &env.cm("a", "2"));
     let c2 = env.repo.commit("no bomb");
-    let code = env
-        .sim
-        .send_github_push(base, REPO, "main", &c1, &c2, "s")
-        .await
-        .unwrap();
-    assert_eq!(code.as_u16(), 202, "{}", serve.log());
+    let code = serve.github_push(&env.sim, base, REPO, &c1, &c2).await;
+    assert_eq!(code, 202, "{}", serve.log());
     let status = terminal_status(&env, &serve, &c2).await;
     assert_eq!(status.state, "success", "{status:?}\n{}", serve.log());
     assert_eq!(env.cm_value("a").await.as_deref(), Some("2"));

@@ -463,12 +463,8 @@ async fn after_kill_9_the_restarted_process_applies_the_push() {
     env.repo.write("app/web.yaml", WEB);
     env.repo.write("app/a.yaml", &env.cm("a", "1"));
     let c1 = env.repo.commit("add web");
-    let code = env
-        .sim
-        .send_github_push(base, REPO, "main", &c0, &c1, "s")
-        .await
-        .unwrap();
-    assert_eq!(code.as_u16(), 202, "{}", first.log());
+    let code = first.github_push(&env.sim, base, REPO, &c0, &c1).await;
+    assert_eq!(code, 202, "{}", first.log());
     // The run has written web and waits for its health, holding the lease: kill it there.
     wait_for_web(&env).await;
     let first_log = first.kill().await;

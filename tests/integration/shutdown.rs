@@ -58,12 +58,8 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     );
     env.repo.write("app/a.yaml", &env.cm("a", "1"));
     let c1 = env.repo.commit("add web");
-    let code = env
-        .sim
-        .send_github_push(base, REPO, "main", &c0, &c1, "s")
-        .await
-        .unwrap();
-    assert_eq!(code.as_u16(), 202, "{}", serve.log());
+    let code = serve.github_push(&env.sim, base, REPO, &c0, &c1).await;
+    assert_eq!(code, 202, "{}", serve.log());
     let deployments: Api<Deployment> = Api::namespaced(env.ns.client.clone(), &env.ns.name);
     let deadline = Instant::now() + Duration::from_secs(30);
     while deployments.get_opt("web").await.unwrap().is_none() {
@@ -78,12 +74,8 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
     serve.sigterm();
     // Draining: a new delivery is refused with 503 so the forge retries it.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let code = env
-        .sim
-        .send_github_push(base, REPO, "main", &c0, &c1, "s")
-        .await
-        .unwrap();
-    assert_eq!(code.as_u16(), 503, "{}", serve.log());
+    let code = serve.github_push(&env.sim, base, REPO, &c0, &c1).await;
+    assert_eq!(code, 503, "{}", serve.log());
     let ready = reqwest::get(format!("{base}/readyz"))
         .await
         .unwrap()

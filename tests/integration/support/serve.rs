@@ -78,6 +78,22 @@ impl Serve {
         serve
     }
 
+    /// Sends the simulator's signed GitHub push `before..after` on `main` of `repo` (secret
+    /// `s`, as the tests configure it) to this server; the HTTP status it answered.
+    pub async fn github_push(
+        &self,
+        sim: &driftless::simulator::ForgeSimulator,
+        base: &str,
+        repo: &str,
+        before: &str,
+        after: &str,
+    ) -> u16 {
+        sim.send_github_push(base, repo, "main", before, after, "s")
+            .await
+            .unwrap()
+            .as_u16()
+    }
+
     /// The process id, to read its memory from /proc.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("serve is running")
