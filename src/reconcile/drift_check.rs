@@ -9,8 +9,9 @@ use kube::Api;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use super::plan::Prepared;
 use super::state::{self, DriftRecord, DriftedObject};
-use super::{kube_message, now_rfc3339, short, Engine, Prepared, ReconcileError, LABEL_APP};
+use super::{kube_message, now_rfc3339, short, Engine, ReconcileError, LABEL_APP};
 use crate::drift::{differing_fields, dotted, normalized};
 use crate::forge::{fetch_app, Fetched, StatusState};
 use crate::manifest::{self, ObjectRef};

@@ -7,6 +7,7 @@
 //! it is kept, with the reason in the run's report.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use kube::api::{DeleteParams, DynamicObject, ListParams, Preconditions};
 use kube::core::ApiResource;
@@ -15,6 +16,8 @@ use kube::{Api, Discovery};
 use serde_json::Value;
 use tracing::{info, warn};
 
+use super::plan::Prepared;
+use super::state::AppState;
 use super::{kube_message, Engine, ReconcileError, RunReport, ANNOTATION_PRUNE};
 use super::{LABEL_APP, LABEL_MANAGED_BY};
 use crate::manifest::{self, Identity, ObjectRef};
@@ -66,6 +69,30 @@ fn annotated_disabled(obj: &DynamicObject) -> bool {
 }
 
 impl Engine {
+    /// Prunes what left Git: the inventory objects whose identity no desired object has, when
+    /// the app prunes at all.
+    pub(super) async fn prune_gone(
+        &self,
+        app: &AppSettings,
+        st: &AppState,
+        desired: &[Arc<Prepared>],
+        report: &mut RunReport,
+    ) -> Result<(), ReconcileError> {
+        // By identity: an object whose apiVersion changed is still wanted, never pruned.
+        let keep: HashSet<Identity> = desired.iter().map(|p| p.id.identity()).collect();
+        let gone: Vec<&ObjectRef> = st
+            .inventory
+            .iter()
+            .map(|i| &i.id)
+            .filter(|id| !keep.contains(&id.identity()))
+            .collect();
+        if app.prune && !gone.is_empty() {
+            self.check_interrupt(report)?;
+            self.prune(app, &gone, report).await?;
+        }
+        Ok(())
+    }
+
     /// Deletes objects that left Git (the caller passes only inventory objects). Ordinary
     /// objects first, then CRDs, then Namespaces, so a container is judged after its contents
     /// went. What is left in place is in `report.kept`.

@@ -1,13 +1,13 @@
-//! Which revision a run may apply, and what a run owes a push that changes nothing: the branch
-//! head is authoritative (a force push applies), a late delivery never rolls the app back, a
-//! catch-up does not retry a head that already failed, and a push that touched the app always
-//! ends with a terminal commit status.
+//! Which revision a run may apply, and whether a push that changes nothing touched the app:
+//! the branch head is authoritative (a force push applies), a late delivery never rolls the app
+//! back, a catch-up does not retry a head that already failed, and a push that touched the app
+//! always ends with a terminal commit status (posted by `record`).
 
 use tracing::warn;
 
-use super::state::{self, AppState, RunRecord};
-use super::{short, Attempt, Engine, ReconcileError};
-use crate::forge::{Comparison, Forge, ForgeError, StatusState};
+use super::state::AppState;
+use super::{short, Engine, ReconcileError};
+use crate::forge::{Comparison, Forge, ForgeError};
 use crate::queue::{Job, JobReason};
 use crate::settings::AppSettings;
 
@@ -114,7 +114,7 @@ impl Engine {
     /// applied one's (the `git revert` of a failed commit does). Costs one forge request, only
     /// when `before` is not the applied revision. A forge error counts as untouched (logged):
     /// the app is in sync either way, only the status is at stake.
-    async fn push_touched_app(
+    pub(super) async fn push_touched_app(
         &self,
         forge: &dyn Forge,
         app: &AppSettings,
@@ -138,58 +138,11 @@ impl Engine {
             }
         }
     }
-
-    /// Ends a run whose app subtree equals the applied one's: nothing to write. The applied
-    /// revision moves forward; a push that touched the app (its subtree differs from
-    /// `before`'s) gets its run recorded and `success` "In sync with <applied>", so the revert
-    /// of a failed commit turns green while the failed commit stays red.
-    pub(super) async fn finish_unchanged(
-        &self,
-        forge: &dyn Forge,
-        at: &Attempt<'_>,
-        st: &mut AppState,
-        tree_sha: String,
-    ) -> Result<(), ReconcileError> {
-        let (app, job, revision) = (at.app, at.job, at.revision);
-        if at.opts.dry_run {
-            return Ok(());
-        }
-        let applied = st.revision.clone();
-        let touched = self
-            .push_touched_app(forge, app, job, applied.as_deref(), &tree_sha)
-            .await;
-        if !touched && applied.as_deref() == Some(revision) {
-            return Ok(());
-        }
-        st.revision = Some(revision.to_string());
-        st.tree_sha = Some(tree_sha);
-        let message = format!(
-            "In sync with {}",
-            short(applied.as_deref().unwrap_or(revision))
-        );
-        if touched {
-            st.record(RunRecord {
-                revision: Some(revision.to_string()),
-                reason: job.reason.as_str().to_string(),
-                started_at: at.started_at.to_string(),
-                duration_ms: at.started.elapsed().as_millis() as u64,
-                outcome: "unchanged".into(),
-                message: message.clone(),
-                applied: 0,
-                pruned: 0,
-            });
-        }
-        state::save(&self.client, at.state_ns, &app.name, st).await?;
-        if touched {
-            self.post_status(forge, app, revision, StatusState::Success, &message)
-                .await;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::state::RunRecord;
     use super::*;
 
     fn run(revision: &str, outcome: &str) -> RunRecord {

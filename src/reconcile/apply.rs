@@ -1,0 +1,517 @@
+//! Apply, the stage of a run that writes: validate every write with a server-side dry-run,
+//! record in the inventory what the run is about to create, then server-side apply in stages
+//! (Namespaces and CRDs, other cluster-scoped objects, namespaced objects), and afterwards wait
+//! for what was written to become healthy.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::Api;
+use serde_json::Value;
+use tracing::warn;
+
+use super::health::{self, Health};
+use super::plan::{Desired, Prepared};
+use super::record::check_state_fits;
+use super::state::{self, AppState, InventoryItem};
+use super::{kube_message, Engine, ReconcileError, RunOptions, RunReport, FIELD_MANAGER};
+use crate::manifest::{self, Object, ObjectRef, Stage};
+use crate::queue::Job;
+use crate::settings::AppSettings;
+
+/// Objects applied (or dry-run) at once within one stage.
+const APPLY_CONCURRENCY: usize = 8;
+/// How long a CRD may take to become Established.
+const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a run writes, and when each write can be validated.
+struct Writes<'a> {
+    /// The objects whose content differs from the inventory's (all of them on a full run), by
+    /// stage.
+    all: Vec<&'a Prepared>,
+    /// Namespaces of the set that do not exist yet.
+    missing_ns: HashSet<&'a str>,
+    /// Writes validated before anything is written.
+    now: Vec<&'a Prepared>,
+    /// Writes into a namespace this run creates, validated once it exists.
+    later: Vec<&'a Prepared>,
+    /// Every write, those of kinds a CRD of the set defines included.
+    total: usize,
+}
+
+impl Engine {
+    /// Validates and writes the desired objects in stages. Before the first write, checks that
+    /// the state the run would leave fits in the cluster and records any object the inventory
+    /// does not know yet (`st` is updated and saved), so nothing it applies can be forgotten.
+    /// Returns every desired object prepared, or `None` for a dry run, which stops after
+    /// validation with the objects it would write in `report.applied`.
+    pub(super) async fn apply(
+        &self,
+        app: &AppSettings,
+        job: &Job,
+        opts: RunOptions,
+        st: &mut AppState,
+        desired: Desired,
+        report: &mut RunReport,
+    ) -> Result<Option<Vec<Arc<Prepared>>>, ReconcileError> {
+        let Desired { ready, after_crds } = desired;
+        if ready.is_empty() && after_crds.is_empty() && !app.allow_empty {
+            return Err(ReconcileError::EmptySet);
+        }
+        report.objects = ready.len() + after_crds.len();
+        check_state_fits(
+            app,
+            st,
+            ready
+                .iter()
+                .map(|p| &p.id)
+                .chain(after_crds.iter().map(|o| &o.id)),
+        )?;
+        let writes = self.writes(job, st, &ready, after_crds.len()).await?;
+        // A single write validates itself.
+        if writes.total > 1 || opts.dry_run {
+            self.dry_run_all(&writes.now, app).await?;
+        }
+        if opts.dry_run {
+            report.applied = writes.all.iter().map(|p| p.id.clone()).collect();
+            return Ok(None);
+        }
+        self.record_intent(app, st, writes.all.iter().map(|p| &p.id))
+            .await?;
+
+        let created = self
+            .apply_foundation(app, &writes, !after_crds.is_empty(), report)
+            .await?;
+        let late = self.prepare_after_crds(app, st, &after_crds).await?;
+        let late_refs: Vec<&Prepared> = late.iter().collect();
+        self.validate_later(app, &writes, &late_refs, &created, report)
+            .await?;
+
+        // Stages 2 and 3.
+        for stage in [Stage::Cluster, Stage::Namespaced] {
+            self.check_interrupt(report)?;
+            let batch: Vec<&Prepared> = writes
+                .all
+                .iter()
+                .copied()
+                .chain(late_refs.iter().copied())
+                .filter(|p| p.stage == stage)
+                .collect();
+            self.apply_all(&batch, app, report).await?;
+        }
+
+        let mut desired = ready;
+        desired.extend(late.into_iter().map(Arc::new));
+        Ok(Some(desired))
+    }
+
+    /// Sorts out what to write and when it can be validated: objects in namespaces this run
+    /// creates are validated once those namespaces exist.
+    async fn writes<'a>(
+        &self,
+        job: &Job,
+        st: &AppState,
+        ready: &'a [Arc<Prepared>],
+        after_crds: usize,
+    ) -> Result<Writes<'a>, ReconcileError> {
+        let previous: HashMap<manifest::Identity, String> = st
+            .inventory
+            .iter()
+            .map(|i| (i.id.identity(), i.hash.clone()))
+            .collect();
+        let needs_write = |p: &Prepared| {
+            job.full || previous.get(&p.id.identity()).map(String::as_str) != Some(p.hash.as_str())
+        };
+        let creating: HashSet<&str> = ready
+            .iter()
+            .filter(|p| manifest::is_namespace(&p.id))
+            .map(|p| p.id.name.as_str())
+            .collect();
+        let mut all: Vec<&Prepared> = ready
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| needs_write(p))
+            .collect();
+        all.sort_by_key(|p| p.stage);
+        let total = all.len() + after_crds;
+        let mut missing_ns = HashSet::new();
+        for ns in creating {
+            if !self.namespace_exists(ns).await? {
+                missing_ns.insert(ns);
+            }
+        }
+        let (now, later): (Vec<&Prepared>, Vec<&Prepared>) = all.iter().partition(|p| {
+            p.id.namespace
+                .as_deref()
+                .is_none_or(|ns| !missing_ns.contains(ns))
+        });
+        Ok(Writes {
+            all,
+            missing_ns,
+            now,
+            later,
+            total,
+        })
+    }
+
+    /// Stage 1: Namespaces and CRDs, then waits for the CRDs to be established. Returns what
+    /// this stage created, to be deleted again if an object that could only be validated once
+    /// it exists is rejected.
+    async fn apply_foundation<'a>(
+        &self,
+        app: &AppSettings,
+        writes: &Writes<'a>,
+        crd_objects_follow: bool,
+        report: &mut RunReport,
+    ) -> Result<Vec<&'a ObjectRef>, ReconcileError> {
+        self.check_interrupt(report)?;
+        let foundation: Vec<&'a Prepared> = writes
+            .all
+            .iter()
+            .copied()
+            .filter(|p| p.stage == Stage::Foundation)
+            .collect();
+        let mut created: Vec<&'a ObjectRef> = foundation
+            .iter()
+            .copied()
+            .filter(|p| {
+                manifest::is_namespace(&p.id) && writes.missing_ns.contains(p.id.name.as_str())
+            })
+            .map(|p| &p.id)
+            .collect();
+        let crds = || {
+            foundation
+                .iter()
+                .copied()
+                .filter(|p| manifest::is_crd(&p.id))
+        };
+        if crd_objects_follow {
+            for crd in crds() {
+                if !self.exists(crd).await? {
+                    created.push(&crd.id);
+                }
+            }
+        }
+        self.apply_all(&foundation, app, report).await?;
+        if crd_objects_follow || crds().next().is_some() {
+            for crd in crds() {
+                self.wait_established(&crd.id.name).await?;
+            }
+        }
+        Ok(created)
+    }
+
+    /// Prepares the objects whose kinds a CRD of the set defines (established by now) and
+    /// records them in the inventory before they are written.
+    async fn prepare_after_crds(
+        &self,
+        app: &AppSettings,
+        st: &mut AppState,
+        after_crds: &[Object],
+    ) -> Result<Vec<Prepared>, ReconcileError> {
+        let mut late = Vec::new();
+        for obj in after_crds {
+            self.forget_kind(&obj.id);
+            late.push(self.prepare(app, obj).await?);
+        }
+        self.record_intent(app, st, late.iter().map(|p| &p.id))
+            .await?;
+        Ok(late)
+    }
+
+    /// Validates the writes that stage 1 made possible to validate (into namespaces it
+    /// created, of kinds its CRDs define); when one is rejected, deletes again what stage 1
+    /// created.
+    async fn validate_later(
+        &self,
+        app: &AppSettings,
+        writes: &Writes<'_>,
+        late: &[&Prepared],
+        created: &[&ObjectRef],
+        report: &mut RunReport,
+    ) -> Result<(), ReconcileError> {
+        let pending: Vec<&Prepared> = writes
+            .later
+            .iter()
+            .copied()
+            .filter(|p| p.stage != Stage::Foundation)
+            .chain(late.iter().copied())
+            .collect();
+        if !pending.is_empty() && writes.total > 1 {
+            if let Err(rejected) = self.dry_run_all(&pending, app).await {
+                self.undo_created(app, created, report).await;
+                return Err(rejected);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds to the inventory, and saves before anything is written, the objects it does not
+    /// know yet (by identity), with an empty hash: if the run dies or its final save fails,
+    /// the next run still knows them, fetches the app again and can prune them. Costs no
+    /// write when the run only changes known objects.
+    async fn record_intent<'a>(
+        &self,
+        app: &AppSettings,
+        st: &mut AppState,
+        ids: impl Iterator<Item = &'a ObjectRef>,
+    ) -> Result<(), ReconcileError> {
+        let known: HashSet<manifest::Identity> =
+            st.inventory.iter().map(|i| i.id.identity()).collect();
+        let new: Vec<InventoryItem> = ids
+            .filter(|id| !known.contains(&id.identity()))
+            .map(|id| InventoryItem {
+                id: id.clone(),
+                hash: String::new(),
+            })
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        st.inventory.extend(new);
+        // Stored without the recorded tree: should this run end with no chance to record
+        // what it wrote, the next one must not find the app's tree "unchanged" and skip it.
+        // The run itself keeps the tree, which its own failure record restores if it wrote
+        // nothing.
+        let ahead = AppState {
+            tree_sha: None,
+            ..st.clone()
+        };
+        let ns = &self.settings.kubernetes.state_namespace;
+        state::save_intent(&self.client, ns, &app.name, &ahead).await?;
+        Ok(())
+    }
+
+    /// Deletes again the Namespaces and CRDs this run created, after an object that could only
+    /// be validated once they existed was rejected; through prune, so nothing anyone put in
+    /// them meanwhile goes with them. What cannot be deleted stays in `report.applied` (and so
+    /// in the inventory, for a later run to prune).
+    async fn undo_created(
+        &self,
+        app: &AppSettings,
+        created: &[&ObjectRef],
+        report: &mut RunReport,
+    ) {
+        if created.is_empty() {
+            return;
+        }
+        let mut undo = RunReport::new(&app.name);
+        if let Err(e) = self.prune(app, created, &mut undo).await {
+            warn!(app = %app.name, error = %e, "cannot delete what the rejected run created");
+        }
+        report.applied.retain(|id| !undo.pruned.contains(id));
+    }
+
+    async fn exists(&self, p: &Prepared) -> Result<bool, ReconcileError> {
+        self.api(p)
+            .get_opt(&p.id.name)
+            .await
+            .map(|o| o.is_some())
+            .map_err(|e| ReconcileError::Discovery {
+                what: p.id.to_string(),
+                message: kube_message(&e),
+            })
+    }
+
+    async fn namespace_exists(&self, name: &str) -> Result<bool, ReconcileError> {
+        use k8s_openapi::api::core::v1::Namespace;
+        Api::<Namespace>::all(self.client.clone())
+            .get_opt(name)
+            .await
+            .map(|n| n.is_some())
+            .map_err(|e| ReconcileError::Discovery {
+                what: format!("namespace {name}"),
+                message: kube_message(&e),
+            })
+    }
+
+    pub(super) fn api(&self, p: &Prepared) -> Api<DynamicObject> {
+        match (&p.id.namespace, p.namespaced) {
+            (Some(ns), true) => Api::namespaced_with(self.client.clone(), ns, &p.resource),
+            _ => Api::all_with(self.client.clone(), &p.resource),
+        }
+    }
+
+    pub(super) fn params(&self, app: &AppSettings, dry_run: bool) -> PatchParams {
+        let mut pp = PatchParams::apply(FIELD_MANAGER);
+        pp.force = app.force_conflicts;
+        pp.dry_run = dry_run;
+        pp
+    }
+
+    /// Server-side applies (or dry-runs) objects, a bounded number at once.
+    pub(super) async fn patch_all(
+        &self,
+        objects: &[&Prepared],
+        pp: &PatchParams,
+    ) -> Vec<(ObjectRef, Result<(), String>)> {
+        let calls: Vec<_> = objects
+            .iter()
+            .map(|p| {
+                let (api, id, body, pp) = (self.api(p), p.id.clone(), p.body.clone(), pp.clone());
+                async move {
+                    let r = api
+                        .patch(&id.name, &pp, &Patch::Apply(&body))
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| kube_message(&e));
+                    (id, r)
+                }
+                .boxed()
+            })
+            .collect();
+        futures::stream::iter(calls)
+            .buffer_unordered(APPLY_CONCURRENCY)
+            .collect()
+            .await
+    }
+
+    async fn dry_run_all(
+        &self,
+        objects: &[&Prepared],
+        app: &AppSettings,
+    ) -> Result<(), ReconcileError> {
+        let mut results = self.patch_all(objects, &self.params(app, true)).await;
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, r) in results {
+            if let Err(message) = r {
+                return Err(ReconcileError::Rejected {
+                    object: id.to_string(),
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn apply_all(
+        &self,
+        objects: &[&Prepared],
+        app: &AppSettings,
+        report: &mut RunReport,
+    ) -> Result<(), ReconcileError> {
+        let mut results = self.patch_all(objects, &self.params(app, false)).await;
+        results.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut first_error = None;
+        for (id, r) in results {
+            match r {
+                Ok(()) => report.applied.push(id),
+                Err(message) if first_error.is_none() => {
+                    first_error = Some(ReconcileError::Apply {
+                        object: id.to_string(),
+                        message,
+                    })
+                }
+                Err(_) => {}
+            }
+        }
+        report.applied.sort();
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn wait_established(&self, name: &str) -> Result<(), ReconcileError> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let started = Instant::now();
+        loop {
+            if let Ok(crd) = api.get(name).await {
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                if established {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > CRD_ESTABLISH_TIMEOUT {
+                return Err(ReconcileError::Unhealthy {
+                    object: format!("apiextensions.k8s.io/v1 CustomResourceDefinition {name}"),
+                    reason: "not Established after 30s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits for what this run wrote to become healthy; a shutdown's interrupt or a lost lease
+    /// stops the wait.
+    pub(super) async fn wait_written_healthy(
+        &self,
+        app: &AppSettings,
+        desired: &[Arc<Prepared>],
+        report: &RunReport,
+    ) -> Result<(), ReconcileError> {
+        let written: HashSet<&ObjectRef> = report.applied.iter().collect();
+        let watch: Vec<&Prepared> = desired
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| written.contains(&p.id) && health::may_report_health(&p.id))
+            .collect();
+        self.check_interrupt(report)?;
+        tokio::select! {
+            r = self.wait_healthy(app, &watch) => r?,
+            () = self.stop_requested(&report.app) => self.check_interrupt(report)?,
+        }
+        Ok(())
+    }
+
+    async fn wait_healthy(
+        &self,
+        app: &AppSettings,
+        objects: &[&Prepared],
+    ) -> Result<(), ReconcileError> {
+        let deadline = Instant::now() + app.health_timeout;
+        let mut waiting: Vec<&Prepared> = objects.to_vec();
+        loop {
+            let mut still = Vec::new();
+            let mut last = None;
+            for p in waiting {
+                let live = self.api(p).get_opt(&p.id.name).await.map_err(|e| {
+                    ReconcileError::Discovery {
+                        what: p.id.to_string(),
+                        message: kube_message(&e),
+                    }
+                })?;
+                let Some(live) = live else {
+                    last = Some((p, "not found after apply".to_string()));
+                    still.push(p);
+                    continue;
+                };
+                let value = serde_json::to_value(&live).unwrap_or(Value::Null);
+                match health::health(&p.id, &value) {
+                    Health::Healthy => {}
+                    Health::Failed(reason) => {
+                        return Err(ReconcileError::Unhealthy {
+                            object: p.id.to_string(),
+                            reason,
+                        })
+                    }
+                    Health::Progressing(reason) => {
+                        last = Some((p, reason));
+                        still.push(p);
+                    }
+                }
+            }
+            if still.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let (p, reason) = last.expect("something is still waiting");
+                return Err(ReconcileError::Unhealthy {
+                    object: p.id.to_string(),
+                    reason: format!(
+                        "{reason} (after {})",
+                        humantime::format_duration(app.health_timeout)
+                    ),
+                });
+            }
+            waiting = still;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! A run's hold on its app: the app's Lease (taken alongside the fetch, checked at every safe
+//! point, handed back after the run) and what this replica remembers of the app between runs,
+//! so that a push takes the lease back with one write and reads no state.
+
+use std::sync::Arc;
+
+use super::plan::FileCache;
+use super::state::AppState;
+use super::{lease, Engine, ReconcileError, RunReport};
+
+/// What one replica keeps of an app between runs, so a push costs no lease or state reads.
+/// Locked for the whole run (and the lease release after it). Nothing here is needed: a
+/// replica that starts empty reads it all back from the cluster.
+#[derive(Default)]
+pub(super) struct AppSlot {
+    /// The app's Lease as this replica wrote it when it last released it: the next run takes
+    /// it with one conditional write, which fails if anyone else has written it since.
+    pub(super) lease: Option<k8s_openapi::api::coordination::v1::Lease>,
+    /// The app's state as this replica last saved it. Only this replica's runs write it while
+    /// the lease above is unchanged, so it is current whenever that lease is taken back.
+    pub(super) state: Option<AppState>,
+    pub(super) files: FileCache,
+}
+
+/// The lease of a run: being taken in the background (the quick path, alongside the fetch),
+/// held, or none (a dry run, or a take that failed).
+pub(super) enum RunLease {
+    Taking(tokio::task::JoinHandle<Result<lease::LeaseGuard, lease::LeaseError>>),
+    Held(Box<lease::LeaseGuard>),
+    None,
+}
+
+impl RunLease {
+    /// Waits until the lease is held; every write of a run comes after this.
+    pub(super) async fn held(&mut self) -> Result<(), ReconcileError> {
+        let RunLease::Taking(task) = self else {
+            return Ok(());
+        };
+        let taken = task.await;
+        *self = RunLease::None;
+        let guard = taken.map_err(|join| ReconcileError::Discovery {
+            what: "lease".into(),
+            message: join.to_string(),
+        })??;
+        *self = RunLease::Held(Box::new(guard));
+        Ok(())
+    }
+
+    async fn into_guard(mut self) -> Option<lease::LeaseGuard> {
+        let _ = self.held().await;
+        match self {
+            RunLease::Held(g) => Some(*g),
+            _ => None,
+        }
+    }
+}
+
+impl Engine {
+    /// The leases of this replica (its identity) in the state namespace.
+    pub(crate) fn leases(&self) -> lease::Leases {
+        lease::Leases::new(
+            &self.client,
+            &self.settings.kubernetes.state_namespace,
+            &self.identity,
+            self.lease_timing,
+        )
+    }
+
+    /// Stops every running reconcile at its next safe point (between apply stages, before
+    /// pruning, while waiting for health). Each records the interruption in its app's state,
+    /// without advancing the applied revision, so the next start runs it again.
+    pub fn interrupt(&self) {
+        self.interrupt.cancel();
+    }
+
+    /// A safe point of a run: stop here on a shutdown's interrupt or when the run's lease is
+    /// no longer its own.
+    pub(super) fn check_interrupt(&self, report: &RunReport) -> Result<(), ReconcileError> {
+        if self.interrupt.is_cancelled() {
+            return Err(ReconcileError::Interrupted {
+                written: report.applied.len() + report.pruned.len(),
+            });
+        }
+        self.check_lease(report)
+    }
+
+    /// Whether the run of `report.app` still holds its lease; every write of a run after the
+    /// lease is taken comes after this check.
+    pub(super) fn check_lease(&self, report: &RunReport) -> Result<(), ReconcileError> {
+        let watch = self
+            .run_leases
+            .lock()
+            .expect("run leases")
+            .get(&report.app)
+            .cloned();
+        match watch.and_then(|w| w.lost()) {
+            Some(why) => Err(ReconcileError::LeaseLost {
+                app: report.app.clone(),
+                why,
+                written: report.applied.len() + report.pruned.len(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves when the run of `app` must stop: a shutdown's interrupt, or its lease lost.
+    pub(super) async fn stop_requested(&self, app: &str) {
+        let watch = self
+            .run_leases
+            .lock()
+            .expect("run leases")
+            .get(app)
+            .cloned();
+        match watch {
+            Some(watch) => tokio::select! {
+                () = self.interrupt.cancelled() => {}
+                () = watch.cancelled() => {}
+            },
+            None => self.interrupt.cancelled().await,
+        }
+    }
+
+    /// From now on the safe points of the app's run check `run_lease`.
+    pub(super) fn watch_run_lease(&self, app: &str, run_lease: &RunLease) {
+        if let RunLease::Held(guard) = run_lease {
+            self.run_leases
+                .lock()
+                .expect("run leases")
+                .insert(app.to_string(), guard.watch());
+        }
+    }
+
+    /// Waits until every lease this engine took is handed back (releases run in the
+    /// background after each run). Call before the process exits.
+    pub async fn settle(&self) {
+        let slots: Vec<_> = self
+            .slots
+            .lock()
+            .expect("slots")
+            .values()
+            .cloned()
+            .collect();
+        for slot in slots {
+            drop(slot.lock().await);
+        }
+    }
+
+    /// The app's slot of this replica's memory.
+    pub(super) fn slot(&self, app: &str) -> Arc<tokio::sync::Mutex<AppSlot>> {
+        self.slots
+            .lock()
+            .expect("slots")
+            .entry(app.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Hands the lease back off the push's critical path and remembers what the next run of
+    /// the app can reuse. The app's slot stays locked until the lease is back, so that run
+    /// takes it again with one write. A state whose saving failed is not remembered: the next
+    /// run reads it from the cluster.
+    pub(super) fn finish_run(
+        &self,
+        app: &str,
+        run_lease: RunLease,
+        mut slot: tokio::sync::OwnedMutexGuard<AppSlot>,
+        result: &Result<RunReport, ReconcileError>,
+        st: AppState,
+    ) {
+        self.run_leases.lock().expect("run leases").remove(app);
+        let state_current = !matches!(
+            result,
+            Err(ReconcileError::State(_)
+                | ReconcileError::Lease(_)
+                | ReconcileError::LeaseLost { .. })
+        );
+        tokio::spawn(async move {
+            let released = match run_lease.into_guard().await {
+                Some(guard) => guard.release().await,
+                None => None,
+            };
+            slot.state = (released.is_some() && state_current).then_some(st);
+            slot.lease = released;
+        });
+    }
+}
