@@ -176,7 +176,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(name) = &app {
                 require_app(&settings, name)?;
             }
-            for line in register_hooks(
+            for line in crate::forge::hooks::register_for_apps(
                 &settings,
                 &[ForgeKind::Github, ForgeKind::Gitlab],
                 app.as_deref(),
@@ -258,65 +258,6 @@ async fn sync(
             Ok(ExitCode::FAILURE)
         }
     }
-}
-
-/// Registers (or with `dry_run`, plans) the webhooks on the forges `kinds` of every repo the
-/// apps use, or of one app's repo. Returns one line per repo.
-pub async fn register_hooks(
-    settings: &Settings,
-    kinds: &[ForgeKind],
-    only_app: Option<&str>,
-    dry_run: bool,
-) -> anyhow::Result<Vec<String>> {
-    use crate::forge::hooks;
-    let public_url = settings.server.public_url.as_deref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "server.public_url: is required to register webhooks (the URL the forge will call)"
-        )
-    })?;
-    let forges = crate::forge::from_settings(settings)?;
-    let mut lines = Vec::new();
-    for &kind in kinds {
-        let repos: std::collections::BTreeSet<String> = settings
-            .apps
-            .iter()
-            .filter(|a| a.forge == kind && only_app.is_none_or(|n| n == a.name))
-            .map(|a| a.repo.clone())
-            .collect();
-        if repos.is_empty() {
-            continue;
-        }
-        let secret = match kind {
-            ForgeKind::Github => settings
-                .forges
-                .github
-                .as_ref()
-                .map(|g| g.webhook_secret.resolve())
-                .transpose()?,
-            ForgeKind::Gitlab => {
-                let gl = settings.forges.gitlab.as_ref();
-                match gl.and_then(|g| g.webhook_token.as_ref()) {
-                    Some(t) => Some(t.resolve()?),
-                    None => anyhow::bail!(
-                        "forges.gitlab.webhook_token_env: a webhook token is needed to register GitLab hooks (GitLab's API sets no signing token)"
-                    ),
-                }
-            }
-        };
-        let (Some(forge), Some(secret)) = (forges.get(kind), secret) else {
-            continue;
-        };
-        let endpoint = format!("{public_url}/hooks/{kind}");
-        for r in
-            hooks::register(forge.as_ref(), &repos, &endpoint, secret.expose(), dry_run).await?
-        {
-            lines.push(format!(
-                "{kind} {r}{}",
-                if dry_run { " (dry run)" } else { "" }
-            ));
-        }
-    }
-    Ok(lines)
 }
 
 /// What `check-config` prints: the apps understood and where each secret comes from.

@@ -23,6 +23,7 @@ use crate::queue::{Job, JobQueue, JobReason};
 use crate::settings::{
     AppSettings, ForgeKind, GithubSettings, GitlabSettings, Secret, Settings, SettingsError,
 };
+use crate::status_pages::{self, PageSource, StateSource};
 use crate::webhook::dedup::DeliveryCache;
 use crate::webhook::gitlab::{GitlabSecrets, ProofHeaders};
 use crate::webhook::{self, github, gitlab, Event, GitRef, WebhookError};
@@ -53,7 +54,7 @@ pub struct Receiver {
     /// a cluster (tests of the HTTP surface).
     pub kubernetes_ready: Option<Arc<AtomicBool>>,
     /// Where the status pages read app state; `None` without a cluster.
-    pub state_source: Option<crate::status_pages::StateSource>,
+    pub state_source: Option<StateSource>,
 }
 
 impl Receiver {
@@ -103,6 +104,16 @@ impl Receiver {
     }
 }
 
+impl PageSource for Receiver {
+    fn apps(&self) -> &[AppSettings] {
+        &self.apps
+    }
+
+    fn state_source(&self) -> Option<&StateSource> {
+        self.state_source.as_ref()
+    }
+}
+
 fn github_secrets(gh: &GithubSettings) -> Result<Vec<Secret>, SettingsError> {
     let mut secrets = vec![gh.webhook_secret.resolve()?];
     if let Some(prev) = &gh.previous_webhook_secret {
@@ -137,8 +148,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
-        .route("/apps", web::get().to(crate::status_pages::apps))
-        .route("/apps/{name}", web::get().to(crate::status_pages::app));
+        .route("/apps", web::get().to(status_pages::apps::<Receiver>))
+        .route("/apps/{name}", web::get().to(status_pages::app::<Receiver>));
 }
 
 async fn healthz() -> HttpResponse {
@@ -606,7 +617,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     ));
     let kube_ready = Arc::new(AtomicBool::new(false));
     receiver.kubernetes_ready = Some(kube_ready.clone());
-    receiver.state_source = Some(crate::status_pages::StateSource::new(
+    receiver.state_source = Some(StateSource::new(
         client.clone(),
         settings.kubernetes.state_namespace.clone(),
     ));
@@ -645,7 +656,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         register.push(ForgeKind::Gitlab);
     }
     if !register.is_empty() {
-        match crate::cli::register_hooks(&settings, &register, None, false).await {
+        match crate::forge::hooks::register_for_apps(&settings, &register, None, false).await {
             Ok(lines) => lines
                 .iter()
                 .for_each(|l| info!(result = %l, "webhook registration")),

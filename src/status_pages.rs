@@ -85,6 +85,15 @@ struct AppPage {
     health_note: Option<String>,
 }
 
+/// What the pages are given to read: the configured apps and where their state is read from.
+/// `serve`'s receiver is one; the pages know nothing else of it.
+pub trait PageSource: 'static {
+    /// The configured apps, in the order `/apps` lists them.
+    fn apps(&self) -> &[AppSettings];
+    /// Where app state and live health are read; `None` without a cluster.
+    fn state_source(&self) -> Option<&StateSource>;
+}
+
 /// Where the pages read app state and live health from, shared by all requests.
 #[derive(Clone)]
 pub struct StateSource {
@@ -359,8 +368,9 @@ fn page(title: &str, body: &str) -> HttpResponse {
         ))
 }
 
-pub async fn apps(req: HttpRequest, rx: web::Data<crate::server::Receiver>) -> HttpResponse {
-    let states = match &rx.state_source {
+/// `GET /apps`: every configured app with its applied revision, last result and drift.
+pub async fn apps<S: PageSource>(req: HttpRequest, src: web::Data<S>) -> HttpResponse {
+    let states = match src.state_source() {
         Some(src) => match src.all().await {
             Ok(s) => s,
             Err(e) => {
@@ -370,7 +380,7 @@ pub async fn apps(req: HttpRequest, rx: web::Data<crate::server::Receiver>) -> H
         },
         None => Arc::default(),
     };
-    let docs: Vec<Value> = rx
+    let docs: Vec<Value> = src
         .apps()
         .iter()
         .map(|a| app_json(a, states.get(&a.name), None))
@@ -397,16 +407,17 @@ pub async fn apps(req: HttpRequest, rx: web::Data<crate::server::Receiver>) -> H
     )
 }
 
-pub async fn app(
+/// `GET /apps/<name>`: one app's state, the live health of its objects, drift and last runs.
+pub async fn app<S: PageSource>(
     req: HttpRequest,
     path: web::Path<String>,
-    rx: web::Data<crate::server::Receiver>,
+    src: web::Data<S>,
 ) -> HttpResponse {
     let name = path.into_inner();
-    let Some(app) = rx.apps().iter().find(|a| a.name == name) else {
+    let Some(app) = src.apps().iter().find(|a| a.name == name) else {
         return HttpResponse::NotFound().json(json!({"error": format!("no app named {name:?}")}));
     };
-    let live = match &rx.state_source {
+    let live = match src.state_source() {
         Some(src) => match src.page(&name).await {
             Ok(page) => Some(page),
             Err(e) => {

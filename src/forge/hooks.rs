@@ -2,7 +2,8 @@
 //! pointing at this receiver, with the configured secret and the push events. Forges never
 //! report a hook's secret back, so the hook URL carries a short fingerprint of the secret
 //! (`?s=<8 hex of SHA-256>`; the receiver ignores the query): a rotated secret changes the URL
-//! and the hook is updated, an unchanged one is left alone.
+//! and the hook is updated, an unchanged one is left alone. Used by the CLI and, when the
+//! settings ask for it, by `serve` at start.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -10,6 +11,21 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 
 use super::{Forge, ForgeError, Hook, HookSpec};
+use crate::settings::{ForgeKind, Settings, SettingsError};
+
+/// Why the webhooks of the apps could not be registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("server.public_url: is required to register webhooks (the URL the forge will call)")]
+    NoPublicUrl,
+    #[error("forges.gitlab.webhook_token_env: a webhook token is needed to register GitLab hooks (GitLab's API sets no signing token)")]
+    NoGitlabToken,
+    /// A forge client or a webhook secret could not be set up from the settings.
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error(transparent)]
+    Register(#[from] ForgeError),
+}
 
 /// What register did (or would do) for one repo.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +128,60 @@ pub async fn register(
         });
     }
     Ok(out)
+}
+
+/// Registers (or with `dry_run`, plans) the webhooks on the forges `kinds` of every repo the
+/// apps use, or of one app's repo. Returns one line per repo.
+pub async fn register_for_apps(
+    settings: &Settings,
+    kinds: &[ForgeKind],
+    only_app: Option<&str>,
+    dry_run: bool,
+) -> Result<Vec<String>, RegisterError> {
+    let public_url = settings
+        .server
+        .public_url
+        .as_deref()
+        .ok_or(RegisterError::NoPublicUrl)?;
+    let forges = super::from_settings(settings)?;
+    let mut lines = Vec::new();
+    for &kind in kinds {
+        let repos: BTreeSet<String> = settings
+            .apps
+            .iter()
+            .filter(|a| a.forge == kind && only_app.is_none_or(|n| n == a.name))
+            .map(|a| a.repo.clone())
+            .collect();
+        if repos.is_empty() {
+            continue;
+        }
+        let secret = match kind {
+            ForgeKind::Github => settings
+                .forges
+                .github
+                .as_ref()
+                .map(|g| g.webhook_secret.resolve())
+                .transpose()?,
+            ForgeKind::Gitlab => {
+                let gl = settings.forges.gitlab.as_ref();
+                match gl.and_then(|g| g.webhook_token.as_ref()) {
+                    Some(t) => Some(t.resolve()?),
+                    None => return Err(RegisterError::NoGitlabToken),
+                }
+            }
+        };
+        let (Some(forge), Some(secret)) = (forges.get(kind), secret) else {
+            continue;
+        };
+        let endpoint = format!("{public_url}/hooks/{kind}");
+        for r in register(forge.as_ref(), &repos, &endpoint, secret.expose(), dry_run).await? {
+            lines.push(format!(
+                "{kind} {r}{}",
+                if dry_run { " (dry run)" } else { "" }
+            ));
+        }
+    }
+    Ok(lines)
 }
 
 #[cfg(test)]

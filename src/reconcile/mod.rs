@@ -160,7 +160,7 @@ pub struct RunOptions {
     pub dry_run: bool,
 }
 
-/// The run in progress, as far as recording its failure needs it.
+/// The run in progress, as far as recording its end needs it.
 #[derive(Clone, Copy)]
 struct Attempt<'a> {
     app: &'a AppSettings,

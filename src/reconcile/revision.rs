@@ -142,8 +142,8 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use super::super::state::RunRecord;
     use super::*;
+    use crate::reconcile::state::RunRecord;
 
     fn run(revision: &str, outcome: &str) -> RunRecord {
         RunRecord {
