@@ -50,6 +50,14 @@ pub enum Command {
         /// App name from the settings.
         app: String,
     },
+    /// Print the objects an app renders to (plain files or `kustomize build`), as applied.
+    Render {
+        /// App name from the settings.
+        app: String,
+        /// Render this commit instead of the branch head.
+        #[arg(long, value_name = "SHA")]
+        revision: Option<String>,
+    },
     /// Check every app for drift and missed pushes.
     Drift {
         /// Run one sweep, carry out what it finds and exit (for a CronJob).
@@ -126,6 +134,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::from(1)
             })
         }
+        Command::Render { app, revision } => {
+            print!("{}", render(&settings, &app, revision).await?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Drift { once: false } => {
             eprintln!(
                 "driftless drift: pass --once for a single sweep; `driftless serve` runs the timer"
@@ -199,6 +211,41 @@ fn require_app<'a>(settings: &'a Settings, name: &str) -> anyhow::Result<&'a App
             known.join(", ")
         )
     })
+}
+
+/// The objects `app` renders to at `revision` (the branch head when `None`), as YAML
+/// documents, each headed by the file it came from. Needs the forge, not the cluster.
+pub async fn render(
+    settings: &Settings,
+    app: &str,
+    revision: Option<String>,
+) -> anyhow::Result<String> {
+    use crate::render::{Plan, Renderer};
+    let app = require_app(settings, app)?;
+    let forges = crate::forge::from_settings(settings)?;
+    let forge = forges
+        .get(app.forge)
+        .ok_or_else(|| anyhow::anyhow!("forge {} is not configured", app.forge))?;
+    let revision = match revision {
+        Some(r) => r,
+        None => forge.branch_head(&app.repo, &app.branch).await?,
+    };
+    let renderer = Renderer::new(settings.render.clone(), settings.fetch.clone());
+    let blobs = crate::forge::BlobCache::new(settings.fetch.blob_cache_bytes);
+    let Plan::Changed { files, .. } = renderer
+        .plan(forge.as_ref(), &blobs, app, &revision, None)
+        .await?
+    else {
+        unreachable!("a plan without a known version always renders");
+    };
+    let objects =
+        crate::manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;
+    let mut out = String::new();
+    for obj in &objects {
+        out.push_str(&format!("---\n# Source: {}\n", obj.source));
+        out.push_str(&serde_yaml::to_string(&obj.body)?);
+    }
+    Ok(out)
 }
 
 /// Builds the reconcile engine from the settings and the local Kubernetes credentials.

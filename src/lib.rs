@@ -11,6 +11,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod queue;
 pub mod reconcile;
+pub mod render;
 pub mod server;
 pub mod settings;
 pub mod simulator;

@@ -203,6 +203,35 @@ pub fn parse_file(
     Ok(out)
 }
 
+/// Parses a configuration file of one YAML document (a kustomization) into its JSON tree,
+/// within `budget` like a manifest: a hostile file cannot expand aliases past the limits.
+/// An empty file is `Null`; a second document is refused.
+pub fn parse_config(path: &str, bytes: &[u8], budget: &mut Budget) -> Result<Value, ManifestError> {
+    let mut out = Value::Null;
+    for (index, doc) in serde_yaml::Deserializer::from_slice(bytes).enumerate() {
+        if index > 0 {
+            return Err(ManifestError::Invalid {
+                origin: path.to_string(),
+                message: "holds more than one YAML document".into(),
+            });
+        }
+        out = Bounded {
+            budget: &mut *budget,
+            depth: 0,
+        }
+        .deserialize(doc)
+        .map_err(|e| {
+            failed(path, 1, budget, || {
+                (
+                    e.location().map_or(0, |l| l.line()),
+                    strip_location(&e.to_string()),
+                )
+            })
+        })?;
+    }
+    Ok(out)
+}
+
 /// The error of a document that did not parse: the bound it crossed, if the budget refused
 /// it, or else the parser's error (line and message).
 fn failed(

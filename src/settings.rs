@@ -67,6 +67,7 @@ pub struct Settings {
     pub kubernetes: KubernetesSettings,
     pub forges: ForgeSettings,
     pub fetch: FetchSettings,
+    pub render: RenderSettings,
     pub drift: DriftSettings,
     pub log: LogSettings,
     pub apps: Vec<AppSettings>,
@@ -184,6 +185,38 @@ impl Default for FetchSettings {
     }
 }
 
+/// How Kustomize apps are rendered (`[render]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderSettings {
+    /// The program and arguments that build a kustomization; the directory is appended.
+    /// `["kustomize", "build"]` by default; `["kubectl", "kustomize"]` bundles Kustomize v5 too.
+    pub kustomize_command: Vec<String>,
+    /// Longest one render may take before it is killed and the run fails.
+    pub timeout: Duration,
+    /// Most bytes of manifests one render may print.
+    pub max_output_bytes: usize,
+}
+
+impl Default for RenderSettings {
+    fn default() -> Self {
+        Self {
+            kustomize_command: vec!["kustomize".into(), "build".into()],
+            timeout: Duration::from_secs(60),
+            max_output_bytes: 32 << 20,
+        }
+    }
+}
+
+/// Which renderer turns an app's directory into manifests (`apps[].render`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenderMode {
+    /// Kustomize when the app's path holds a kustomization file, else plain.
+    Auto,
+    Kustomize,
+    /// Every `*.yaml`, `*.yml` and `*.json` file under the path, as written.
+    Plain,
+}
+
 #[derive(Debug, Clone)]
 pub struct DriftSettings {
     /// How often each app is checked.
@@ -264,6 +297,7 @@ pub struct AppSettings {
     /// Accept an app with no objects (and so prune everything it had).
     pub allow_empty: bool,
     pub ignore: Vec<IgnoreRule>,
+    pub render: RenderMode,
 }
 
 /// A reference to a secret: never the secret itself.
@@ -470,6 +504,7 @@ struct RawSettings {
     kubernetes: RawKubernetes,
     forges: RawForges,
     fetch: RawFetch,
+    render: RawRender,
     drift: RawDrift,
     log: RawLog,
     apps: Vec<RawApp>,
@@ -507,6 +542,24 @@ impl Default for RawFetch {
             blob_cache: Value::String("256MiB".into()),
             max_rate_limit_wait: "15m".into(),
             request_timeout: "30s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRender {
+    kustomize_command: Vec<String>,
+    timeout: String,
+    max_output_bytes: Value,
+}
+
+impl Default for RawRender {
+    fn default() -> Self {
+        Self {
+            kustomize_command: RenderSettings::default().kustomize_command,
+            timeout: "60s".into(),
+            max_output_bytes: Value::String("32MiB".into()),
         }
     }
 }
@@ -656,6 +709,8 @@ struct RawApp {
     allow_empty: bool,
     #[serde(default)]
     ignore: Vec<RawIgnore>,
+    #[serde(default = "default_render")]
+    render: String,
 }
 
 #[derive(Deserialize)]
@@ -674,6 +729,9 @@ fn default_true() -> bool {
 }
 fn default_drift() -> String {
     "heal".into()
+}
+fn default_render() -> String {
+    "auto".into()
 }
 fn default_health_timeout() -> String {
     "5m".into()
@@ -1003,6 +1061,8 @@ impl RawSettings {
             request_timeout: p.duration("fetch.request_timeout", &self.fetch.request_timeout),
         };
 
+        let render = self.render.validate(&mut p);
+
         let interval = p.duration("drift.interval", &self.drift.interval);
         if interval < Duration::from_secs(10) && interval != Duration::ZERO {
             p.push("drift.interval", "must be at least 10s");
@@ -1078,6 +1138,18 @@ impl RawSettings {
                 }
             };
             let health_timeout = p.duration(&k("health_timeout"), &raw.health_timeout);
+            let render = match raw.render.as_str() {
+                "auto" => RenderMode::Auto,
+                "kustomize" => RenderMode::Kustomize,
+                "plain" => RenderMode::Plain,
+                other => {
+                    p.push(
+                        k("render"),
+                        format!("must be \"auto\", \"kustomize\" or \"plain\", got {other:?}"),
+                    );
+                    RenderMode::Auto
+                }
+            };
             let mut ignore = Vec::new();
             for (j, rule) in raw.ignore.into_iter().enumerate() {
                 if !rule.pointer.starts_with('/') {
@@ -1107,6 +1179,7 @@ impl RawSettings {
                 force_conflicts: raw.force_conflicts,
                 allow_empty: raw.allow_empty,
                 ignore,
+                render,
             });
         }
 
@@ -1132,6 +1205,7 @@ impl RawSettings {
             },
             forges: ForgeSettings { github, gitlab },
             fetch,
+            render,
             drift: DriftSettings {
                 interval,
                 jitter,
@@ -1139,6 +1213,41 @@ impl RawSettings {
             },
             apps,
         })
+    }
+}
+
+impl RawRender {
+    fn validate(self, p: &mut Problems) -> RenderSettings {
+        if self
+            .kustomize_command
+            .first()
+            .is_none_or(|c| c.trim().is_empty())
+        {
+            p.push(
+                "render.kustomize_command",
+                "must name a program, e.g. [\"kustomize\", \"build\"]",
+            );
+        }
+        let timeout = p.duration("render.timeout", &self.timeout);
+        if timeout.is_zero() {
+            p.push("render.timeout", "must be greater than zero");
+        }
+        let max_output_bytes = match parse_byte_size(&self.max_output_bytes) {
+            Ok(0) => {
+                p.push("render.max_output_bytes", "must be greater than zero");
+                0
+            }
+            Ok(n) => n,
+            Err(m) => {
+                p.push("render.max_output_bytes", m);
+                0
+            }
+        };
+        RenderSettings {
+            kustomize_command: self.kustomize_command,
+            timeout,
+            max_output_bytes,
+        }
     }
 }
 

@@ -230,36 +230,79 @@ pub async fn fetch_app(
     if known_tree_sha == Some(tree_sha.as_str()) {
         return Ok(Fetched::Unchanged { tree_sha });
     }
-    let entries = forge.subtree_entries(repo, commit, path).await?;
-    let full = |rel: &str| {
-        if path.is_empty() {
-            rel.to_string()
-        } else {
-            format!("{path}/{rel}")
-        }
-    };
-    let mut wanted = Vec::new();
-    for e in &entries {
-        match e.kind {
-            EntryKind::Symlink => {
-                return Err(ForgeError::Refused {
-                    path: full(&e.path),
-                    reason: "is a symbolic link; driftless applies only regular files".into(),
-                })
-            }
-            EntryKind::Submodule => {
-                return Err(ForgeError::Refused {
-                    path: full(&e.path),
-                    reason: "is a git submodule; driftless does not follow submodules".into(),
-                })
-            }
-            EntryKind::File | EntryKind::Executable if is_manifest_path(&e.path) => wanted.push(e),
-            _ => {}
-        }
+    let entries = list_entries(forge, repo, commit, path).await?;
+    let files = fetch_manifests(forge, cache, limits, repo, path, &entries).await?;
+    Ok(Fetched::Changed { tree_sha, files })
+}
+
+/// `rel` below `dir` as a path from the repository root.
+pub fn repo_path(dir: &str, rel: &str) -> String {
+    match (dir.is_empty(), rel.is_empty()) {
+        (true, _) => rel.to_string(),
+        (false, true) => dir.to_string(),
+        (false, false) => format!("{dir}/{rel}"),
     }
+}
+
+/// Every entry below `path` in `commit` (paths relative to `path`), refusing symlinks and
+/// submodules anywhere below it, each named by its path from the repository root.
+pub async fn list_entries(
+    forge: &dyn Forge,
+    repo: &str,
+    commit: &str,
+    path: &str,
+) -> Result<Vec<TreeEntry>, ForgeError> {
+    let entries = forge.subtree_entries(repo, commit, path).await?;
+    for e in &entries {
+        let reason = match e.kind {
+            EntryKind::Symlink => "is a symbolic link; driftless applies only regular files",
+            EntryKind::Submodule => "is a git submodule; driftless does not follow submodules",
+            _ => continue,
+        };
+        return Err(ForgeError::Refused {
+            path: repo_path(path, &e.path),
+            reason: reason.into(),
+        });
+    }
+    Ok(entries)
+}
+
+/// The manifest files (`*.yaml`, `*.yml`, `*.json`) among `entries` of the directory `dir`,
+/// downloaded (see [`fetch_files`]) and sorted by path.
+pub async fn fetch_manifests(
+    forge: &dyn Forge,
+    cache: &BlobCache,
+    limits: &FetchSettings,
+    repo: &str,
+    dir: &str,
+    entries: &[TreeEntry],
+) -> Result<Vec<AppFile>, ForgeError> {
+    let wanted: Vec<&TreeEntry> = entries
+        .iter()
+        .filter(|e| {
+            matches!(e.kind, EntryKind::File | EntryKind::Executable) && is_manifest_path(&e.path)
+        })
+        .collect();
+    fetch_files(forge, cache, limits, repo, dir, "manifest", wanted).await
+}
+
+/// Downloads `wanted` (entries of the directory `dir`), taking unchanged blobs from the cache,
+/// within `fetch.max_app_files` and `fetch.max_app_bytes` (checked against the declared sizes
+/// before any download, and against the bytes received while downloading). `what` names the
+/// files in errors ("manifest", "input"). Sorted by path.
+pub async fn fetch_files(
+    forge: &dyn Forge,
+    cache: &BlobCache,
+    limits: &FetchSettings,
+    repo: &str,
+    dir: &str,
+    what: &str,
+    wanted: Vec<&TreeEntry>,
+) -> Result<Vec<AppFile>, ForgeError> {
+    let under = repo_path(dir, "");
     if wanted.len() > limits.max_app_files {
         return Err(ForgeError::TooLarge {
-            what: format!("{} manifest files under {}", wanted.len(), full("")),
+            what: format!("{} {what} files under {under}", wanted.len()),
             setting: "fetch.max_app_files",
             limit: limits.max_app_files,
         });
@@ -267,7 +310,7 @@ pub async fn fetch_app(
     let declared: u64 = wanted.iter().filter_map(|e| e.size).sum();
     if declared > limits.max_app_bytes as u64 {
         return Err(ForgeError::TooLarge {
-            what: format!("{declared} bytes of manifests under {}", full("")),
+            what: format!("{declared} bytes of {what} files under {under}"),
             setting: "fetch.max_app_bytes",
             limit: limits.max_app_bytes,
         });
@@ -278,7 +321,7 @@ pub async fn fetch_app(
     let calls: Vec<_> = wanted
         .into_iter()
         .map(|e| {
-            let total = &total;
+            let (total, under) = (&total, &under);
             async move {
                 let content = match cache.get(&e.sha) {
                     Some(c) => c,
@@ -292,7 +335,7 @@ pub async fn fetch_app(
                     + content.len();
                 if sum > limits.max_app_bytes {
                     return Err(ForgeError::TooLarge {
-                        what: format!("more than {sum} bytes of manifests under {}", full("")),
+                        what: format!("more than {sum} bytes of {what} files under {under}"),
                         setting: "fetch.max_app_bytes",
                         limit: limits.max_app_bytes,
                     });
@@ -311,7 +354,7 @@ pub async fn fetch_app(
         .try_collect()
         .await?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(Fetched::Changed { tree_sha, files })
+    Ok(files)
 }
 
 /// Builds the forge clients the settings configure.

@@ -13,8 +13,9 @@ use super::plan::Prepared;
 use super::state::{self, DriftRecord, DriftedObject};
 use super::{kube_message, now_rfc3339, short, Engine, ReconcileError, LABEL_APP};
 use crate::drift::{differing_fields, dotted, normalized};
-use crate::forge::{fetch_app, Fetched, StatusState};
+use crate::forge::StatusState;
 use crate::manifest::{self, ObjectRef};
+use crate::render::Plan;
 use crate::settings::AppSettings;
 
 /// What one drift check found and did.
@@ -244,18 +245,9 @@ impl Engine {
     ) -> Result<Vec<Prepared>, ReconcileError> {
         report.revision = Some(revision.to_string());
         let forge = self.forge(app)?;
-        let Fetched::Changed { files, .. } = fetch_app(
-            forge.as_ref(),
-            &self.blobs,
-            &self.settings.fetch,
-            &app.repo,
-            revision,
-            &app.path,
-            None,
-        )
-        .await?
+        let Plan::Changed { files, .. } = self.fetch(forge.as_ref(), app, revision, None).await?
         else {
-            unreachable!("a fetch without a known tree SHA always returns the files")
+            unreachable!("a plan without a known version always renders")
         };
         let objects =
             manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;

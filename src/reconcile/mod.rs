@@ -26,9 +26,10 @@ use kube::core::ApiResource;
 use kube::Client;
 use tracing::info;
 
-use crate::forge::{BlobCache, Fetched, Forge, ForgeError, Forges};
+use crate::forge::{BlobCache, Forge, ForgeError, Forges};
 use crate::manifest::{ManifestError, ObjectRef};
 use crate::queue::Job;
+use crate::render::{Plan, RenderError, Renderer};
 use crate::settings::{AppSettings, Settings};
 use plan::{FileCache, KindKey};
 use run_lease::{AppSlot, RunLease};
@@ -50,6 +51,9 @@ pub enum ReconcileError {
     Forge(#[from] ForgeError),
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// The app could not be rendered (a Kustomize app's inputs or build).
+    #[error(transparent)]
+    Render(RenderError),
     #[error("{source_file}: {object}: unknown kind (not served by the API server and no CRD for it in this app)")]
     UnknownKind { object: String, source_file: String },
     #[error("{source_file}: {object} has no namespace and the app sets none (apps[].namespace)")]
@@ -103,10 +107,23 @@ impl ReconcileError {
     pub fn is_passing(&self) -> bool {
         match self {
             ReconcileError::Forge(e) => e.is_transient(),
+            ReconcileError::Render(e) => e.is_passing(),
             // A state too large to record is the commit's doing; a failed write is not.
             ReconcileError::State(e) => e.step != state::STEP_SIZE,
             ReconcileError::Discovery { .. } | ReconcileError::Lease(_) => true,
             _ => false,
+        }
+    }
+}
+
+impl From<RenderError> for ReconcileError {
+    /// Forge and manifest faults met while rendering are those faults, handled as a plain
+    /// app's would be.
+    fn from(e: RenderError) -> Self {
+        match e {
+            RenderError::Forge(e) => ReconcileError::Forge(e),
+            RenderError::Manifest(e) => ReconcileError::Manifest(e),
+            e => ReconcileError::Render(e),
         }
     }
 }
@@ -176,6 +193,7 @@ pub struct Engine {
     client: Client,
     forges: Forges,
     blobs: BlobCache,
+    renderer: Renderer,
     settings: Arc<Settings>,
     kinds: Mutex<HashMap<KindKey, (ApiResource, bool)>>,
     identity: String,
@@ -217,6 +235,7 @@ impl Engine {
             client,
             forges,
             blobs: BlobCache::new(settings.fetch.blob_cache_bytes),
+            renderer: Renderer::new(settings.render.clone(), settings.fetch.clone()),
             settings,
             kinds: Mutex::new(HashMap::new()),
             identity,
@@ -226,6 +245,11 @@ impl Engine {
             lease_timing,
             run_leases: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The renderer this engine's runs and drift checks share (and its counters).
+    pub fn renderer(&self) -> &Renderer {
+        &self.renderer
     }
 
     pub fn client(&self) -> &Client {
@@ -351,14 +375,10 @@ impl Engine {
             report.duration = started.elapsed();
             return Ok(report);
         }
-        let known = if job.full {
-            None
-        } else {
-            st.tree_sha.as_deref()
-        };
+        let known = if job.full { None } else { st.version() };
         // Nothing is written before the lease is held.
         let (fetched, held) = tokio::join!(
-            self.fetch(forge.as_ref(), app, &revision, known),
+            self.fetch(forge.as_ref(), app, &revision, known.as_ref()),
             run_lease.held()
         );
         held?;
@@ -372,11 +392,11 @@ impl Engine {
             state_ns: self.settings.kubernetes.state_namespace.as_str(),
             opts,
         };
-        let (tree_sha, files) = match fetched {
-            Ok(Fetched::Changed { tree_sha, files }) => (tree_sha, files),
-            Ok(Fetched::Unchanged { tree_sha }) => {
+        let (version, files) = match fetched {
+            Ok(Plan::Changed { version, files }) => (version, files),
+            Ok(Plan::Unchanged(version)) => {
                 return self
-                    .finish_unchanged(forge.as_ref(), &attempt, st, tree_sha, report)
+                    .finish_unchanged(forge.as_ref(), &attempt, st, version, report)
                     .await
             }
             // Nothing was written; report the failure where the user looks.
@@ -406,7 +426,7 @@ impl Engine {
         // Record.
         match result {
             Ok(inventory) => {
-                self.finish_applied(forge.as_ref(), &attempt, st, tree_sha, inventory, report)
+                self.finish_applied(forge.as_ref(), &attempt, st, version, inventory, report)
                     .await
             }
             Err(err) => Err(self.finish_failed(&attempt, st, err, &mut report).await),

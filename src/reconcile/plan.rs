@@ -11,9 +11,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::{kube_message, Engine, ReconcileError, LABEL_APP, LABEL_MANAGED_BY};
-use crate::forge::{fetch_app, AppFile, Fetched, Forge, ForgeError};
+use crate::forge::{AppFile, Forge};
 use crate::manifest::{self, ManifestError, Object, ObjectRef, Stage};
 use crate::queue::Job;
+use crate::render::{Plan, RenderError, SourceVersion};
 use crate::settings::AppSettings;
 
 /// A desired object made ready to apply.
@@ -111,24 +112,18 @@ impl Engine {
         })
     }
 
-    /// The app's files at `revision`, or only its subtree SHA when that is `known`.
+    /// The app's manifest files at `revision` (rendered by the renderer its path calls for), or
+    /// nothing when every input still has the SHA `known` recorded.
     pub(super) async fn fetch(
         &self,
         forge: &dyn Forge,
         app: &AppSettings,
         revision: &str,
-        known: Option<&str>,
-    ) -> Result<Fetched, ForgeError> {
-        fetch_app(
-            forge,
-            &self.blobs,
-            &self.settings.fetch,
-            &app.repo,
-            revision,
-            &app.path,
-            known,
-        )
-        .await
+        known: Option<&SourceVersion>,
+    ) -> Result<Plan, RenderError> {
+        self.renderer
+            .plan(forge, &self.blobs, app, revision, known)
+            .await
     }
 
     /// Parses and prepares every manifest file in path order, reusing what this replica

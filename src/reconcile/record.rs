@@ -15,6 +15,7 @@ use super::state::{self, AppState, InventoryItem, RunRecord};
 use super::{now_rfc3339, short, Attempt, Engine, Outcome, ReconcileError, RunReport};
 use crate::forge::{CommitStatus, Forge, StatusState};
 use crate::manifest::{self, ObjectRef};
+use crate::render::SourceVersion;
 use crate::settings::AppSettings;
 
 /// What an applied run says on the commit and in its record: counts first (the forge keeps
@@ -121,7 +122,7 @@ fn forget_written_hashes(st: &mut AppState, report: &RunReport) {
         }
     }
     if !report.applied.is_empty() || !report.pruned.is_empty() {
-        st.tree_sha = None;
+        st.set_version(None);
     }
 }
 
@@ -133,7 +134,7 @@ impl Engine {
         forge: &dyn Forge,
         at: &Attempt<'_>,
         st: &mut AppState,
-        tree_sha: String,
+        version: SourceVersion,
         inventory: Vec<InventoryItem>,
         mut report: RunReport,
     ) -> Result<RunReport, ReconcileError> {
@@ -146,7 +147,7 @@ impl Engine {
         let changed = report.applied.len();
         let message = applied_message(&report);
         st.revision = Some(revision.to_string());
-        st.tree_sha = Some(tree_sha);
+        st.set_version(Some(version));
         st.inventory = inventory;
         st.applied_at = Some(now_rfc3339());
         st.record(RunRecord {
@@ -252,10 +253,10 @@ impl Engine {
         forge: &dyn Forge,
         at: &Attempt<'_>,
         st: &mut AppState,
-        tree_sha: String,
+        version: SourceVersion,
         mut report: RunReport,
     ) -> Result<RunReport, ReconcileError> {
-        self.record_unchanged(forge, at, st, tree_sha).await?;
+        self.record_unchanged(forge, at, st, version).await?;
         info!(app = %at.app.name, revision = short(at.revision), "subtree unchanged; nothing to apply");
         report.duration = at.started.elapsed();
         Ok(report)
@@ -266,7 +267,7 @@ impl Engine {
         forge: &dyn Forge,
         at: &Attempt<'_>,
         st: &mut AppState,
-        tree_sha: String,
+        version: SourceVersion,
     ) -> Result<(), ReconcileError> {
         let (app, job, revision) = (at.app, at.job, at.revision);
         if at.opts.dry_run {
@@ -274,13 +275,13 @@ impl Engine {
         }
         let applied = st.revision.clone();
         let touched = self
-            .push_touched_app(forge, app, job, applied.as_deref(), &tree_sha)
+            .push_touched_app(forge, app, job, applied.as_deref(), &version)
             .await;
         if !touched && applied.as_deref() == Some(revision) {
             return Ok(());
         }
         st.revision = Some(revision.to_string());
-        st.tree_sha = Some(tree_sha);
+        st.set_version(Some(version));
         let message = format!(
             "In sync with {}",
             short(applied.as_deref().unwrap_or(revision))

@@ -9,6 +9,7 @@ use super::state::AppState;
 use super::{short, Engine, ReconcileError};
 use crate::forge::{Comparison, Forge, ForgeError};
 use crate::queue::{Job, JobReason};
+use crate::render::{self, SourceVersion};
 use crate::settings::AppSettings;
 
 /// Run outcome recorded for a failure that is a verdict on the commit (refused, unhealthy):
@@ -110,9 +111,9 @@ impl Engine {
         }
     }
 
-    /// Whether a push changed the app's subtree since its `before`, when the subtree equals the
-    /// applied one's (the `git revert` of a failed commit does). Costs one forge request, only
-    /// when `before` is not the applied revision. A forge error counts as untouched (logged):
+    /// Whether a push changed the app's inputs since its `before`, when they equal the applied
+    /// ones (the `git revert` of a failed commit does). Costs one forge request per input
+    /// (GitHub reads `before`'s tree once), only when `before` is not the applied revision. A forge error counts as untouched (logged):
     /// the app is in sync either way, only the status is at stake.
     pub(super) async fn push_touched_app(
         &self,
@@ -120,7 +121,7 @@ impl Engine {
         app: &AppSettings,
         job: &Job,
         applied: Option<&str>,
-        tree_sha: &str,
+        version: &SourceVersion,
     ) -> bool {
         let Some(before) = known_before(job) else {
             return false;
@@ -128,10 +129,9 @@ impl Engine {
         if Some(before) == applied {
             return false;
         }
-        match forge.subtree_sha(&app.repo, before, &app.path).await {
-            Ok(sha) => sha != tree_sha,
-            // The app's path did not exist at `before`: the push brought it back.
-            Err(ForgeError::NotFound { .. }) => true,
+        // An input that did not exist at `before` counts as changed: the push brought it back.
+        match render::changed_since(forge, app, before, version).await {
+            Ok(changed) => changed,
             Err(e) => {
                 warn!(app = %app.name, error = %e, "cannot tell whether the push touched the app; no status posted");
                 false

@@ -3,12 +3,15 @@
 //! the app's subtree SHA, the inventory of applied objects (with a hash of what was applied,
 //! for incremental pushes), the last result and the last ten runs.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::ObjectRef;
+use crate::render::SourceVersion;
 
 /// Field manager of the state objects (kept apart from the one applying app objects).
 const STATE_MANAGER: &str = "driftless-state";
@@ -31,6 +34,10 @@ pub struct AppState {
     pub revision: Option<String>,
     #[serde(default)]
     pub tree_sha: Option<String>,
+    /// A Kustomize app's inputs when last applied: every directory its render read, with its
+    /// subtree SHA (empty for a plain app). A push changes the app when any of them changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub inputs: BTreeMap<String, String>,
     /// RFC 3339 time of the last successful apply.
     #[serde(default)]
     pub applied_at: Option<String>,
@@ -88,6 +95,23 @@ pub struct RunRecord {
 }
 
 impl AppState {
+    /// What the applied revision was rendered from, if anything was applied.
+    pub fn version(&self) -> Option<SourceVersion> {
+        self.tree_sha.as_ref().map(|tree_sha| SourceVersion {
+            tree_sha: tree_sha.clone(),
+            inputs: self.inputs.clone(),
+        })
+    }
+
+    /// Records what the applied revision was rendered from (`None`: forget it, so the next
+    /// run renders again).
+    pub fn set_version(&mut self, v: Option<SourceVersion>) {
+        let (tree_sha, inputs) =
+            v.map_or((None, BTreeMap::new()), |v| (Some(v.tree_sha), v.inputs));
+        self.tree_sha = tree_sha;
+        self.inputs = inputs;
+    }
+
     /// Records a run, its message cut to [`MAX_MESSAGE_CHARS`].
     pub fn record(&mut self, mut run: RunRecord) {
         run.message = clip(&run.message, MAX_MESSAGE_CHARS);

@@ -10,6 +10,7 @@ mod forge;
 mod health;
 mod hostile_manifests;
 mod kubernetes;
+mod kustomize;
 mod lease;
 mod ordering;
 mod prune;

@@ -19,7 +19,7 @@ use serde_json::json;
 use crate::support::cluster::TestNamespace;
 use crate::support::git::GitRepo;
 
-const REPO: &str = "acme/deploy";
+pub const REPO: &str = "acme/deploy";
 
 pub struct Env {
     pub ns: TestNamespace,
@@ -34,6 +34,27 @@ pub struct Env {
 
 impl Env {
     pub async fn new(forge: &str, app_extra: &str) -> Env {
+        let app = format!(
+            r#"[[apps]]
+name = "demo"
+forge = "{forge}"
+repo = "{REPO}"
+path = "app"
+namespace = "{{ns}}"
+{app_extra}
+"#
+        );
+        let app = if app_extra.contains("health_timeout") {
+            app
+        } else {
+            format!("{app}health_timeout = \"20s\"\n")
+        };
+        Env::with_apps(&app).await
+    }
+
+    /// An environment whose settings end with `apps` (TOML; `{ns}` stands for the test
+    /// namespace), on a repository `acme/deploy` served by the simulator on both forges.
+    pub async fn with_apps(apps: &str) -> Env {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -68,27 +89,15 @@ webhook_secret_file = "{secret}"
 api_url = "{gl}"
 token_file = "{glt}"
 webhook_token_file = "{secret}"
-[[apps]]
-name = "demo"
-forge = "{forge}"
-repo = "{REPO}"
-path = "app"
-namespace = "{ns}"
-{app_extra}
-"#,
+{apps}"#,
             state = state_ns.name,
-            ns = ns.name,
             gh = sim.github_api_url(),
             gl = sim.gitlab_api_url(),
             ght = file("ght", "ghp_t"),
             glt = file("glt", "glpat_t"),
             secret = file("secret", "s"),
+            apps = apps.replace("{ns}", &ns.name),
         );
-        let text = if app_extra.contains("health_timeout") {
-            text
-        } else {
-            format!("{text}health_timeout = \"20s\"\n")
-        };
         let settings = Settings::from_toml_str(&text).unwrap();
         let config_file = dir.path().join("driftless.toml");
         std::fs::write(&config_file, &text).unwrap();
