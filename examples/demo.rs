@@ -4,8 +4,10 @@
 //! simulator, for GitHub, GitLab or both, printing each step with its timing. Exits 1 if any
 //! step does not happen.
 //!
-//! `scripts/demo` starts the test control plane and builds the binary first; by hand:
-//! `cargo build --bin driftless && cargo run --example demo -- --kubeconfig PATH`.
+//! `scripts/demo` starts the node cluster (tests/cluster/up.sh --with-node) and builds the
+//! binary first, so the pods really run; by hand: `cargo build --bin driftless && cargo run
+//! --example demo -- --kubeconfig PATH --registry 127.0.0.1:25000`. Without `--registry` the
+//! story plays the Deployment controller (for a control plane without a node).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +15,7 @@ use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
 use driftless::settings::ForgeKind;
-use driftless::story::{self, StoryOptions};
+use driftless::story::{self, RealNode, StoryOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Forges {
@@ -35,6 +37,10 @@ struct Args {
     /// example in the target directory (`cargo build --bin driftless`).
     #[arg(long)]
     driftless: Option<PathBuf>,
+    /// The node's local registry (`host:port`), when the cluster has a node: the pods then
+    /// really run, from images tests/cluster/images.sh pushed there.
+    #[arg(long, env = "DRIFTLESS_TEST_REGISTRY")]
+    registry: Option<String>,
 }
 
 #[tokio::main]
@@ -52,16 +58,25 @@ async fn main() -> ExitCode {
         Forges::Gitlab => vec![ForgeKind::Gitlab],
         Forges::Both => vec![ForgeKind::Github, ForgeKind::Gitlab],
     };
+    let node = args.registry.clone().map(|registry| RealNode { registry });
+    let cluster = match &node {
+        Some(node) => format!(
+            "a real node (pods from {}, the Deployment controller real)",
+            node.registry
+        ),
+        None => "a control plane without a node (the Deployment controller played)".into(),
+    };
     let mut failed = false;
     for forge in forges {
         println!(
-            "== driftless story on {forge}: driftless serve + Kubernetes API server + {forge} simulator"
+            "== driftless story on {forge}: driftless serve + Kubernetes API server + {forge} simulator, on {cluster}"
         );
         let started = Instant::now();
         let opts = StoryOptions {
             forge,
             kubeconfig: args.kubeconfig.clone(),
             driftless_bin: driftless_bin.clone(),
+            node: node.clone(),
         };
         match story::run(&opts, |step| println!("{step}")).await {
             Ok(steps) => println!(

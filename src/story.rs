@@ -5,11 +5,14 @@
 //!
 //! Everything is real except the forge: the `driftless serve` binary runs as a child process
 //! against a real Kubernetes API server, over a real git repository served by the
-//! [forge simulator](crate::simulator), which sends the signed push webhooks. The test control
-//! plane has no nodes and no workload controllers, so the story plays the Deployment
-//! controller ([`PlayedController`]): whenever a Deployment's spec changes it reports the
-//! rollout complete through the status subresource, as the real controller would once the
-//! pods are up.
+//! [forge simulator](crate::simulator), which sends the signed push webhooks. On a cluster
+//! with a real node ([`RealNode`], tests/cluster/up.sh --with-node) the pods really run: the
+//! app is a web server from the local registry behind a readiness probe, a bad image tag
+//! fails the commit once the Deployment's progress deadline passes, and its `git revert`
+//! succeeds once the pods answer again. On the control plane alone, which has no node and no
+//! workload controllers, the story plays the Deployment controller ([`PlayedController`]):
+//! whenever a Deployment's spec changes it reports the rollout complete through the status
+//! subresource, so there the bad image is applied and reported a success.
 //!
 //! Each run uses namespaces of its own (`shop-<id>` for the app, `driftless-story-<id>` for
 //! driftless's state), so runs can go on in parallel and repeatedly; they are deleted at the
@@ -31,7 +34,9 @@ use crate::reconcile::state::{DriftRecord, RunRecord};
 use crate::settings::ForgeKind;
 use crate::simulator::{ForgeSimulator, RecordedStatus, SimConfig};
 
+mod node;
 mod rollout;
+pub use node::RealNode;
 pub use rollout::{PlayedController, Reported, RolloutStep, Workload};
 
 /// The app the story deploys.
@@ -41,9 +46,10 @@ const REPO: &str = "acme/deploy";
 const BRANCH: &str = "main";
 /// Where the app lives in the repository.
 const APP_PATH: &str = "apps/shop";
-const GOOD_IMAGE: &str = "nginx:1.27";
+/// The image on the control plane alone, where no pod runs.
+const PLAYED_GOOD_IMAGE: &str = "nginx:1.27";
 /// A tag nginx never published.
-const BAD_IMAGE: &str = "nginx:1.27-typo";
+const PLAYED_BAD_IMAGE: &str = "nginx:1.27-typo";
 const REPLICAS: i64 = 2;
 /// What "someone" scales the Deployment to by hand in step 2.
 const HAND_SCALED: i64 = 5;
@@ -69,6 +75,8 @@ pub struct StoryOptions {
     pub kubeconfig: PathBuf,
     /// The `driftless` binary to run as `driftless serve`.
     pub driftless_bin: PathBuf,
+    /// The cluster's node, if pods run there; `None` plays the Deployment controller.
+    pub node: Option<RealNode>,
 }
 
 /// One step of the story that happened as it should.
@@ -184,18 +192,15 @@ pub async fn run(
 }
 
 /// The app as one commit has it.
-struct AppVersion<'a> {
-    image: &'a str,
+struct AppVersion {
+    image: String,
     /// As written in the YAML, so a step can write an invalid value.
-    replicas: &'a str,
-    greeting: &'a str,
+    replicas: &'static str,
+    greeting: &'static str,
 }
 
-const FIRST: AppVersion<'static> = AppVersion {
-    image: GOOD_IMAGE,
-    replicas: "2",
-    greeting: "hello",
-};
+/// The greeting of the first version.
+const FIRST_GREETING: &str = "hello";
 
 /// Everything one run of the story uses.
 struct Stage {
@@ -212,7 +217,11 @@ struct Stage {
     http: reqwest::Client,
     serve: Option<tokio::process::Child>,
     log: PathBuf,
-    controller: PlayedController,
+    /// The played Deployment controller, when there is no real node.
+    controller: Option<PlayedController>,
+    node: Option<RealNode>,
+    good_image: String,
+    bad_image: String,
     /// The branch head the forge last announced in a webhook (the next push's `before`).
     announced: String,
 }
@@ -314,9 +323,13 @@ branch = "{BRANCH}"
 path = "{APP_PATH}"
 namespace = "{app_ns}"
 drift = "heal"
-health_timeout = "30s"
+health_timeout = "{health_timeout}s"
 "#,
             interval = DRIFT_INTERVAL.as_secs(),
+            health_timeout = match opts.node {
+                Some(_) => node::HEALTH_TIMEOUT.as_secs(),
+                None => 30,
+            },
         );
         write("driftless.toml", &settings)?;
 
@@ -339,7 +352,17 @@ health_timeout = "30s"
             .spawn()
             .map_err(|e| setup(&opts.driftless_bin.display().to_string(), e.to_string()))?;
 
-        let controller = play_deployment_controller(Api::namespaced(client.clone(), &app_ns));
+        let controller = match opts.node {
+            Some(_) => None,
+            None => Some(play_deployment_controller(Api::namespaced(
+                client.clone(),
+                &app_ns,
+            ))),
+        };
+        let (good_image, bad_image) = match &opts.node {
+            Some(node) => (node.good_image(), node.bad_image()),
+            None => (PLAYED_GOOD_IMAGE.into(), PLAYED_BAD_IMAGE.into()),
+        };
         let mut stage = Stage {
             forge,
             client,
@@ -353,6 +376,9 @@ health_timeout = "30s"
             serve: Some(serve),
             log,
             controller,
+            node: opts.node.clone(),
+            good_image,
+            bad_image,
             announced: seed.clone(),
         };
         if let Err(message) = stage.wait_serving().await {
@@ -398,11 +424,11 @@ health_timeout = "30s"
 
     /// 1. A commit adds the app; its push webhook gets it applied and the commit a `success`.
     async fn push_applied(&mut self) -> Result<String, String> {
-        self.write_app(&FIRST)?;
+        self.write_app(&self.first())?;
         let c1 = self.repo.commit("Add the shop app").await?;
         self.send_push(&c1).await?;
         let status = self
-            .wait_status(&c1, Verdict::Success, PUSH_DEADLINE)
+            .wait_status(&c1, Verdict::Success, self.rollout_deadline())
             .await?;
 
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
@@ -423,10 +449,10 @@ health_timeout = "30s"
             ));
         }
         let (image, replicas) = self.deployment_spec().await?;
-        if image != GOOD_IMAGE || replicas != REPLICAS {
+        if image != self.good_image || replicas != REPLICAS {
             return Err(format!(
-                "Deployment {}/web runs {image} x{replicas}, Git says {GOOD_IMAGE} x{REPLICAS}",
-                self.app_ns
+                "Deployment {}/web runs {image} x{replicas}, Git says {} x{REPLICAS}",
+                self.app_ns, self.good_image
             ));
         }
         let services: Api<Service> = Api::namespaced(self.client.clone(), &self.app_ns);
@@ -439,14 +465,15 @@ health_timeout = "30s"
             return Err(format!("Service {}/web was not created", self.app_ns));
         }
         let greeting = self.greeting().await?;
-        if greeting.as_deref() != Some(FIRST.greeting) {
+        if greeting.as_deref() != Some(FIRST_GREETING) {
             return Err(format!(
-                "ConfigMap {}/settings has greeting {greeting:?}, Git says {:?}",
-                self.app_ns, FIRST.greeting
+                "ConfigMap {}/settings has greeting {greeting:?}, Git says {FIRST_GREETING:?}",
+                self.app_ns
             ));
         }
+        let pods = self.pods_answering(&self.good_image).await?;
         Ok(format!(
-            "{} pushed, webhook 202; Namespace, Deployment, Service, ConfigMap applied; {} \"{}\"",
+            "{} pushed, webhook 202; Namespace, Deployment, Service, ConfigMap applied{pods}; {} \"{}\"",
             short(&c1),
             status.state,
             status.description.unwrap_or_default()
@@ -512,47 +539,86 @@ health_timeout = "30s"
 
     /// 3. A commit with a bad image tag is applied; its `git revert` brings the old image back.
     async fn bad_image_reverted(&mut self) -> Result<String, String> {
+        let bad_image = self.bad_image.clone();
         self.write_app(&AppVersion {
-            image: BAD_IMAGE,
-            ..FIRST
+            image: bad_image.clone(),
+            ..self.first()
         })?;
         let bad = self
             .repo
-            .commit(&format!("Bump web to {BAD_IMAGE}"))
+            .commit(&format!("Bump web to {bad_image}"))
             .await?;
         self.send_push(&bad).await?;
+        // A real node cannot pull the image: the Deployment's progress deadline passes and the
+        // commit fails. The played controller reports every rollout complete.
+        let expected = match self.node {
+            Some(_) => Verdict::Failure,
+            None => Verdict::Success,
+        };
         let bad_status = self
-            .wait_status(&bad, Verdict::Success, PUSH_DEADLINE)
+            .wait_status(&bad, expected, self.rollout_deadline())
             .await?;
         let (image, _) = self.deployment_spec().await?;
-        if image != BAD_IMAGE {
+        if image != bad_image {
             return Err(format!(
-                "{} reported applied but {}/web runs {image}, not {BAD_IMAGE}",
+                "{} reported {} but {}/web runs {image}, not {bad_image}",
                 short(&bad),
+                bad_status.state,
                 self.app_ns
             ));
         }
+        let bad_detail = match self.node {
+            Some(_) => self.bad_image_failure(&bad_status).await?,
+            None => format!("applied, {}", bad_status.state),
+        };
 
         self.repo.git(&["revert", "--no-edit", "HEAD"]).await?;
         let revert = self.repo.git(&["rev-parse", "HEAD"]).await?;
         self.send_push(&revert).await?;
         let revert_status = self
-            .wait_status(&revert, Verdict::Success, PUSH_DEADLINE)
+            .wait_status(&revert, Verdict::Success, self.rollout_deadline())
             .await?;
         let (image, _) = self.deployment_spec().await?;
-        if image != GOOD_IMAGE {
+        if image != self.good_image {
             return Err(format!(
-                "the revert {} reported applied but {}/web runs {image}, not {GOOD_IMAGE}",
+                "the revert {} reported applied but {}/web runs {image}, not {}",
                 short(&revert),
-                self.app_ns
+                self.app_ns,
+                self.good_image
             ));
         }
+        let pods = self.pods_answering(&self.good_image).await?;
         Ok(format!(
-            "{} ({BAD_IMAGE}) applied, {}; revert {} put {GOOD_IMAGE} back, {}",
+            "{} ({bad_image}) {bad_detail}; revert {} put {} back{pods}, {}",
             short(&bad),
-            bad_status.state,
             short(&revert),
+            self.good_image,
             revert_status.state
+        ))
+    }
+
+    /// On a real node: the bad commit's failure names the Deployment and its progress deadline,
+    /// and its new pod is waiting on the image pull. Returns what was seen.
+    async fn bad_image_failure(&self, status: &RecordedStatus) -> Result<String, String> {
+        let description = status.description.clone().unwrap_or_default();
+        let deployment = format!("Deployment {}/web", self.app_ns);
+        if !description.contains(&deployment) || !description.contains("progress deadline") {
+            return Err(format!(
+                "the bad image's failure {description:?} does not name {deployment} and its \
+                 progress deadline"
+            ));
+        }
+        let pull = node::image_pull_failure(&self.client, &self.app_ns, &self.bad_image)
+            .await?
+            .ok_or_else(|| {
+                format!(
+                    "{deployment} failed but no pod of it waits on pulling {}",
+                    self.bad_image
+                )
+            })?;
+        Ok(format!(
+            "{}: its pod waits with {pull}, the 2 old pods keep serving; \"{description}\"",
+            status.state
         ))
     }
 
@@ -564,7 +630,7 @@ health_timeout = "30s"
         self.write_app(&AppVersion {
             replicas: "\"two\"",
             greeting: "hello from an invalid commit",
-            ..FIRST
+            ..self.first()
         })?;
         let invalid = self.repo.commit("Scale web to two").await?;
         self.send_push(&invalid).await?;
@@ -600,7 +666,7 @@ health_timeout = "30s"
     async fn lost_webhook_applied_by_timer(&mut self) -> Result<String, String> {
         let fixed = AppVersion {
             greeting: "hello again",
-            ..FIRST
+            ..self.first()
         };
         self.write_app(&fixed)?;
         let lost = self.repo.commit("Fix the replicas, new greeting").await?;
@@ -647,7 +713,45 @@ health_timeout = "30s"
 
     // ---- helpers ----
 
-    fn write_app(&self, v: &AppVersion<'_>) -> Result<(), String> {
+    /// The app's first version, which steps 3 to 5 go back to.
+    fn first(&self) -> AppVersion {
+        AppVersion {
+            image: self.good_image.clone(),
+            replicas: "2",
+            greeting: FIRST_GREETING,
+        }
+    }
+
+    /// How long a pushed rollout may take: on a real node, pods are pulled and started (and a
+    /// bad one runs into its progress deadline) before the verdict.
+    fn rollout_deadline(&self) -> Duration {
+        match self.node {
+            Some(_) => PUSH_DEADLINE + node::HEALTH_TIMEOUT,
+            None => PUSH_DEADLINE,
+        }
+    }
+
+    /// On a real node, waits until the app's pods of `image` are Ready and answer on their pod
+    /// IPs, and says so (", 2/2 pods Ready at ..."); nothing to check when the controller is
+    /// played.
+    async fn pods_answering(&self, image: &str) -> Result<String, String> {
+        if self.node.is_none() {
+            return Ok(String::new());
+        }
+        let want = REPLICAS as usize;
+        let ips =
+            node::pods_answering(&self.client, &self.app_ns, image, want, PUSH_DEADLINE).await?;
+        Ok(format!(
+            ", {want}/{want} pods Ready and answering at {}",
+            ips.join(", ")
+        ))
+    }
+
+    fn write_app(&self, v: &AppVersion) -> Result<(), String> {
+        let (deadline, probe) = match self.node {
+            Some(_) => node::deployment_extras(),
+            None => Default::default(),
+        };
         let files = [
             (
                 "namespace.yaml",
@@ -663,7 +767,7 @@ metadata:
   labels: {{app: web}}
 spec:
   replicas: {replicas}
-  selector: {{matchLabels: {{app: web}}}}
+{deadline}  selector: {{matchLabels: {{app: web}}}}
   template:
     metadata: {{labels: {{app: web}}}}
     spec:
@@ -671,7 +775,7 @@ spec:
       - name: web
         image: {image}
         ports: [{{containerPort: 80}}]
-"#,
+{probe}"#,
                     replicas = v.replicas,
                     image = v.image
                 ),
@@ -857,8 +961,15 @@ spec:
                 }
             }
         }
-        self.controller.abort();
+        if let Some(controller) = &self.controller {
+            controller.abort();
+        }
         self.sim.stop().await;
+        if self.node.is_some() {
+            if let Err(e) = node::force_delete_pods(&self.client, &self.app_ns).await {
+                problems.push(e);
+            }
+        }
         // Both at once: the namespace controller takes a few seconds to empty each.
         let (app, state) = tokio::join!(
             delete_namespace(&self.client, &self.app_ns),

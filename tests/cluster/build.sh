@@ -4,9 +4,14 @@
 #   etcd             from the `etcd-server` package
 #   kube-apiserver   \ from the `kubernetes` source package (bookworm: 1.20.2, Go deps vendored)
 #   kube-controller-manager /
+# With --with-node it also builds, from the same source tree, what a node needs:
+#   kube-scheduler, kubelet, kube-proxy, and the pause binary (`gcc -static` of
+#   build/pause/linux/pause.c) that tests/cluster/images.sh turns into the sandbox image.
 # Prints the cache directory holding bin/ on stdout. Everything else goes to stderr.
 set -euo pipefail
 
+with_node=0
+[ "${1:-}" = --with-node ] && with_node=1
 cache_root="${DRIFTLESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/driftless}"
 log() { printf 'cluster/build: %s\n' "$*" >&2; }
 
@@ -28,6 +33,11 @@ apt_install() {
 
 # etcd and the tools the scripts use (openssl for the serving cert, curl for readiness).
 apt_install etcd-server openssl curl ca-certificates
+# The node's runtime, network, registry and image tools (tests/cluster/node.sh, images.sh).
+if [ "$with_node" = 1 ]; then
+  apt_install containerd runc containernetworking-plugins iptables conntrack iproute2 \
+    docker-registry buildah skopeo umoci busybox-static
+fi
 
 # Enable source packages by deriving a deb-src entry from the existing deb822 sources.
 ensure_deb_src() {
@@ -56,13 +66,23 @@ fi
 # Bump when the patches below change, so a stale cached build is never reused.
 patch_level=p1
 dir="$cache_root/kubernetes-$version-$patch_level"
-if [ -x "$dir/bin/kube-apiserver" ] && [ -x "$dir/bin/kube-controller-manager" ]; then
+control_plane=(kube-apiserver kube-controller-manager)
+node=(kube-scheduler kubelet kube-proxy pause)
+wanted=("${control_plane[@]}")
+[ "$with_node" = 1 ] && wanted+=("${node[@]}")
+# Only what is not cached yet is built: a cache made before --with-node existed keeps its control
+# plane and gains the node binaries next to it.
+missing=()
+for b in "${wanted[@]}"; do
+  [ -x "$dir/bin/$b" ] || missing+=("$b")
+done
+if [ ${#missing[@]} -eq 0 ]; then
   log "using cached build in $dir"
   echo "$dir"
   exit 0
 fi
 
-apt_install golang-go rsync jq dpkg-dev make gcc
+apt_install golang-go rsync jq dpkg-dev make gcc libc6-dev
 work="$cache_root/build-$version"
 rm -rf "$work"
 mkdir -p "$work"
@@ -119,20 +139,32 @@ new = """	var it hiter
 assert old in s, "reflect2 unsafe_map.go is not the expected v1.0.1"
 m.write_text(s.replace(old, new))
 PY
-log "building kube-apiserver and kube-controller-manager (about 5 minutes on 2 cores)"
-(
-  cd "$work/src"
-  export GOFLAGS=-mod=vendor GO111MODULE=on GOPATH="$work/gopath" GOCACHE="$work/gocache"
-  make generated_files >&2
-  make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >&2
-)
-mkdir -p "$dir/bin.tmp"
-for b in kube-apiserver kube-controller-manager; do
-  found="$(find "$work/src/_output" -type f -name "$b" -perm -u+x | head -n1)"
-  [ -n "$found" ] || { log "build produced no $b"; exit 1; }
-  cp "$found" "$dir/bin.tmp/$b"
+targets=()
+for b in "${missing[@]}"; do
+  [ "$b" = pause ] || targets+=("cmd/$b")
 done
-rm -rf "$dir/bin" && mv "$dir/bin.tmp" "$dir/bin"
+if [ ${#targets[@]} -gt 0 ]; then
+  log "building ${targets[*]} (about 5 minutes on 2 cores for the control plane, as much again for a node)"
+  (
+    cd "$work/src"
+    export GOFLAGS=-mod=vendor GO111MODULE=on GOPATH="$work/gopath" GOCACHE="$work/gocache"
+    make generated_files >&2
+    make WHAT="${targets[*]}" >&2
+  )
+fi
+mkdir -p "$dir/bin"
+# Each binary lands under a temporary name first and is renamed into place, so another run
+# checking the cache never sees half a file.
+for b in "${missing[@]}"; do
+  if [ "$b" = pause ]; then
+    gcc -Os -static -o "$dir/bin/.pause.tmp" "$work/src/build/pause/linux/pause.c"
+  else
+    found="$(find "$work/src/_output" -type f -name "$b" -perm -u+x | head -n1)"
+    [ -n "$found" ] || { log "build produced no $b"; exit 1; }
+    cp "$found" "$dir/bin/.$b.tmp"
+  fi
+  mv "$dir/bin/.$b.tmp" "$dir/bin/$b"
+done
 rm -rf "$work"
 log "cached in $dir"
 echo "$dir"

@@ -12,6 +12,7 @@ mod hostile_manifests;
 mod kubernetes;
 mod kustomize;
 mod lease;
+mod node;
 mod ordering;
 mod prune;
 mod reconcile;

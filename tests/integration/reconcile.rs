@@ -16,7 +16,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
 use serde_json::json;
 
-use crate::support::cluster::TestNamespace;
+use crate::support::cluster::{Cluster, TestNamespace};
 use crate::support::git::GitRepo;
 
 pub const REPO: &str = "acme/deploy";
@@ -34,6 +34,11 @@ pub struct Env {
 
 impl Env {
     pub async fn new(forge: &str, app_extra: &str) -> Env {
+        Env::new_in(Cluster::ControlPlane, forge, app_extra).await
+    }
+
+    /// The same on `cluster` (the node cluster, for rollouts of real pods).
+    pub async fn new_in(cluster: Cluster, forge: &str, app_extra: &str) -> Env {
         let app = format!(
             r#"[[apps]]
 name = "demo"
@@ -49,18 +54,22 @@ namespace = "{{ns}}"
         } else {
             format!("{app}health_timeout = \"20s\"\n")
         };
-        Env::with_apps(&app).await
+        Env::with_apps_in(cluster, &app).await
     }
 
     /// An environment whose settings end with `apps` (TOML; `{ns}` stands for the test
     /// namespace), on a repository `acme/deploy` served by the simulator on both forges.
     pub async fn with_apps(apps: &str) -> Env {
+        Env::with_apps_in(Cluster::ControlPlane, apps).await
+    }
+
+    async fn with_apps_in(cluster: Cluster, apps: &str) -> Env {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
-        let ns = TestNamespace::new("it-rec").await;
-        let state_ns = TestNamespace::new("it-state").await;
+        let ns = TestNamespace::new_in(cluster, "it-rec").await;
+        let state_ns = TestNamespace::new_in(cluster, "it-state").await;
         let sim = ForgeSimulator::start(SimConfig {
             github_token: "ghp_t".into(),
             gitlab_token: "glpat_t".into(),

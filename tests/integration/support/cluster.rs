@@ -3,6 +3,11 @@
 //! `scripts/test` starts etcd + kube-apiserver + kube-controller-manager (tests/cluster/up.sh)
 //! and exports DRIFTLESS_TEST_KUBECONFIG. Without it every cluster test fails with a message
 //! saying how to start one: a missing control plane is never a silent skip.
+//!
+//! It also starts the node cluster (tests/cluster/up.sh --with-node: a control plane of its
+//! own with every controller, and one node running pods from the local registry) and exports
+//! DRIFTLESS_TEST_NODE_KUBECONFIG and DRIFTLESS_TEST_REGISTRY. It is a separate cluster
+//! because the tests on the first one play the workload controllers.
 
 use std::time::{Duration, Instant};
 
@@ -12,10 +17,70 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
 pub const KUBECONFIG_ENV: &str = "DRIFTLESS_TEST_KUBECONFIG";
+/// The node cluster's kubeconfig.
+pub const NODE_KUBECONFIG_ENV: &str = "DRIFTLESS_TEST_NODE_KUBECONFIG";
+/// `host:port` of the node cluster's local registry, holding tests/cluster/images.sh's images.
+pub const REGISTRY_ENV: &str = "DRIFTLESS_TEST_REGISTRY";
+
+/// Which test cluster a client or namespace belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cluster {
+    /// The control plane alone; tests play the workload controllers.
+    ControlPlane,
+    /// The control plane with every controller and one node: pods run.
+    WithNode,
+}
+
+impl Cluster {
+    fn kubeconfig_env(self) -> &'static str {
+        match self {
+            Cluster::ControlPlane => KUBECONFIG_ENV,
+            Cluster::WithNode => NODE_KUBECONFIG_ENV,
+        }
+    }
+
+    fn start_command(self) -> &'static str {
+        match self {
+            Cluster::ControlPlane => "tests/cluster/up.sh",
+            Cluster::WithNode => "tests/cluster/up.sh --with-node",
+        }
+    }
+}
+
+/// The node cluster's kubeconfig path; panics with instructions when there is none.
+pub fn node_kubeconfig() -> String {
+    env_or_instructions(Cluster::WithNode)
+}
+
+/// The local registry of the node cluster; panics with instructions when it is not set.
+pub fn registry() -> String {
+    std::env::var(REGISTRY_ENV).unwrap_or_else(|_| {
+        panic!(
+            "{REGISTRY_ENV} is not set: run the suite with scripts/test, or start the node \
+             cluster with tests/cluster/up.sh --with-node and export {REGISTRY_ENV}=127.0.0.1:25000"
+        )
+    })
+}
+
+fn env_or_instructions(cluster: Cluster) -> String {
+    let env = cluster.kubeconfig_env();
+    std::env::var(env).unwrap_or_else(|_| {
+        panic!(
+            "no test cluster: {env} is not set. Run the whole suite with scripts/test, or start \
+             one with {} and export {env} to the kubeconfig path it prints",
+            cluster.start_command()
+        )
+    })
+}
 
 /// A client for the test control plane; panics with instructions when there is none.
 pub async fn client() -> Client {
-    let (path, config) = config().await;
+    client_of(Cluster::ControlPlane).await
+}
+
+/// A client for `cluster`; panics with instructions when there is none.
+pub async fn client_of(cluster: Cluster) -> Client {
+    let (path, config) = config_of(cluster).await;
     let client = Client::try_from(config).expect("building a client for the test control plane");
     client
         .apiserver_version()
@@ -27,13 +92,11 @@ pub async fn client() -> Client {
 /// The test control plane's kubeconfig path and client configuration; panics with
 /// instructions when there is none.
 pub async fn config() -> (String, Config) {
-    let path = std::env::var(KUBECONFIG_ENV).unwrap_or_else(|_| {
-        panic!(
-            "no test control plane: {KUBECONFIG_ENV} is not set. Run the whole suite with \
-             scripts/test, or start one with tests/cluster/up.sh and export \
-             {KUBECONFIG_ENV}=/tmp/driftless-cluster/kubeconfig"
-        )
-    });
+    config_of(Cluster::ControlPlane).await
+}
+
+async fn config_of(cluster: Cluster) -> (String, Config) {
+    let path = env_or_instructions(cluster);
     let kubeconfig = Kubeconfig::read_from(&path)
         .unwrap_or_else(|e| panic!("reading test kubeconfig {path}: {e}"));
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -49,12 +112,18 @@ pub async fn config() -> (String, Config) {
 pub struct TestNamespace {
     pub client: Client,
     pub name: String,
+    cluster: Cluster,
     cleaned: bool,
 }
 
 impl TestNamespace {
     pub async fn new(prefix: &str) -> Self {
-        let client = client().await;
+        Self::new_in(Cluster::ControlPlane, prefix).await
+    }
+
+    /// A namespace of its own in `cluster`.
+    pub async fn new_in(cluster: Cluster, prefix: &str) -> Self {
+        let client = client_of(cluster).await;
         let name = format!("{prefix}-{:08x}", rand::random::<u32>());
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}
@@ -67,6 +136,7 @@ impl TestNamespace {
         Self {
             client,
             name,
+            cluster,
             cleaned: false,
         }
     }
@@ -93,13 +163,14 @@ impl Drop for TestNamespace {
         // runs on a runtime of its own with a client of its own: the test's client is driven by
         // the test's runtime, which is blocked here.
         let name = self.name.clone();
+        let cluster = self.cluster;
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build();
             if let Ok(rt) = rt {
                 rt.block_on(async move {
-                    let _ = Api::<Namespace>::all(client().await)
+                    let _ = Api::<Namespace>::all(client_of(cluster).await)
                         .delete(&name, &DeleteParams::background())
                         .await;
                 });
