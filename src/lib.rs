@@ -14,8 +14,10 @@ pub mod reconcile;
 pub mod render;
 pub mod server;
 pub mod settings;
+#[cfg(feature = "test-support")]
 pub mod simulator;
 pub mod status_pages;
+#[cfg(feature = "test-support")]
 pub mod story;
 pub mod telemetry;
 pub mod webhook;
