@@ -1,6 +1,7 @@
 //! The story driftless exists for, as code: push an app and see it applied, scale it by hand
 //! and see it healed, ship a bad image and revert it, push an invalid manifest and see it
-//! refused, lose a webhook and see the timer apply the commit anyway. `examples/demo.rs` and
+//! refused, lose a webhook and see the timer apply the commit anyway, change a Kustomize base
+//! and see both overlays on it reconciled. `examples/demo.rs` and
 //! the acceptance tests both run [`run`], so what the demo shows is exactly what CI checks.
 //!
 //! Everything is real except the forge: the `driftless serve` binary runs as a child process
@@ -34,6 +35,7 @@ use crate::reconcile::state::{DriftRecord, RunRecord};
 use crate::settings::ForgeKind;
 use crate::simulator::{ForgeSimulator, RecordedStatus, SimConfig};
 
+mod kustomize;
 mod node;
 mod rollout;
 pub use node::RealNode;
@@ -107,13 +109,14 @@ impl fmt::Display for StepReport {
     }
 }
 
-/// The titles of the five steps, in order.
-pub const STEPS: [&str; 5] = [
+/// The titles of the six steps, in order.
+pub const STEPS: [&str; 6] = [
     "push -> applied",
     "hand scale -> healed",
     "bad image -> git revert",
     "invalid manifest -> refused",
     "lost webhook -> timer",
+    "kustomize base change -> both overlays",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +143,7 @@ pub enum StoryError {
     Cleanup { forge: ForgeKind, message: String },
 }
 
-/// Sets up the stage, walks the five steps (calling `on_step` after each one that passes),
+/// Sets up the stage, walks the six steps (calling `on_step` after each one that passes),
 /// and tears the stage down whatever happened. Stops at the first step that fails.
 pub async fn run(
     opts: &StoryOptions,
@@ -156,7 +159,8 @@ pub async fn run(
             2 => stage.hand_scale_healed().await,
             3 => stage.bad_image_reverted().await,
             4 => stage.invalid_manifest_refused().await,
-            _ => stage.lost_webhook_applied_by_timer().await,
+            5 => stage.lost_webhook_applied_by_timer().await,
+            _ => stage.kustomize_base_change().await,
         };
         match outcome {
             Ok(detail) => {
@@ -324,7 +328,11 @@ path = "{APP_PATH}"
 namespace = "{app_ns}"
 drift = "heal"
 health_timeout = "{health_timeout}s"
-"#,
+
+{overlays}
+{render}"#,
+            overlays = kustomize::apps_toml(&forge.to_string(), REPO, BRANCH, &app_ns),
+            render = kustomize::RENDER_TOML,
             interval = DRIFT_INTERVAL.as_secs(),
             health_timeout = match opts.node {
                 Some(_) => node::HEALTH_TIMEOUT.as_secs(),
