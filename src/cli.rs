@@ -58,6 +58,16 @@ pub enum Command {
         #[arg(long, value_name = "SHA")]
         revision: Option<String>,
     },
+    /// Show what applying a revision would change in the cluster, like `kubectl diff`: every
+    /// object server-side dry-run against the live cluster, nothing written. Exit 0 no change,
+    /// 1 changes, 2 rejected (or the revision cannot be rendered).
+    Preview {
+        /// App name from the settings.
+        app: String,
+        /// Preview this commit instead of the branch head.
+        #[arg(long, value_name = "SHA")]
+        revision: Option<String>,
+    },
     /// Check every app for drift and missed pushes.
     Drift {
         /// Run one sweep, carry out what it finds and exit (for a CronJob).
@@ -138,6 +148,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", render(&settings, &app, revision).await?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Preview { app, revision } => preview(settings, &app, revision).await,
         Command::Drift { once: false } => {
             eprintln!(
                 "driftless drift: pass --once for a single sweep; `driftless serve` runs the timer"
@@ -246,6 +257,47 @@ pub async fn render(
         out.push_str(&serde_yaml::to_string(&obj.body)?);
     }
     Ok(out)
+}
+
+/// `driftless preview`: the app's revision dry-run against the cluster, printed as a diff.
+async fn preview(
+    settings: Settings,
+    app: &str,
+    revision: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use crate::preview::report::{AppOutcome, AppPreview};
+    let app_settings = require_app(&settings, app)?.clone();
+    let revision = match revision {
+        Some(r) => r,
+        None => {
+            let forges = crate::forge::from_settings(&settings)?;
+            let forge = forges
+                .get(app_settings.forge)
+                .ok_or_else(|| anyhow::anyhow!("forge {} is not configured", app_settings.forge))?;
+            forge
+                .branch_head(&app_settings.repo, &app_settings.branch)
+                .await?
+        }
+    };
+    let engine = engine(settings).await?;
+    let preview = match engine.dry_run_revision(app, &revision).await {
+        Ok(set) => AppPreview::from_dry_run(&set),
+        Err(e) => {
+            eprintln!("{app}: revision {revision}: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    print!("{}", preview.diff_text());
+    println!(
+        "{app}: revision {revision}: {} ({} unchanged)",
+        preview.summary(),
+        preview.unchanged
+    );
+    Ok(match preview.outcome {
+        AppOutcome::Rejected { .. } | AppOutcome::Failed { .. } => ExitCode::from(2),
+        AppOutcome::Previewed if preview.has_changes() => ExitCode::from(1),
+        AppOutcome::Previewed => ExitCode::SUCCESS,
+    })
 }
 
 /// Builds the reconcile engine from the settings and the local Kubernetes credentials.

@@ -9,6 +9,7 @@ pub mod drift;
 pub mod forge;
 pub mod manifest;
 pub mod metrics;
+pub mod preview;
 pub mod queue;
 pub mod reconcile;
 pub mod render;

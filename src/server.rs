@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::metrics::{ForgeLabels, Metrics};
+use crate::preview::queue::PreviewQueue;
+use crate::preview::store::{self, PreviewSource, PreviewStore};
 use crate::queue::{Job, JobQueue, JobReason};
 use crate::settings::{
     AppSettings, ForgeKind, GithubSettings, GitlabSettings, Secret, Settings, SettingsError,
@@ -26,7 +28,7 @@ use crate::settings::{
 use crate::status_pages::{self, PageSource, StateSource};
 use crate::webhook::dedup::DeliveryCache;
 use crate::webhook::gitlab::{GitlabSecrets, ProofHeaders};
-use crate::webhook::{self, github, gitlab, Event, GitRef, WebhookError};
+use crate::webhook::{self, github, gitlab, Event, GitRef, PullRequestEvent, WebhookError};
 
 /// How long a delivery id is remembered: GitHub and GitLab retry within minutes, and a manual
 /// "Redeliver" an hour later is rare enough to apply (applying is idempotent anyway).
@@ -55,6 +57,11 @@ pub struct Receiver {
     pub kubernetes_ready: Option<Arc<AtomicBool>>,
     /// Where the status pages read app state; `None` without a cluster.
     pub state_source: Option<StateSource>,
+    /// Pull request events for the preview worker; `None` unless `previews.enabled`.
+    pub previews: Option<Arc<PreviewQueue>>,
+    /// The previews made, for their pages; `None` unless `previews.enabled`.
+    pub preview_store: Option<Arc<PreviewStore>>,
+    previews_from_forks: bool,
 }
 
 impl Receiver {
@@ -100,6 +107,15 @@ impl Receiver {
             read_timeout: settings.server.read_timeout,
             kubernetes_ready: None,
             state_source: None,
+            previews: settings
+                .previews
+                .enabled
+                .then(|| Arc::new(PreviewQueue::new())),
+            preview_store: settings
+                .previews
+                .enabled
+                .then(|| Arc::new(PreviewStore::default())),
+            previews_from_forks: settings.previews.from_forks,
         })
     }
 }
@@ -111,6 +127,12 @@ impl PageSource for Receiver {
 
     fn state_source(&self) -> Option<&StateSource> {
         self.state_source.as_ref()
+    }
+}
+
+impl PreviewSource for Receiver {
+    fn previews(&self) -> Option<&PreviewStore> {
+        self.preview_store.as_deref()
     }
 }
 
@@ -149,7 +171,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(readyz))
         .route("/metrics", web::get().to(metrics))
         .route("/apps", web::get().to(status_pages::apps::<Receiver>))
-        .route("/apps/{name}", web::get().to(status_pages::app::<Receiver>));
+        .route("/apps/{name}", web::get().to(status_pages::app::<Receiver>))
+        .route(
+            "/previews/{forge}/{rest:.*}",
+            web::get().to(store::preview_page::<Receiver>),
+        );
 }
 
 async fn healthz() -> HttpResponse {
@@ -349,6 +375,7 @@ fn event_label(event: &Event) -> &'static str {
     match event {
         Event::Push(p) if matches!(p.git_ref, GitRef::Tag(_)) => "tag_push",
         Event::Push(_) => "push",
+        Event::PullRequest(_) => "pull_request",
         Event::Ping { .. } => "ping",
         Event::Ignored { .. } => "ignored",
     }
@@ -523,6 +550,7 @@ fn act_on(
             rx.metrics.delivery(forge_label, event_label, "ignored");
             HttpResponse::Accepted().json(json!({"status": "ignored", "event": clip(&event)}))
         }
+        Event::PullRequest(pr) => queue_preview(rx, forge_label, event_label, pr),
         Event::Push(push) => {
             if push.deleted {
                 info!(forge = forge_label, repo = %push.repo, git_ref = %push.git_ref, "ref deleted; nothing to apply");
@@ -573,6 +601,42 @@ fn act_on(
     }
 }
 
+/// Answers a verified pull request event: queued for a preview when previews are on, the
+/// request is not from a fork (unless allowed) and some app follows its base branch.
+fn queue_preview(
+    rx: &Receiver,
+    forge_label: &'static str,
+    event_label: &'static str,
+    pr: PullRequestEvent,
+) -> HttpResponse {
+    let answer = |outcome: &'static str, status: StatusCode| {
+        rx.metrics.delivery(forge_label, event_label, outcome);
+        HttpResponse::build(status).json(json!({"status": outcome, "apps": []}))
+    };
+    let Some(queue) = &rx.previews else {
+        return answer("previews_disabled", StatusCode::ACCEPTED);
+    };
+    if pr.from_fork && !rx.previews_from_forks {
+        info!(forge = forge_label, repo = %pr.repo, number = pr.number, "pull request from a fork not previewed (previews.from_forks = false)");
+        return answer("fork_ignored", StatusCode::OK);
+    }
+    let apps: Vec<String> = webhook::match_pull_request(&rx.apps, &pr)
+        .into_iter()
+        .map(|a| a.name.clone())
+        .collect();
+    if apps.is_empty() {
+        return answer("no_match", StatusCode::OK);
+    }
+    let number = pr.number;
+    if let Err(e) = queue.push(pr) {
+        warn!(forge = forge_label, error = %e, "cannot queue the preview");
+        return answer("unavailable", StatusCode::SERVICE_UNAVAILABLE);
+    }
+    rx.metrics.delivery(forge_label, event_label, "accepted");
+    HttpResponse::Accepted()
+        .json(json!({"status": "preview_queued", "apps": apps, "number": number}))
+}
+
 /// The HTTP server `serve` runs, on an already bound listener: the routes, the receiver, and
 /// the timeouts that keep a slow client from holding a connection (tests run exactly this).
 pub fn listen(
@@ -612,7 +676,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let forges = crate::forge::from_settings(&settings)?;
     let engine = Arc::new(crate::reconcile::Engine::new(
         client.clone(),
-        forges,
+        forges.clone(),
         settings.clone(),
     ));
     let kube_ready = Arc::new(AtomicBool::new(false));
@@ -621,8 +685,24 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         client.clone(),
         settings.kubernetes.state_namespace.clone(),
     ));
-    let receiver = web::Data::new(receiver);
     let shutdown = CancellationToken::new();
+    let previews = match (&receiver.previews, &receiver.preview_store) {
+        (Some(queue), Some(store)) => {
+            let previewer = Arc::new(crate::preview::Previewer::new(
+                engine.clone(),
+                forges,
+                settings.clone(),
+                store.clone(),
+            ));
+            Some(tokio::spawn(crate::preview::run(
+                queue.clone(),
+                previewer,
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
+    let receiver = web::Data::new(receiver);
 
     let probe = {
         let shutdown = shutdown.clone();
@@ -726,6 +806,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
     let _ = timer.await;
     let _ = probe.await;
+    if let Some(previews) = previews {
+        // A preview in flight only reads; it is cut short, the next event makes it again.
+        previews.abort();
+        let _ = previews.await;
+    }
     result.map_err(|e| anyhow::anyhow!("HTTP server failed: {e}"))
 }
 

@@ -69,6 +69,7 @@ pub struct Settings {
     pub fetch: FetchSettings,
     pub render: RenderSettings,
     pub drift: DriftSettings,
+    pub previews: PreviewSettings,
     pub log: LogSettings,
     pub apps: Vec<AppSettings>,
 }
@@ -228,11 +229,29 @@ pub struct DriftSettings {
     pub report_status: bool,
 }
 
+/// Previews of pull and merge requests (`[previews]`).
+#[derive(Debug, Clone)]
+pub struct PreviewSettings {
+    /// Answer pull/merge request webhooks with a preview; `hooks register` subscribes to them.
+    pub enabled: bool,
+    /// Preview requests whose head lives in a fork. Off by default: a dry-run still runs the
+    /// cluster's admission webhooks with driftless's credentials on content anyone can write.
+    pub from_forks: bool,
+    /// Most apps one pull request previews; the rest are named in the comment, not previewed.
+    pub max_apps: usize,
+}
+
 /// Which forge an app's repository lives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ForgeKind {
     Github,
     Gitlab,
+}
+
+impl serde::Serialize for ForgeKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 impl ForgeKind {
@@ -506,9 +525,35 @@ struct RawSettings {
     fetch: RawFetch,
     render: RawRender,
     drift: RawDrift,
+    previews: RawPreviews,
     log: RawLog,
     apps: Vec<RawApp>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPreviews {
+    enabled: bool,
+    from_forks: bool,
+    max_apps: usize,
+}
+
+impl Default for RawPreviews {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            from_forks: false,
+            max_apps: DEFAULT_PREVIEW_MAX_APPS,
+        }
+    }
+}
+
+/// Apps previewed per pull request unless `previews.max_apps` says otherwise: a preview costs
+/// a render and one dry-run per object of each app, so a request touching every app of a large
+/// monorepo is bounded.
+const DEFAULT_PREVIEW_MAX_APPS: usize = 20;
+/// The largest `previews.max_apps` accepted.
+const MAX_PREVIEW_MAX_APPS: usize = 500;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -1062,6 +1107,20 @@ impl RawSettings {
         };
 
         let render = self.render.validate(&mut p);
+        if !(1..=MAX_PREVIEW_MAX_APPS).contains(&self.previews.max_apps) {
+            p.push(
+                "previews.max_apps",
+                format!(
+                    "must be between 1 and {MAX_PREVIEW_MAX_APPS}, got {}",
+                    self.previews.max_apps
+                ),
+            );
+        }
+        let previews = PreviewSettings {
+            enabled: self.previews.enabled,
+            from_forks: self.previews.from_forks,
+            max_apps: self.previews.max_apps,
+        };
 
         let interval = p.duration("drift.interval", &self.drift.interval);
         if interval < Duration::from_secs(10) && interval != Duration::ZERO {
@@ -1211,6 +1270,7 @@ impl RawSettings {
                 jitter,
                 report_status: self.drift.report_status,
             },
+            previews,
             apps,
         })
     }

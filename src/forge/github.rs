@@ -24,7 +24,8 @@ use serde_json::json;
 
 use super::http::{all_pages, Policy, RawResponse};
 use super::{
-    CommitStatus, Comparison, EntryKind, Forge, ForgeError, Hook, HookSpec, StatusState, TreeEntry,
+    ChangedPaths, Comment, CommitStatus, Comparison, EntryKind, Forge, ForgeError, Hook, HookSpec,
+    StatusState, TreeEntry,
 };
 use crate::settings::{FetchSettings, ForgeKind, GithubAuth, GithubSettings, SettingsError};
 
@@ -315,6 +316,47 @@ struct GhComparison {
     status: String,
 }
 
+/// A compare answer as `changed_paths` reads it.
+#[derive(Deserialize)]
+struct GhFileComparison {
+    merge_base_commit: GhSha,
+    #[serde(default)]
+    files: Vec<GhDiffEntry>,
+}
+
+#[derive(Deserialize)]
+struct GhSha {
+    sha: String,
+}
+
+#[derive(Deserialize)]
+struct GhDiffEntry {
+    filename: String,
+    #[serde(default)]
+    previous_filename: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct GhComment {
+    id: u64,
+    #[serde(default)]
+    body: Option<String>,
+}
+
+impl From<GhComment> for Comment {
+    fn from(c: GhComment) -> Comment {
+        Comment {
+            id: c.id,
+            body: c.body.unwrap_or_default(),
+        }
+    }
+}
+
+/// GitHub's compare lists at most this many files; a list this long may be cut short.
+const COMPARE_FILES_LISTED: usize = 300;
+/// The longest issue comment GitHub accepts (it answers 422 beyond).
+pub const COMMENT_LIMIT: usize = 65_536;
+
 #[derive(Deserialize)]
 struct GhHook {
     id: u64,
@@ -337,6 +379,7 @@ impl From<GhHook> for Hook {
             id: h.id,
             url: h.config.url.unwrap_or_default(),
             push_events: h.events.iter().any(|e| e == "push" || e == "*"),
+            pull_request_events: h.events.iter().any(|e| e == "pull_request" || e == "*"),
             active: h.active,
         }
     }
@@ -347,7 +390,7 @@ fn hook_body(spec: &HookSpec) -> serde_json::Value {
         "name": "web",
         "active": true,
         // Tags arrive as push events too.
-        "events": ["push"],
+        "events": if spec.pull_requests { json!(["push", "pull_request"]) } else { json!(["push"]) },
         "config": {
             "url": spec.url,
             "content_type": "json",
@@ -558,6 +601,90 @@ impl Forge for GithubForge {
             .await?
             .json(FORGE, &request)?;
         Ok(h.into())
+    }
+
+    async fn changed_paths(
+        &self,
+        repo: &str,
+        base: &str,
+        head: &str,
+    ) -> Result<ChangedPaths, ForgeError> {
+        let request = format!("compare {base}...{head} of {repo}");
+        let c: GhFileComparison = self
+            .get(
+                &request,
+                &self.url(
+                    repo,
+                    &format!("compare/{}...{head}", utf8_percent_encode(base, SEGMENT)),
+                ),
+            )
+            .await?
+            .json(FORGE, &request)?;
+        let complete = c.files.len() < COMPARE_FILES_LISTED;
+        let mut paths = Vec::with_capacity(c.files.len());
+        for f in c.files {
+            paths.extend(f.previous_filename);
+            paths.push(f.filename);
+        }
+        Ok(ChangedPaths {
+            merge_base: Some(c.merge_base_commit.sha),
+            paths,
+            complete,
+        })
+    }
+
+    async fn list_comments(&self, repo: &str, number: u64) -> Result<Vec<Comment>, ForgeError> {
+        let request = format!("comments of {repo}#{number}");
+        let first = self.url(repo, &format!("issues/{number}/comments?per_page=100"));
+        let comments: Vec<GhComment> = all_pages(FORGE, &request, &self.api_url, first, |url| {
+            let request = &request;
+            async move { self.get(request, &url).await }
+        })
+        .await?;
+        Ok(comments.into_iter().map(Comment::from).collect())
+    }
+
+    async fn create_comment(
+        &self,
+        repo: &str,
+        number: u64,
+        body: &str,
+    ) -> Result<Comment, ForgeError> {
+        let request = format!("comment on {repo}#{number}");
+        let url = self.url(repo, &format!("issues/{number}/comments"));
+        let body = json!({ "body": body });
+        let c: GhComment = self
+            .policy
+            .run(&request, || {
+                self.send(http::Method::POST, &url, None, Some(body.clone()))
+            })
+            .await?
+            .json(FORGE, &request)?;
+        Ok(c.into())
+    }
+
+    async fn update_comment(
+        &self,
+        repo: &str,
+        number: u64,
+        id: u64,
+        body: &str,
+    ) -> Result<Comment, ForgeError> {
+        let request = format!("comment {id} on {repo}#{number}");
+        let url = self.url(repo, &format!("issues/comments/{id}"));
+        let body = json!({ "body": body });
+        let c: GhComment = self
+            .policy
+            .run(&request, || {
+                self.send(http::Method::PATCH, &url, None, Some(body.clone()))
+            })
+            .await?
+            .json(FORGE, &request)?;
+        Ok(c.into())
+    }
+
+    fn comment_limit(&self) -> usize {
+        COMMENT_LIMIT
     }
 
     async fn update_hook(&self, repo: &str, id: u64, spec: &HookSpec) -> Result<Hook, ForgeError> {

@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 
 use super::http::{all_pages, next_link, Policy, RawResponse};
 use super::{
-    CommitStatus, Comparison, EntryKind, Forge, ForgeError, Hook, HookSpec, StatusState, TreeEntry,
+    ChangedPaths, Comment, CommitStatus, Comparison, EntryKind, Forge, ForgeError, Hook, HookSpec,
+    StatusState, TreeEntry,
 };
 use crate::settings::{FetchSettings, ForgeKind, GitlabSettings, Secret, SettingsError};
 
@@ -196,8 +197,45 @@ struct GlHook {
     #[serde(default)]
     tag_push_events: bool,
     #[serde(default)]
+    merge_requests_events: bool,
+    #[serde(default)]
     disabled_until: Option<String>,
 }
+
+/// A repository compare as `changed_paths` reads it.
+#[derive(Deserialize)]
+struct GlCompare {
+    #[serde(default)]
+    diffs: Vec<GlDiff>,
+    /// Set when GitLab stopped listing diffs at its limits.
+    #[serde(default)]
+    overflow: bool,
+}
+
+#[derive(Deserialize)]
+struct GlDiff {
+    old_path: String,
+    new_path: String,
+}
+
+#[derive(Deserialize)]
+struct GlNote {
+    id: u64,
+    #[serde(default)]
+    body: String,
+}
+
+impl From<GlNote> for Comment {
+    fn from(n: GlNote) -> Comment {
+        Comment {
+            id: n.id,
+            body: n.body,
+        }
+    }
+}
+
+/// The longest note GitLab accepts, in characters (it answers 400 beyond).
+pub const NOTE_LIMIT: usize = 1_000_000;
 
 impl From<GlHook> for Hook {
     fn from(h: GlHook) -> Hook {
@@ -205,6 +243,7 @@ impl From<GlHook> for Hook {
             id: h.id,
             url: h.url,
             push_events: h.push_events && h.tag_push_events,
+            pull_request_events: h.merge_requests_events,
             active: h.disabled_until.is_none(),
         }
     }
@@ -215,6 +254,7 @@ fn hook_body(spec: &HookSpec) -> serde_json::Value {
         "url": spec.url,
         "push_events": true,
         "tag_push_events": true,
+        "merge_requests_events": spec.pull_requests,
         "token": spec.secret,
         "enable_ssl_verification": true,
     })
@@ -391,6 +431,100 @@ impl Forge for GitlabForge {
             .await?
             .json(FORGE, &request)?;
         Ok(h.into())
+    }
+
+    async fn changed_paths(
+        &self,
+        repo: &str,
+        base: &str,
+        head: &str,
+    ) -> Result<ChangedPaths, ForgeError> {
+        // `straight=false` compares from the merge base of the two (`from...to`): the
+        // request's own diff, whatever the base branch did since.
+        let request = format!("compare {base}...{head} of {repo}");
+        let c: GlCompare = self
+            .get(
+                &request,
+                &self.project_url(
+                    repo,
+                    &format!(
+                        "repository/compare?from={}&to={}&straight=false",
+                        enc(base),
+                        enc(head)
+                    ),
+                ),
+            )
+            .await?
+            .json(FORGE, &request)?;
+        let mut paths = Vec::with_capacity(c.diffs.len());
+        for d in c.diffs {
+            if d.old_path != d.new_path {
+                paths.push(d.old_path);
+            }
+            paths.push(d.new_path);
+        }
+        Ok(ChangedPaths {
+            merge_base: None,
+            paths,
+            complete: !c.overflow,
+        })
+    }
+
+    async fn list_comments(&self, repo: &str, number: u64) -> Result<Vec<Comment>, ForgeError> {
+        let request = format!("notes of {repo}!{number}");
+        let first = self.project_url(
+            repo,
+            &format!("merge_requests/{number}/notes?per_page={PER_PAGE}"),
+        );
+        let notes: Vec<GlNote> = all_pages(FORGE, &request, &self.api_url, first, |url| {
+            let request = &request;
+            async move { self.get(request, &url).await }
+        })
+        .await?;
+        Ok(notes.into_iter().map(Comment::from).collect())
+    }
+
+    async fn create_comment(
+        &self,
+        repo: &str,
+        number: u64,
+        body: &str,
+    ) -> Result<Comment, ForgeError> {
+        let request = format!("note on {repo}!{number}");
+        let url = self.project_url(repo, &format!("merge_requests/{number}/notes"));
+        let body = json!({ "body": body });
+        let n: GlNote = self
+            .policy
+            .run(&request, || {
+                self.send(reqwest::Method::POST, &url, Some(&body))
+            })
+            .await?
+            .json(FORGE, &request)?;
+        Ok(n.into())
+    }
+
+    async fn update_comment(
+        &self,
+        repo: &str,
+        number: u64,
+        id: u64,
+        body: &str,
+    ) -> Result<Comment, ForgeError> {
+        let request = format!("note {id} on {repo}!{number}");
+        let url = self.project_url(repo, &format!("merge_requests/{number}/notes/{id}"));
+        let body = json!({ "body": body });
+        let n: GlNote = self
+            .policy
+            .run(&request, || {
+                self.send(reqwest::Method::PUT, &url, Some(&body))
+            })
+            .await?
+            .json(FORGE, &request)?;
+        Ok(n.into())
+    }
+
+    fn comment_limit(&self) -> usize {
+        NOTE_LIMIT
     }
 
     async fn update_hook(&self, repo: &str, id: u64, spec: &HookSpec) -> Result<Hook, ForgeError> {

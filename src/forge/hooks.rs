@@ -84,12 +84,14 @@ pub async fn register(
     repos: &BTreeSet<String>,
     endpoint: &str,
     secret: &str,
+    pull_requests: bool,
     dry_run: bool,
 ) -> Result<Vec<HookResult>, ForgeError> {
     let url = hook_url(endpoint, secret);
     let spec = HookSpec {
         url: url.clone(),
         secret: secret.to_string(),
+        pull_requests,
     };
     let mut out = Vec::new();
     for repo in repos {
@@ -110,7 +112,12 @@ pub async fn register(
             None => HookAction::Created {
                 id: Some(forge.create_hook(repo, &spec).await?.id),
             },
-            Some(h) if h.url == url && h.push_events && h.active => {
+            Some(h)
+                if h.url == url
+                    && h.push_events
+                    && h.pull_request_events == pull_requests
+                    && h.active =>
+            {
                 HookAction::Unchanged { id: h.id }
             }
             Some(h) => {
@@ -174,7 +181,17 @@ pub async fn register_for_apps(
             continue;
         };
         let endpoint = format!("{public_url}/hooks/{kind}");
-        for r in register(forge.as_ref(), &repos, &endpoint, secret.expose(), dry_run).await? {
+        let previews = settings.previews.enabled;
+        for r in register(
+            forge.as_ref(),
+            &repos,
+            &endpoint,
+            secret.expose(),
+            previews,
+            dry_run,
+        )
+        .await?
+        {
             lines.push(format!(
                 "{kind} {r}{}",
                 if dry_run { " (dry run)" } else { "" }

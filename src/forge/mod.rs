@@ -133,6 +133,8 @@ pub struct CommitStatus {
 pub struct HookSpec {
     pub url: String,
     pub secret: String,
+    /// Also subscribe to pull/merge request events (`previews.enabled`).
+    pub pull_requests: bool,
 }
 
 impl std::fmt::Debug for HookSpec {
@@ -140,6 +142,7 @@ impl std::fmt::Debug for HookSpec {
         f.debug_struct("HookSpec")
             .field("url", &self.url)
             .field("secret", &"<redacted>")
+            .field("pull_requests", &self.pull_requests)
             .finish()
     }
 }
@@ -151,7 +154,29 @@ pub struct Hook {
     pub url: String,
     /// The push events are on (GitHub `push`; GitLab push and tag push).
     pub push_events: bool,
+    /// Pull request events (GitHub `pull_request`; GitLab merge request events) are on.
+    pub pull_request_events: bool,
     pub active: bool,
+}
+
+/// What a pull request changes: the paths that differ between the merge base of its base
+/// branch and its head, and that head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedPaths {
+    /// The merge base the paths are compared against, when the forge names it (GitHub does).
+    pub merge_base: Option<String>,
+    /// Every path added, modified, removed or renamed (both names of a rename).
+    pub paths: Vec<String>,
+    /// False when the forge cut the list short (GitHub lists at most 300 files): then any
+    /// path may have changed.
+    pub complete: bool,
+}
+
+/// A comment on a pull request (GitHub issue comment) or merge request (GitLab note).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Comment {
+    pub id: u64,
+    pub body: String,
 }
 
 /// The operations driftless needs from a forge.
@@ -182,6 +207,30 @@ pub trait Forge: Send + Sync {
     async fn list_hooks(&self, repo: &str) -> Result<Vec<Hook>, ForgeError>;
     async fn create_hook(&self, repo: &str, spec: &HookSpec) -> Result<Hook, ForgeError>;
     async fn update_hook(&self, repo: &str, id: u64, spec: &HookSpec) -> Result<Hook, ForgeError>;
+    /// The paths `head` changes against its merge base with `base` (a branch), in one request.
+    async fn changed_paths(
+        &self,
+        repo: &str,
+        base: &str,
+        head: &str,
+    ) -> Result<ChangedPaths, ForgeError>;
+    /// Every comment on pull/merge request `number`, all pages.
+    async fn list_comments(&self, repo: &str, number: u64) -> Result<Vec<Comment>, ForgeError>;
+    async fn create_comment(
+        &self,
+        repo: &str,
+        number: u64,
+        body: &str,
+    ) -> Result<Comment, ForgeError>;
+    async fn update_comment(
+        &self,
+        repo: &str,
+        number: u64,
+        id: u64,
+        body: &str,
+    ) -> Result<Comment, ForgeError>;
+    /// The longest comment body the forge accepts, in characters.
+    fn comment_limit(&self) -> usize;
 }
 
 /// A manifest file of an app at a commit.

@@ -316,7 +316,7 @@ impl Engine {
             })
     }
 
-    async fn namespace_exists(&self, name: &str) -> Result<bool, ReconcileError> {
+    pub(super) async fn namespace_exists(&self, name: &str) -> Result<bool, ReconcileError> {
         use k8s_openapi::api::core::v1::Namespace;
         Api::<Namespace>::all(self.client.clone())
             .get_opt(name)

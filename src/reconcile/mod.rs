@@ -9,6 +9,7 @@
 
 mod apply;
 pub mod drift_check;
+pub mod dry_run;
 pub mod health;
 pub mod lease;
 mod plan;

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::git::{self, CommitInfo, FileChange, GitError, TreeEntry};
+use super::requests::StoredComment;
 use super::wire::{encode_path, now_unix, page_url, random_uuid, rfc3339, Incoming, Reply};
 use super::{
     lock, repo_key, FaultKind, RateWindow, RecordedStatus, RepoEntry, SimState, StoredHook,
@@ -42,6 +43,9 @@ enum Op {
     GetHook(String),
     UpdateHook(String),
     DeleteHook(String),
+    ListComments(u64),
+    CreateComment(u64),
+    UpdateComment(u64),
 }
 
 impl Op {
@@ -57,6 +61,10 @@ impl Op {
             Op::GetHook(_) | Op::UpdateHook(_) | Op::DeleteHook(_) => {
                 "/repos/{owner}/{repo}/hooks/{hook_id}"
             }
+            Op::ListComments(_) | Op::CreateComment(_) => {
+                "/repos/{owner}/{repo}/issues/{issue_number}/comments"
+            }
+            Op::UpdateComment(_) => "/repos/{owner}/{repo}/issues/comments/{comment_id}",
         }
     }
 }
@@ -88,6 +96,9 @@ fn route(method: &Method, segments: &[String]) -> Option<Route> {
         ("GET", ["hooks", id]) => Op::GetHook(id.to_string()),
         ("PATCH", ["hooks", id]) => Op::UpdateHook(id.to_string()),
         ("DELETE", ["hooks", id]) => Op::DeleteHook(id.to_string()),
+        ("GET", ["issues", n, "comments"]) => Op::ListComments(n.parse().ok()?),
+        ("POST", ["issues", n, "comments"]) => Op::CreateComment(n.parse().ok()?),
+        ("PATCH", ["issues", "comments", id]) => Op::UpdateComment(id.parse().ok()?),
         _ => return None,
     };
     Some(Route {
@@ -148,6 +159,28 @@ async fn answer(
         }
         Op::UpdateHook(id) => update_hook(&api, req, &id),
         Op::DeleteHook(id) => delete_hook(&api, &id),
+        Op::ListComments(n) => {
+            let rows = api
+                .state
+                .list_comments(FORGE, &api.repo.full_name, n)
+                .iter()
+                .map(|c| comment_json(&api, c))
+                .collect();
+            Ok(paginated(&api, req, rows))
+        }
+        Op::CreateComment(n) => {
+            let body = comment_body(req)?;
+            let c = api.state.add_comment(FORGE, &api.repo.full_name, n, body);
+            Ok(Reply::json(StatusCode::CREATED, &comment_json(&api, &c)))
+        }
+        Op::UpdateComment(id) => {
+            let body = comment_body(req)?;
+            let c = api
+                .state
+                .edit_comment(FORGE, &api.repo.full_name, None, id, body)
+                .ok_or_else(not_found)?;
+            Ok(Reply::json(StatusCode::OK, &comment_json(&api, &c)))
+        }
     }
 }
 
@@ -749,6 +782,17 @@ fn hook_json(api: &Api<'_>, h: &StoredHook) -> Value {
 }
 
 fn list_hooks(api: &Api<'_>, req: &Incoming) -> Result<Reply, Reply> {
+    let key = repo_key(&api.repo.full_name);
+    let hooks: Vec<Value> = lock(&api.state.hooks)
+        .iter()
+        .filter(|h| h.repo == key)
+        .map(|h| hook_json(api, h))
+        .collect();
+    Ok(paginated(api, req, hooks))
+}
+
+/// One page of `rows` (`per_page`, at most 100, and `page`), with GitHub's `Link` header.
+fn paginated(api: &Api<'_>, req: &Incoming, rows: Vec<Value>) -> Reply {
     let per_page = req
         .param("per_page")
         .and_then(|v| v.parse::<usize>().ok())
@@ -759,18 +803,11 @@ fn list_hooks(api: &Api<'_>, req: &Incoming) -> Result<Reply, Reply> {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(1)
         .max(1);
-    let key = repo_key(&api.repo.full_name);
-    let hooks: Vec<StoredHook> = lock(&api.state.hooks)
-        .iter()
-        .filter(|h| h.repo == key)
-        .cloned()
-        .collect();
-    let last = hooks.len().div_ceil(per_page).max(1);
-    let body: Vec<Value> = hooks
-        .iter()
+    let last = rows.len().div_ceil(per_page).max(1);
+    let body: Vec<Value> = rows
+        .into_iter()
         .skip((page - 1) * per_page)
         .take(per_page)
-        .map(|h| hook_json(api, h))
         .collect();
     let mut reply = Reply::json(StatusCode::OK, &Value::Array(body));
     let link = |p: usize, rel: &str| {
@@ -791,7 +828,47 @@ fn list_hooks(api: &Api<'_>, req: &Incoming) -> Result<Reply, Reply> {
     if !links.is_empty() {
         reply = reply.with_header("link", links.join(", "));
     }
-    Ok(reply)
+    reply
+}
+
+/// The longest comment body GitHub accepts, in characters.
+const COMMENT_LIMIT: usize = 65_536;
+
+/// A comment's `body`, refused as GitHub does: missing (422 `missing_field`) or over
+/// [`COMMENT_LIMIT`] characters (422 naming the limit).
+fn comment_body(req: &Incoming) -> Result<String, Reply> {
+    let body = parse_json_body(req)?;
+    let Some(text) = optional_string(&body, "body") else {
+        return Err(validation_failed(
+            "IssueComment",
+            Some("body"),
+            "body wasn't supplied.",
+        ));
+    };
+    if text.chars().count() > COMMENT_LIMIT {
+        return Err(validation_failed(
+            "IssueComment",
+            Some("body"),
+            &format!("body is too long (maximum is {COMMENT_LIMIT} characters)"),
+        ));
+    }
+    Ok(text)
+}
+
+/// The `issue-comment` schema.
+fn comment_json(api: &Api<'_>, c: &StoredComment) -> Value {
+    json!({
+        "id": c.id,
+        "node_id": node_id("IssueComment", &c.id.to_string()),
+        "url": format!("{}/issues/comments/{}", api.root, c.id),
+        "html_url": format!("{}/pull/{}#issuecomment-{}", api.html, c.number, c.id),
+        "issue_url": format!("{}/issues/{}", api.root, c.number),
+        "body": c.body,
+        "user": user_json(&api.state.base_url, SIM_LOGIN),
+        "created_at": rfc3339(c.created_at),
+        "updated_at": rfc3339(c.updated_at),
+        "author_association": "OWNER",
+    })
 }
 
 /// `insecure_ssl` as a string (`"0"`, `"1"`) or a number.

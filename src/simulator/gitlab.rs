@@ -4,6 +4,7 @@
 //! its numeric id or its URL-encoded path (`acme%2Fplatform%2Fdeploy`), matched on the raw
 //! request path so an encoded slash never splits it.
 
+use super::wire::rfc3339;
 use actix_web::http::header::HttpDate;
 use actix_web::http::{Method, StatusCode};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -12,6 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::git::{self, CommitInfo, GitError};
 use super::github::ceil_secs;
+use super::requests::StoredComment;
 use super::wire::{
     encode_path, now_unix, page_url, parse_query, random_uuid, rfc3339_millis, Incoming, Reply,
 };
@@ -58,6 +60,10 @@ enum Op {
     GetHook(String),
     UpdateHook(String),
     DeleteHook(String),
+    Compare,
+    ListNotes(u64),
+    CreateNote(u64),
+    UpdateNote(u64, u64),
 }
 
 impl Op {
@@ -73,6 +79,11 @@ impl Op {
             Op::GetHook(_) | Op::UpdateHook(_) | Op::DeleteHook(_) => {
                 "/projects/:id/hooks/:hook_id"
             }
+            Op::Compare => "/projects/:id/repository/compare",
+            Op::ListNotes(_) | Op::CreateNote(_) => {
+                "/projects/:id/merge_requests/:merge_request_iid/notes"
+            }
+            Op::UpdateNote(..) => "/projects/:id/merge_requests/:merge_request_iid/notes/:note_id",
         }
     }
 }
@@ -103,6 +114,12 @@ fn route(method: &Method, segments: &[String]) -> Option<Route> {
         ("GET", ["hooks", id]) => Op::GetHook(id.to_string()),
         ("PUT", ["hooks", id]) => Op::UpdateHook(id.to_string()),
         ("DELETE", ["hooks", id]) => Op::DeleteHook(id.to_string()),
+        ("GET", ["repository", "compare"]) => Op::Compare,
+        ("GET", ["merge_requests", iid, "notes"]) => Op::ListNotes(iid.parse().ok()?),
+        ("POST", ["merge_requests", iid, "notes"]) => Op::CreateNote(iid.parse().ok()?),
+        ("PUT", ["merge_requests", iid, "notes", id]) => {
+            Op::UpdateNote(iid.parse().ok()?, id.parse().ok()?)
+        }
         _ => return None,
     };
     Some(Route {
@@ -156,6 +173,27 @@ async fn answer(state: &SimState, req: &Incoming, route: Option<Route>) -> Resul
             let hook = find_hook(&p, &id)?;
             lock(&state.hooks).retain(|h| h.id != hook.id);
             Ok(Reply::empty(StatusCode::NO_CONTENT))
+        }
+        Op::Compare => compare(&p, req).await,
+        Op::ListNotes(iid) => {
+            let rows = state
+                .list_comments(FORGE, &repo.full_name, iid)
+                .iter()
+                .map(|n| note_json(&p, n))
+                .collect();
+            Ok(paginate_offset(&p, req, rows))
+        }
+        Op::CreateNote(iid) => {
+            let body = note_body(req)?;
+            let n = state.add_comment(FORGE, &repo.full_name, iid, body);
+            Ok(Reply::json(StatusCode::CREATED, &note_json(&p, &n)))
+        }
+        Op::UpdateNote(iid, id) => {
+            let body = note_body(req)?;
+            let n = state
+                .edit_comment(FORGE, &repo.full_name, Some(iid), id, body)
+                .ok_or_else(|| message(StatusCode::NOT_FOUND, "404 Not found"))?;
+            Ok(Reply::json(StatusCode::OK, &note_json(&p, &n)))
         }
     }
 }
@@ -528,6 +566,112 @@ async fn merge_base(p: &Project<'_>, req: &Incoming) -> Result<Reply, Reply> {
         .map_err(server_error)?
         .ok_or_else(not_found)?;
     Ok(Reply::json(StatusCode::OK, &commit_json(p, &commit)))
+}
+
+/// The longest note GitLab accepts, in characters.
+const NOTE_LIMIT: usize = 1_000_000;
+
+/// A note's `body`: missing is GitLab's 400 `body is missing`; over [`NOTE_LIMIT`] characters
+/// is its 400 naming the limit.
+fn note_body(req: &Incoming) -> Result<String, Reply> {
+    let params = params(req)?;
+    let body = text_param(&params, "body").ok_or_else(|| bad_request("body is missing"))?;
+    if body.chars().count() > NOTE_LIMIT {
+        return Err(Reply::json(
+            StatusCode::BAD_REQUEST,
+            &json!({"message": {"note": [format!("is too long (maximum is {NOTE_LIMIT} characters)")]}}),
+        ));
+    }
+    Ok(body)
+}
+
+/// A merge request note, as GitLab's notes API returns it.
+fn note_json(p: &Project<'_>, n: &StoredComment) -> Value {
+    json!({
+        "id": n.id,
+        "type": null,
+        "body": n.body,
+        "attachment": null,
+        "author": {"id": 1, "username": super::github::SIM_LOGIN, "name": "Simulator", "state": "active"},
+        "created_at": rfc3339(n.created_at),
+        "updated_at": rfc3339(n.updated_at),
+        "system": false,
+        "noteable_id": n.number,
+        "noteable_type": "MergeRequest",
+        "noteable_iid": n.number,
+        "project_id": p.repo.project_id,
+        "resolvable": false,
+        "confidential": false,
+        "internal": false,
+    })
+}
+
+/// `GET /projects/:id/repository/compare?from=&to=&straight=`: with `straight=false` (the
+/// default) the diff runs from the merge base of the two, as `git diff from...to`.
+async fn compare(p: &Project<'_>, req: &Incoming) -> Result<Reply, Reply> {
+    let from = req
+        .param("from")
+        .ok_or_else(|| bad_request("from is missing"))?;
+    let to = req
+        .param("to")
+        .ok_or_else(|| bad_request("to is missing"))?;
+    let straight = req.param("straight") == Some("true");
+    let git = p.git();
+    let not_found = || message(StatusCode::NOT_FOUND, "404 Ref Not Found");
+    let from_sha = git
+        .resolve(from, "commit")
+        .await
+        .map_err(server_error)?
+        .ok_or_else(not_found)?;
+    let to_sha = git
+        .resolve(to, "commit")
+        .await
+        .map_err(server_error)?
+        .ok_or_else(not_found)?;
+    let start = if straight {
+        from_sha.clone()
+    } else {
+        git.merge_base(&[&from_sha, &to_sha])
+            .await
+            .map_err(server_error)?
+            .ok_or_else(not_found)?
+    };
+    let commits = git
+        .log(&["--reverse", &format!("{start}..{to_sha}")])
+        .await
+        .map_err(server_error)?;
+    let files = git
+        .diff(Some(&start), &to_sha)
+        .await
+        .map_err(server_error)?;
+    let head = git
+        .commit(&to_sha)
+        .await
+        .map_err(server_error)?
+        .ok_or_else(not_found)?;
+    let diffs: Vec<Value> = files
+        .iter()
+        .map(|f| {
+            json!({
+                "old_path": f.path, "new_path": f.path,
+                "a_mode": if f.status == 'A' { "0" } else { "100644" },
+                "b_mode": if f.status == 'D' { "0" } else { "100644" },
+                "diff": "", "new_file": f.status == 'A', "renamed_file": false,
+                "deleted_file": f.status == 'D',
+            })
+        })
+        .collect();
+    Ok(Reply::json(
+        StatusCode::OK,
+        &json!({
+            "commit": commit_json(p, &head),
+            "commits": commits.iter().map(|c| commit_json(p, c)).collect::<Vec<_>>(),
+            "diffs": diffs,
+            "compare_timeout": false,
+            "compare_same_ref": from_sha == to_sha,
+            "web_url": format!("{}/-/compare/{from_sha}...{to_sha}", p.web),
+        }),
+    ))
 }
 
 /// Parameters from the query string, then the body (JSON object or form), later ones winning,

@@ -12,7 +12,10 @@ mod git;
 mod github;
 mod gitlab;
 mod push;
+mod requests;
 mod wire;
+
+pub use requests::{RequestAction, RequestHook, SimComment};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -324,6 +327,45 @@ impl ForgeSimulator {
             .await
     }
 
+    /// The comments (GitHub) or notes (GitLab) on request `number` of `repo`, oldest first.
+    pub fn comments(&self, repo: &str, number: u64) -> Vec<SimComment> {
+        self.state().sim_comments(repo, number)
+    }
+
+    /// Sends a signed GitHub `pull_request` delivery for `repo` to
+    /// `{receiver_base_url}/hooks/github`.
+    pub async fn send_github_pull_request(
+        &self,
+        receiver_base_url: &str,
+        repo: &str,
+        hook: &RequestHook,
+        secret: &str,
+    ) -> Result<reqwest::StatusCode, reqwest::Error> {
+        requests::github_delivery(self.state(), repo, hook, secret)
+            .send(&format!(
+                "{}/hooks/github",
+                receiver_base_url.trim_end_matches('/')
+            ))
+            .await
+    }
+
+    /// Sends a GitLab `Merge Request Hook` delivery carrying `X-Gitlab-Token: <token>` to
+    /// `{receiver_base_url}/hooks/gitlab`.
+    pub async fn send_gitlab_merge_request(
+        &self,
+        receiver_base_url: &str,
+        repo: &str,
+        hook: &RequestHook,
+        token: &str,
+    ) -> Result<reqwest::StatusCode, reqwest::Error> {
+        requests::gitlab_delivery(self.state(), repo, hook, token)
+            .send(&format!(
+                "{}/hooks/gitlab",
+                receiver_base_url.trim_end_matches('/')
+            ))
+            .await
+    }
+
     /// Stops the server and waits until it has.
     pub async fn stop(&self) {
         self.inner.server.stop(false).await;
@@ -339,6 +381,8 @@ struct SimState {
     requests: Mutex<Vec<RecordedRequest>>,
     statuses: Mutex<Vec<StoredStatus>>,
     hooks: Mutex<Vec<StoredHook>>,
+    /// Comments (GitHub) and notes (GitLab) on requests, each with how often it was edited.
+    comments: Mutex<Vec<(requests::StoredComment, u32)>>,
     faults: Mutex<Vec<Fault>>,
     /// GitHub's primary rate limit window per presented token.
     rate: Mutex<HashMap<String, RateWindow>>,
@@ -417,6 +461,7 @@ impl SimState {
             requests: Mutex::default(),
             statuses: Mutex::default(),
             hooks: Mutex::default(),
+            comments: Mutex::default(),
             faults: Mutex::default(),
             rate: Mutex::default(),
             next_id: AtomicU64::new(1),

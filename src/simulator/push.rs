@@ -26,6 +26,10 @@ pub(super) struct Delivery {
 }
 
 impl Delivery {
+    pub(super) fn new(body: Vec<u8>, headers: Vec<(&'static str, String)>) -> Self {
+        Self { body, headers }
+    }
+
     pub async fn send(self, url: &str) -> Result<reqwest::StatusCode, reqwest::Error> {
         let mut request = reqwest::Client::new().post(url).body(self.body);
         for (name, value) in self.headers {
@@ -99,7 +103,7 @@ async fn history(
     (pushed, total, head)
 }
 
-fn hmac_sha256(key: &[u8], body: &[u8]) -> Vec<u8> {
+pub(super) fn hmac_sha256(key: &[u8], body: &[u8]) -> Vec<u8> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
     mac.update(body);
     mac.finalize().into_bytes().to_vec()

@@ -5,7 +5,10 @@ use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
-use super::{payload_error, Event, GitRef, PushEvent, WebhookError, ZERO_SHA};
+use super::{
+    payload_error, Event, GitRef, PullRequestAction, PullRequestEvent, PushEvent, WebhookError,
+    ZERO_SHA,
+};
 use crate::settings::{ForgeKind, Secret};
 
 pub const SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
@@ -82,6 +85,66 @@ struct Repository {
 }
 
 #[derive(Deserialize)]
+struct PullRequestPayload {
+    action: String,
+    number: u64,
+    pull_request: PullRequest,
+}
+
+#[derive(Deserialize)]
+struct PullRequest {
+    #[serde(default)]
+    merged: bool,
+    head: PullRequestEnd,
+    base: PullRequestEnd,
+}
+
+#[derive(Deserialize)]
+struct PullRequestEnd {
+    #[serde(rename = "ref")]
+    branch: String,
+    sha: String,
+    /// `null` when the head's fork was deleted.
+    repo: Option<Repository>,
+}
+
+/// A `pull_request` delivery: the actions that change what a preview shows become an event,
+/// the others (labels, reviews, edits of the title) are ignored.
+fn pull_request(body: &[u8]) -> Result<Event, WebhookError> {
+    let p: PullRequestPayload = from_slice(body)?;
+    let action = match p.action.as_str() {
+        "opened" | "reopened" | "synchronize" => PullRequestAction::Updated,
+        "closed" if p.pull_request.merged => PullRequestAction::Merged,
+        "closed" => PullRequestAction::Closed,
+        other => {
+            return Ok(Event::Ignored {
+                event: format!("pull_request.{other}"),
+            })
+        }
+    };
+    check_sha("pull_request.head.sha", &p.pull_request.head.sha)?;
+    let base_repo =
+        p.pull_request.base.repo.ok_or_else(|| {
+            WebhookError::InvalidPayload("pull_request.base.repo: missing".into())
+        })?;
+    let from_fork = p
+        .pull_request
+        .head
+        .repo
+        .as_ref()
+        .is_none_or(|h| !h.full_name.eq_ignore_ascii_case(&base_repo.full_name));
+    Ok(Event::PullRequest(PullRequestEvent {
+        forge: ForgeKind::Github,
+        repo: base_repo.full_name,
+        number: p.number,
+        action,
+        base_branch: p.pull_request.base.branch,
+        head_sha: p.pull_request.head.sha,
+        from_fork,
+    }))
+}
+
+#[derive(Deserialize)]
 struct PingPayload {
     #[serde(default)]
     hook_id: Option<u64>,
@@ -110,6 +173,7 @@ pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
             let p: PingPayload = from_slice(body)?;
             Ok(Event::Ping { hook_id: p.hook_id })
         }
+        "pull_request" => pull_request(body),
         other => Ok(Event::Ignored {
             event: other.to_string(),
         }),

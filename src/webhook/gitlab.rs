@@ -12,7 +12,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::github::check_sha;
-use super::{payload_error, Event, GitRef, PushEvent, WebhookError, ZERO_SHA};
+use super::{
+    payload_error, Event, GitRef, PullRequestAction, PullRequestEvent, PushEvent, WebhookError,
+    ZERO_SHA,
+};
 use crate::settings::{ForgeKind, Secret};
 
 pub const EVENT_HEADER: &str = "X-Gitlab-Event";
@@ -216,11 +219,75 @@ struct Project {
     path_with_namespace: String,
 }
 
+#[derive(Deserialize)]
+struct MergeRequestPayload {
+    object_kind: String,
+    project: Project,
+    object_attributes: MergeRequestAttributes,
+}
+
+#[derive(Deserialize)]
+struct MergeRequestAttributes {
+    iid: u64,
+    target_branch: String,
+    /// `null` when the source project was deleted.
+    source_project_id: Option<u64>,
+    target_project_id: u64,
+    last_commit: Option<LastCommit>,
+    /// Absent on some system-generated deliveries; those change nothing a preview shows.
+    #[serde(default)]
+    action: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LastCommit {
+    id: String,
+}
+
+/// A `Merge Request Hook` delivery: open, reopen, update (a new head, or an edit: the preview
+/// is made again either way), close and merge become an event; approvals and the like are
+/// ignored.
+fn merge_request(body: &[u8]) -> Result<Event, WebhookError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    let p: MergeRequestPayload = serde_path_to_error::deserialize(de).map_err(payload_error)?;
+    if p.object_kind != "merge_request" {
+        return Err(WebhookError::InvalidPayload(format!(
+            "object_kind: Merge Request Hook carries \"merge_request\", got {:?}",
+            p.object_kind
+        )));
+    }
+    let a = p.object_attributes;
+    let action = match a.action.as_deref().unwrap_or("") {
+        "open" | "reopen" | "update" => PullRequestAction::Updated,
+        "close" => PullRequestAction::Closed,
+        "merge" => PullRequestAction::Merged,
+        other => {
+            return Ok(Event::Ignored {
+                event: format!("merge_request.{other}"),
+            })
+        }
+    };
+    let head_sha = a.last_commit.map(|c| c.id).ok_or_else(|| {
+        WebhookError::InvalidPayload("object_attributes.last_commit: missing".into())
+    })?;
+    check_sha("object_attributes.last_commit.id", &head_sha)?;
+    Ok(Event::PullRequest(PullRequestEvent {
+        forge: ForgeKind::Gitlab,
+        repo: p.project.path_with_namespace,
+        number: a.iid,
+        action,
+        base_branch: a.target_branch,
+        head_sha,
+        from_fork: a.source_project_id != Some(a.target_project_id),
+    }))
+}
+
 /// Parses a verified delivery. `event` is the `X-Gitlab-Event` header.
 pub fn parse(event: &str, body: &[u8]) -> Result<Event, WebhookError> {
     let expected_kind = match event {
         "Push Hook" => "push",
         "Tag Push Hook" => "tag_push",
+        "Merge Request Hook" => return merge_request(body),
         other => {
             return Ok(Event::Ignored {
                 event: other.to_string(),

@@ -15,6 +15,8 @@ pub const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Push(PushEvent),
+    /// A pull request (GitHub) or merge request (GitLab) opened, updated or closed.
+    PullRequest(PullRequestEvent),
     /// GitHub's `ping` on webhook creation.
     Ping {
         hook_id: Option<u64>,
@@ -40,6 +42,47 @@ pub struct PushEvent {
     pub deleted: bool,
     /// GitHub says so explicitly; GitLab does not tell, so this is false there.
     pub forced: bool,
+}
+
+/// A pull or merge request event, independent of which forge sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PullRequestEvent {
+    pub forge: ForgeKind,
+    /// The base (target) repository, `owner/name` or the GitLab project path.
+    pub repo: String,
+    /// GitHub's pull request number, GitLab's merge request `iid`.
+    pub number: u64,
+    pub action: PullRequestAction,
+    /// The branch the request would merge into.
+    pub base_branch: String,
+    /// The commit the request's head points at.
+    pub head_sha: String,
+    /// The head lives in another repository (or one that was deleted).
+    pub from_fork: bool,
+}
+
+/// What happened to a pull or merge request, as far as previews care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullRequestAction {
+    /// Opened, reopened, or a new head pushed (GitHub `synchronize`, GitLab `update`).
+    Updated,
+    Closed,
+    Merged,
+}
+
+/// Which apps a pull request previews: same forge, its base repository (case-insensitive)
+/// and the app's branch is the request's base branch.
+pub fn match_pull_request<'a>(
+    apps: &'a [AppSettings],
+    pr: &PullRequestEvent,
+) -> Vec<&'a AppSettings> {
+    apps.iter()
+        .filter(|a| {
+            a.forge == pr.forge
+                && a.repo.eq_ignore_ascii_case(&pr.repo)
+                && a.branch == pr.base_branch
+        })
+        .collect()
 }
 
 /// The ref a push updated.

@@ -296,6 +296,7 @@ async fn hooks_round_trip_on_both_forges() {
         let spec = HookSpec {
             url: "https://driftless.example.com/hooks/x".into(),
             secret: "first".into(),
+            pull_requests: false,
         };
         assert!(forge
             .list_hooks("acme/deploy")
@@ -308,6 +309,7 @@ async fn hooks_round_trip_on_both_forges() {
         let moved = HookSpec {
             url: "https://driftless.example.com/hooks/y".into(),
             secret: "second".into(),
+            pull_requests: false,
         };
         let updated = forge
             .update_hook("acme/deploy", created.id, &moved)
@@ -718,6 +720,7 @@ async fn hooks_register_finds_its_hook_past_the_first_page() {
         let spec = HookSpec {
             url: format!("https://ci-{i}.example.net/hook"),
             secret: format!("other-{i}"),
+            pull_requests: false,
         };
         c.github.create_hook("acme/deploy", &spec).await.unwrap();
         c.gitlab

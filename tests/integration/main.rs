@@ -14,6 +14,7 @@ mod kustomize;
 mod lease;
 mod node;
 mod ordering;
+mod previews;
 mod prune;
 mod reconcile;
 mod shutdown;

@@ -464,11 +464,18 @@ async fn gitlab_tag_pushes_and_other_events() {
     assert_eq!(json_body(resp).await["status"], "no_match");
     let resp = test::call_service(
         &app,
-        with_token("Merge Request Hook", b"{}", GL_TOKEN).to_request(),
+        with_token("Note Hook", b"{}", GL_TOKEN).to_request(),
     )
     .await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     assert_eq!(json_body(resp).await["status"], "ignored");
+    // Merge request events are read (for previews), so a malformed one is refused.
+    let resp = test::call_service(
+        &app,
+        with_token("Merge Request Hook", b"{}", GL_TOKEN).to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
 }
 
 #[actix_web::test]
@@ -797,6 +804,7 @@ async fn secrets_never_appear_in_debug_output() {
     let spec = HookSpec {
         url: "https://d.example.com/hooks/github?s=0a1b2c3d".into(),
         secret: token.into(),
+        pull_requests: false,
     };
     let sim = driftless::simulator::SimConfig {
         github_token: token.into(),

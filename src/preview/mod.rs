@@ -1,0 +1,354 @@
+//! Previews of pull and merge requests: what merging would do to the cluster, posted on the
+//! request before it is merged. A request event names the apps of its base repository and
+//! branch; one compare of the head with its merge base picks the affected ones (an input of
+//! theirs changed); each is rendered at the head and server-side dry-run against the live
+//! cluster by the engine ([`crate::reconcile::dry_run`]); the result goes back as a commit
+//! status per app, one comment edited in place, and a page. Nothing is ever written to the
+//! cluster.
+
+pub mod comment;
+pub mod diff;
+pub mod queue;
+pub mod report;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::forge::{CommitStatus, Forge, ForgeError, Forges, StatusState};
+use crate::reconcile::{state, Engine};
+use crate::settings::{AppSettings, ForgeKind, Settings};
+use crate::webhook::{match_pull_request, PullRequestAction, PullRequestEvent};
+use queue::PreviewQueue;
+use report::{AppOutcome, AppPreview, PullRequestPreview, RequestState};
+use store::PreviewStore;
+
+/// Apps of one request previewed at once: each mostly waits on the forge and the API server.
+const APP_CONCURRENCY: usize = 4;
+
+/// Why a request could not be previewed (an app that cannot be is part of the preview).
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    #[error("forge {0} is not configured")]
+    ForgeNotConfigured(ForgeKind),
+    #[error("comparing {head} with its merge base on {base} in {repo}: {source}")]
+    Compare {
+        repo: String,
+        base: String,
+        head: String,
+        #[source]
+        source: ForgeError,
+    },
+    #[error("reading the state of app {app}: {source}")]
+    State {
+        app: String,
+        #[source]
+        source: state::StateError,
+    },
+    #[error("commenting on {repo} #{number}: {source}")]
+    Comment {
+        repo: String,
+        number: u64,
+        #[source]
+        source: ForgeError,
+    },
+}
+
+/// Makes and posts previews; one per process, fed by [`run`].
+pub struct Previewer {
+    engine: Arc<Engine>,
+    forges: Forges,
+    settings: Arc<Settings>,
+    store: Arc<PreviewStore>,
+    /// The comment id of each request this process commented on, so an edit needs no listing.
+    comments: Mutex<HashMap<String, u64>>,
+}
+
+impl Previewer {
+    pub fn new(
+        engine: Arc<Engine>,
+        forges: Forges,
+        settings: Arc<Settings>,
+        store: Arc<PreviewStore>,
+    ) -> Self {
+        Self {
+            engine,
+            forges,
+            settings,
+            store,
+            comments: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Acts on one request event: a preview of its head, or for a closed or merged request,
+    /// the comment marked so and the stored preview dropped.
+    pub async fn handle(&self, ev: &PullRequestEvent) -> Result<(), PreviewError> {
+        let forge = self
+            .forges
+            .get(ev.forge)
+            .cloned()
+            .ok_or(PreviewError::ForgeNotConfigured(ev.forge))?;
+        let key = report::key(ev.forge, &ev.repo, ev.number);
+        if ev.action != PullRequestAction::Updated {
+            self.store.remove(&key);
+            let state = if ev.action == PullRequestAction::Merged {
+                RequestState::Merged
+            } else {
+                RequestState::Closed
+            };
+            let mut p = self.empty(ev);
+            p.state = state;
+            // Only a request that has a preview comment gets told.
+            if let Some(id) = self.find_comment(forge.as_ref(), ev, &key).await? {
+                let body = comment::render(&p, forge.comment_limit());
+                self.comment_call(ev, forge.update_comment(&ev.repo, ev.number, id, &body))
+                    .await?;
+            }
+            self.comments.lock().expect("comments").remove(&key);
+            return Ok(());
+        }
+        let preview = self.preview(forge.as_ref(), ev).await?;
+        self.post_statuses(forge.as_ref(), ev, &preview).await;
+        let had_comment = self.find_comment(forge.as_ref(), ev, &key).await?;
+        if !preview.apps.is_empty() || had_comment.is_some() {
+            self.upsert_comment(forge.as_ref(), ev, &key, had_comment, &preview)
+                .await?;
+        }
+        self.store.put(key, preview);
+        Ok(())
+    }
+
+    fn empty(&self, ev: &PullRequestEvent) -> PullRequestPreview {
+        PullRequestPreview {
+            forge: ev.forge,
+            repo: ev.repo.clone(),
+            number: ev.number,
+            head_sha: ev.head_sha.clone(),
+            state: RequestState::Open,
+            apps: Vec::new(),
+            not_previewed: Vec::new(),
+            max_apps: self.settings.previews.max_apps,
+            page_url: self
+                .settings
+                .server
+                .public_url
+                .as_ref()
+                .map(|u| format!("{u}{}", report::page_path(ev.forge, &ev.repo, ev.number))),
+        }
+    }
+
+    /// The affected apps' previews at the request's head.
+    pub async fn preview(
+        &self,
+        forge: &dyn Forge,
+        ev: &PullRequestEvent,
+    ) -> Result<PullRequestPreview, PreviewError> {
+        let mut p = self.empty(ev);
+        let mut affected = self.affected(forge, ev).await?;
+        let max = self.settings.previews.max_apps;
+        if affected.len() > max {
+            p.not_previewed = affected
+                .split_off(max)
+                .into_iter()
+                .map(|a| a.name.clone())
+                .collect();
+        }
+        // The futures are built first and boxed, so the stream's type names no closure over
+        // a borrowed app (which would defeat the Send proof of the spawned worker).
+        let calls: Vec<_> = affected
+            .into_iter()
+            .map(|app| {
+                let (engine, head) = (self.engine.clone(), ev.head_sha.clone());
+                let name = app.name.clone();
+                async move {
+                    match engine.dry_run_revision(&name, &head).await {
+                        Ok(set) => AppPreview::from_dry_run(&set),
+                        Err(e) => AppPreview::failed(&name, &head, e.to_string()),
+                    }
+                }
+                .boxed()
+            })
+            .collect();
+        p.apps = futures::stream::iter(calls)
+            .buffered(APP_CONCURRENCY)
+            .collect()
+            .await;
+        info!(forge = %ev.forge, repo = %ev.repo, number = ev.number, head = %ev.head_sha,
+            apps = p.apps.len(), not_previewed = p.not_previewed.len(), "pull request previewed");
+        Ok(p)
+    }
+
+    /// The request's apps (by base repository and branch) with an input that the head changes
+    /// against its merge base, by name: one compare, and the inputs each app's last run
+    /// recorded (a plain app's only input is its path; a Kustomize app's are every directory
+    /// its render read). When the forge cut the list of changed files short, every app of the
+    /// branch counts as affected.
+    async fn affected(
+        &self,
+        forge: &dyn Forge,
+        ev: &PullRequestEvent,
+    ) -> Result<Vec<&AppSettings>, PreviewError> {
+        let mut candidates = match_pull_request(&self.settings.apps, ev);
+        if candidates.is_empty() {
+            return Ok(candidates);
+        }
+        candidates.sort_by(|a, b| a.name.cmp(&b.name));
+        let changed = forge
+            .changed_paths(&ev.repo, &ev.base_branch, &ev.head_sha)
+            .await
+            .map_err(|source| PreviewError::Compare {
+                repo: ev.repo.clone(),
+                base: ev.base_branch.clone(),
+                head: ev.head_sha.clone(),
+                source,
+            })?;
+        let ns = self.settings.kubernetes.state_namespace.as_str();
+        let mut out = Vec::new();
+        for app in candidates {
+            let st = state::load(self.engine.client(), ns, &app.name)
+                .await
+                .map_err(|source| PreviewError::State {
+                    app: app.name.clone(),
+                    source,
+                })?;
+            let mut inputs = vec![app.path.as_str()];
+            inputs.extend(st.inputs.keys().map(String::as_str));
+            let hit = !changed.complete
+                || changed
+                    .paths
+                    .iter()
+                    .any(|p| inputs.iter().any(|dir| is_below(p, dir)));
+            if hit {
+                out.push(app);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A status per previewed app on the head, context `driftless/preview/<app>`.
+    async fn post_statuses(
+        &self,
+        forge: &dyn Forge,
+        ev: &PullRequestEvent,
+        p: &PullRequestPreview,
+    ) {
+        for a in &p.apps {
+            let state = match a.outcome {
+                AppOutcome::Previewed => StatusState::Success,
+                AppOutcome::Rejected { .. } | AppOutcome::Failed { .. } => StatusState::Failure,
+            };
+            let status = CommitStatus {
+                context: format!("driftless/preview/{}", a.app),
+                state,
+                description: a.summary(),
+                target_url: p.page_url.clone(),
+            };
+            if let Err(e) = forge.set_status(&ev.repo, &ev.head_sha, &status).await {
+                warn!(app = %a.app, repo = %ev.repo, number = ev.number, error = %e, "cannot post the preview status");
+            }
+        }
+    }
+
+    /// The request's preview comment: the one this process remembers, else the first of the
+    /// request's comments that starts with the marker (one made before a restart, or by
+    /// another replica).
+    async fn find_comment(
+        &self,
+        forge: &dyn Forge,
+        ev: &PullRequestEvent,
+        key: &str,
+    ) -> Result<Option<u64>, PreviewError> {
+        if let Some(id) = self.comments.lock().expect("comments").get(key) {
+            return Ok(Some(*id));
+        }
+        let all = self
+            .comment_call(ev, forge.list_comments(&ev.repo, ev.number))
+            .await?;
+        Ok(all
+            .into_iter()
+            .find(|c| c.body.starts_with(comment::MARKER))
+            .map(|c| c.id))
+    }
+
+    /// Edits the preview comment, or creates it when there is none (or it was deleted).
+    async fn upsert_comment(
+        &self,
+        forge: &dyn Forge,
+        ev: &PullRequestEvent,
+        key: &str,
+        existing: Option<u64>,
+        p: &PullRequestPreview,
+    ) -> Result<(), PreviewError> {
+        let body = comment::render(p, forge.comment_limit());
+        if let Some(id) = existing {
+            match forge.update_comment(&ev.repo, ev.number, id, &body).await {
+                Ok(_) => return Ok(()),
+                Err(ForgeError::NotFound { .. }) => {}
+                Err(source) => return Err(self.comment_error(ev, source)),
+            }
+        }
+        let c = self
+            .comment_call(ev, forge.create_comment(&ev.repo, ev.number, &body))
+            .await?;
+        self.comments
+            .lock()
+            .expect("comments")
+            .insert(key.to_string(), c.id);
+        Ok(())
+    }
+
+    async fn comment_call<T>(
+        &self,
+        ev: &PullRequestEvent,
+        call: impl std::future::Future<Output = Result<T, ForgeError>>,
+    ) -> Result<T, PreviewError> {
+        call.await.map_err(|source| self.comment_error(ev, source))
+    }
+
+    fn comment_error(&self, ev: &PullRequestEvent, source: ForgeError) -> PreviewError {
+        PreviewError::Comment {
+            repo: ev.repo.clone(),
+            number: ev.number,
+            source,
+        }
+    }
+}
+
+/// Whether `path` (from the repository root) is `dir` or below it; `""` is the root.
+fn is_below(path: &str, dir: &str) -> bool {
+    dir.is_empty()
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// The preview worker: takes request events from `queue` until `shutdown`, one at a time.
+pub async fn run(queue: Arc<PreviewQueue>, previewer: Arc<Previewer>, shutdown: CancellationToken) {
+    loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            ev = queue.next() => ev,
+        };
+        if let Err(e) = previewer.handle(&ev).await {
+            warn!(forge = %ev.forge, repo = %ev.repo, number = ev.number, error = %e, "preview failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_below;
+
+    #[test]
+    fn paths_below_a_directory() {
+        assert!(is_below("app/a.yaml", "app"));
+        assert!(is_below("app", "app"));
+        assert!(!is_below("apps/a.yaml", "app"));
+        assert!(is_below("anything", ""));
+        assert!(is_below("base/web/deploy.yaml", "base/web"));
+    }
+}
