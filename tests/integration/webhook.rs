@@ -462,11 +462,8 @@ async fn gitlab_tag_pushes_and_other_events() {
     .await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(json_body(resp).await["status"], "no_match");
-    let resp = test::call_service(
-        &app,
-        with_token("Note Hook", b"{}", GL_TOKEN).to_request(),
-    )
-    .await;
+    let resp =
+        test::call_service(&app, with_token("Note Hook", b"{}", GL_TOKEN).to_request()).await;
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
     assert_eq!(json_body(resp).await["status"], "ignored");
     // Merge request events are read (for previews), so a malformed one is refused.
