@@ -160,19 +160,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = engine(settings).await?;
             let metrics = crate::metrics::Metrics::new();
             let mut failed = false;
-            // Apps are checked a few at a time: each check mostly waits on the API server.
-            let results: Vec<(String, Result<bool, String>)> = {
-                use futures::StreamExt;
-                let (engine, metrics) = (&engine, &metrics);
-                futures::stream::iter(names)
-                    .map(|app| async move {
-                        let r = crate::worker::drift_tick(engine, metrics, &app).await;
-                        (app, r)
-                    })
-                    .buffered(crate::worker::WORKERS)
-                    .collect()
-                    .await
-            };
+            // Catch-ups run a few at a time: each mostly waits on the API server.
+            let results =
+                crate::worker::sweep(&engine, &metrics, names, crate::worker::WORKERS).await;
             engine.settle().await;
             for (app, result) in results {
                 match result {

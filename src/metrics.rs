@@ -41,7 +41,7 @@ pub struct ForgeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForgeRequestLabels {
     pub forge: &'static str,
-    /// `ok`, `not_found`, `unauthorized`, `rate_limited`, `server_error`, `client_error` or
+    /// `ok`, `not_modified` (a conditional request answered 304: no rate limit spent), `not_found`, `unauthorized`, `rate_limited`, `server_error`, `client_error` or
     /// `network_error` (one per attempt, retries included).
     pub outcome: &'static str,
 }

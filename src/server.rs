@@ -744,7 +744,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     }
     // Pushes made while no receiver ran (or whose webhook was lost) are caught up at start.
-    crate::worker::catch_up(&queue, settings.apps.iter().map(|a| a.name.clone()));
+    crate::worker::catch_up(
+        &queue,
+        &engine,
+        settings.apps.iter().map(|a| a.name.clone()),
+    )
+    .await;
     let timer = tokio::spawn(crate::worker::drift_timer(
         queue.clone(),
         settings.apps.iter().map(|a| a.name.clone()).collect(),

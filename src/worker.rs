@@ -9,7 +9,10 @@ use tracing::{error, info, warn, Instrument};
 
 use crate::metrics::{AppLabels, Metrics, RunLabels};
 use crate::queue::{Job, JobQueue, JobReason};
-use crate::reconcile::{Engine, Outcome, RunOptions};
+use futures::StreamExt;
+
+use crate::reconcile::drift_check::DriftReport;
+use crate::reconcile::{Engine, Outcome, ReconcileError, RunOptions};
 
 /// Reconciles running at once. Each mostly waits on the API server and the forge; four keeps
 /// a 2-core receiver responsive while several apps apply.
@@ -49,14 +52,27 @@ pub async fn run(queue: Arc<JobQueue>, engine: Arc<Engine>, metrics: Arc<Metrics
 pub async fn drift_tick(engine: &Engine, metrics: &Metrics, app: &str) -> Result<bool, String> {
     let catch_up = Job::new(app, None, JobReason::MissedPush);
     let caught_up = engine.run(&catch_up, RunOptions::default()).await;
-    let heal = engine
+    let report = engine.check_drift(app, heals(engine, app)).await;
+    drift_verdict(metrics, app, caught_up.map(|_| ()), report)
+}
+
+/// Whether the app's drift policy heals.
+fn heals(engine: &Engine, app: &str) -> bool {
+    engine
         .settings()
         .app(app)
-        .is_some_and(|a| a.drift == crate::settings::DriftPolicy::Heal);
-    let report = engine
-        .check_drift(app, heal)
-        .await
-        .map_err(|e| e.to_string())?;
+        .is_some_and(|a| a.drift == crate::settings::DriftPolicy::Heal)
+}
+
+/// What a drift tick says of an app, from its catch-up and its drift check (recorded in the
+/// metrics): whether drift remains, or the error of the check, the catch-up or the heal.
+fn drift_verdict(
+    metrics: &Metrics,
+    app: &str,
+    caught_up: Result<(), ReconcileError>,
+    report: Result<DriftReport, ReconcileError>,
+) -> Result<bool, String> {
+    let report = report.map_err(|e| e.to_string())?;
     metrics
         .drift_objects
         .get_or_create(&crate::metrics::AppLabels {
@@ -74,6 +90,41 @@ pub async fn drift_tick(engine: &Engine, metrics: &Metrics, app: &str) -> Result
         return Err(e);
     }
     Ok(!report.drifted.is_empty() && !report.healed)
+}
+
+/// One sweep of every app (`drift --once`): the drift tick of each, with every app state read
+/// in one LIST, each branch head asked once (conditionally), the catch-ups `in_flight` at a
+/// time (an app at its head costs nothing), then the drift checks in batches sharing their
+/// LISTs. Returns each app's verdict as [`drift_tick`] would, in the order given.
+pub async fn sweep(
+    engine: &Engine,
+    metrics: &Metrics,
+    apps: Vec<String>,
+    in_flight: usize,
+) -> Vec<(String, Result<bool, String>)> {
+    let _round = engine.begin_round();
+    if let Err(e) = engine.prefetch_states().await {
+        warn!(error = %e, "cannot read the app states in bulk; reading them one by one");
+    }
+    let caught_up: Vec<Result<(), ReconcileError>> = futures::stream::iter(&apps)
+        .map(|app| async move {
+            let job = Job::new(app.clone(), None, JobReason::MissedPush);
+            engine.run(&job, RunOptions::default()).await.map(|_| ())
+        })
+        .buffered(in_flight.max(1))
+        .collect()
+        .await;
+    let checks: Vec<(String, bool)> = apps.iter().map(|a| (a.clone(), heals(engine, a))).collect();
+    let reports = engine.check_drift_all(&checks).await;
+    engine.forget_prefetched();
+    caught_up
+        .into_iter()
+        .zip(reports)
+        .map(|(caught_up, (app, report))| {
+            let verdict = drift_verdict(metrics, &app, caught_up, report);
+            (app, verdict)
+        })
+        .collect()
 }
 
 /// Puts a job whose app's Lease was busy back in the queue, to run after a backoff.
@@ -195,10 +246,25 @@ pub async fn drift_timer(
     }
 }
 
-/// Queues every app once, to catch up with pushes made while no receiver was running.
-pub fn catch_up(queue: &JobQueue, apps: impl IntoIterator<Item = String>) {
+/// Queues every app whose branch head is not its applied revision, to catch up with pushes
+/// made while no receiver was running. The states are read in one LIST and each branch head
+/// asked once (conditionally), so a restart with every app in sync writes nothing and costs
+/// one forge request per branch.
+pub async fn catch_up(queue: &JobQueue, engine: &Engine, apps: impl IntoIterator<Item = String>) {
+    let round = engine.begin_round();
+    if let Err(e) = engine.prefetch_states().await {
+        warn!(error = %e, "cannot read the app states in bulk; reading them one by one");
+    }
+    let mut in_sync = 0;
     for app in apps {
-        info!(%app, "startup: checking the branch head");
+        if !engine.needs_catch_up(&app).await {
+            in_sync += 1;
+            continue;
+        }
+        info!(%app, "startup: catching up with the branch head");
         let _ = queue.enqueue(Job::new(app, None, JobReason::MissedPush));
     }
+    drop(round);
+    engine.forget_prefetched();
+    info!(in_sync, "startup: apps already at their branch head");
 }

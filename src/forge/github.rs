@@ -1,5 +1,6 @@
 //! GitHub through octocrab: git trees (recursive, walking subtrees when GitHub truncates),
-//! git blobs, refs with conditional requests (an unchanged branch head costs no rate limit),
+//! git blobs, branch heads with conditional requests (`commits/{branch}` in the SHA media type,
+//! the SHA known as the ETag: an unchanged head is a 304, which costs no rate limit),
 //! compare, commit statuses and repository webhooks. Works against github.com, GitHub
 //! Enterprise Server (`https://HOST/api/v3`) and the test simulator.
 //!
@@ -18,7 +19,7 @@ use http_body_util::BodyExt;
 use octocrab::service::middleware::retry::RetryConfig;
 use octocrab::Octocrab;
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
-use reqwest::header::{HeaderMap, HeaderValue, IF_NONE_MATCH};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, IF_NONE_MATCH};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -53,8 +54,14 @@ pub struct GithubForge {
     api_url: String,
     policy: Policy,
     trees: Mutex<TreeCache>,
-    heads: Mutex<HashMap<(String, String), (String, String)>>,
+    /// The last head seen of each (repo, branch): the ETag of the next conditional request.
+    heads: Mutex<HashMap<(String, String), String>>,
 }
+
+/// `commits/{ref}` answers with the bare commit SHA in this media type, and its ETag is that
+/// SHA quoted: sending the SHA one knows as `If-None-Match` gets a 304 while the ref has not
+/// moved, and a 304 costs no rate limit.
+const SHA_MEDIA_TYPE: &str = "application/vnd.github.sha";
 
 #[derive(Default)]
 struct TreeCache {
@@ -157,7 +164,9 @@ impl GithubForge {
     ) -> Result<RawResponse, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
         let mut builder = http::Request::builder().method(method).uri(uri);
-        builder = builder.header("accept", "application/vnd.github+json");
+        if !headers.as_ref().is_some_and(|h| h.contains_key(ACCEPT)) {
+            builder = builder.header("accept", "application/vnd.github+json");
+        }
         builder = builder.header("x-github-api-version", "2022-11-28");
         for (k, v) in headers.iter().flatten() {
             builder = builder.header(k, v);
@@ -296,16 +305,6 @@ fn invalid(request: &str, message: impl Into<String>) -> ForgeError {
 }
 
 #[derive(Deserialize)]
-struct GitRef {
-    object: GitObject,
-}
-
-#[derive(Deserialize)]
-struct GitObject {
-    sha: String,
-}
-
-#[derive(Deserialize)]
 struct GhBlob {
     content: String,
     encoding: String,
@@ -407,40 +406,51 @@ impl Forge for GithubForge {
     }
 
     async fn branch_head(&self, repo: &str, branch: &str) -> Result<String, ForgeError> {
+        self.branch_head_since(repo, branch, None).await
+    }
+
+    async fn branch_head_since(
+        &self,
+        repo: &str,
+        branch: &str,
+        known: Option<&str>,
+    ) -> Result<String, ForgeError> {
         let key = (repo.to_string(), branch.to_string());
-        let cached = self.heads.lock().expect("heads cache").get(&key).cloned();
+        let remembered = self.heads.lock().expect("heads cache").get(&key).cloned();
+        let known = known.map(str::to_string).or(remembered);
         let url = self.url(
             repo,
-            &format!("git/ref/heads/{}", utf8_percent_encode(branch, SEGMENT)),
+            &format!("commits/{}", utf8_percent_encode(branch, SEGMENT)),
         );
         let request = format!("branch {branch} of {repo}");
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(SHA_MEDIA_TYPE));
+        if let Some(sha) = known.as_deref().filter(|s| is_sha(s)) {
+            let etag = HeaderValue::from_str(&format!("\"{sha}\"")).expect("hex is a header value");
+            headers.insert(IF_NONE_MATCH, etag);
+        }
         let resp = self
             .policy
             .run(&request, || {
-                let headers = cached.as_ref().and_then(|(etag, _)| {
-                    HeaderValue::from_str(etag).ok().map(|v| {
-                        let mut h = HeaderMap::new();
-                        h.insert(IF_NONE_MATCH, v);
-                        h
-                    })
-                });
-                self.send(http::Method::GET, &url, headers, None)
+                self.send(http::Method::GET, &url, Some(headers.clone()), None)
             })
             .await?;
-        if resp.status == 304 {
-            if let Some((_, sha)) = cached {
-                return Ok(sha);
+        let sha = match (resp.status, known) {
+            (304, Some(sha)) => sha,
+            (304, None) => return Err(invalid(&request, "304 Not Modified without a known head")),
+            _ => {
+                let sha = String::from_utf8_lossy(&resp.body).trim().to_string();
+                if !is_sha(&sha) {
+                    return Err(invalid(&request, "the answer is not a commit SHA"));
+                }
+                sha
             }
-            return Err(invalid(&request, "304 Not Modified without a cached head"));
-        }
-        let r: GitRef = resp.json(FORGE, &request)?;
-        if let Some(etag) = resp.header("etag") {
-            self.heads
-                .lock()
-                .expect("heads cache")
-                .insert(key, (etag.to_string(), r.object.sha.clone()));
-        }
-        Ok(r.object.sha)
+        };
+        self.heads
+            .lock()
+            .expect("heads cache")
+            .insert(key, sha.clone());
+        Ok(sha)
     }
 
     async fn subtree_sha(
@@ -700,6 +710,11 @@ impl Forge for GithubForge {
             .json(FORGE, &request)?;
         Ok(h.into())
     }
+}
+
+/// A full commit SHA in hex (SHA-1, or SHA-256 for repositories that use it).
+fn is_sha(s: &str) -> bool {
+    (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 pub(crate) fn clip_chars(s: &str, max: usize) -> String {

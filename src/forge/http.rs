@@ -117,7 +117,9 @@ impl Policy {
                     .set(rem);
             }
             self.count(match resp.status {
-                200..=299 | 304 => "ok",
+                200..=299 => "ok",
+                // Answered from what the client knew: spends no rate limit on GitHub.
+                304 => "not_modified",
                 401 => "unauthorized",
                 403 | 429 => "rate_limited",
                 404 => "not_found",

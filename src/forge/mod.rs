@@ -185,6 +185,18 @@ pub trait Forge: Send + Sync {
     fn kind(&self) -> ForgeKind;
     /// The commit a branch points at.
     async fn branch_head(&self, repo: &str, branch: &str) -> Result<String, ForgeError>;
+    /// The commit a branch points at, `known` being the one last seen (say, kept in the
+    /// cluster by an earlier process): a forge that can answers an unmoved head without
+    /// spending its rate limit (GitHub's conditional request).
+    async fn branch_head_since(
+        &self,
+        repo: &str,
+        branch: &str,
+        known: Option<&str>,
+    ) -> Result<String, ForgeError> {
+        let _ = known;
+        self.branch_head(repo, branch).await
+    }
     /// The SHA of the tree at `path` in `commit` (`""` is the root): the change detector.
     async fn subtree_sha(&self, repo: &str, commit: &str, path: &str)
         -> Result<String, ForgeError>;

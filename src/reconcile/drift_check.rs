@@ -9,13 +9,15 @@ use kube::Api;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use super::desired::{self, DesiredError};
 use super::plan::Prepared;
-use super::state::{self, DriftRecord, DriftedObject};
+use super::state::{self, AppState, DriftRecord, DriftedObject};
 use super::{kube_message, now_rfc3339, short, Engine, ReconcileError, LABEL_APP};
 use crate::drift::{differing_fields, dotted, normalized};
+use crate::forge::AppFile;
 use crate::forge::StatusState;
 use crate::manifest::{self, ObjectRef};
-use crate::render::Plan;
+use crate::render::{Plan, SourceVersion};
 use crate::settings::AppSettings;
 
 /// What one drift check found and did.
@@ -37,6 +39,32 @@ pub struct DriftReport {
 /// A desired object that looks drifted: its live value (none when missing) and the fields
 /// that differ.
 type Suspect<'p> = (&'p Prepared, Option<Value>, Vec<String>);
+
+/// `("<apiVersion>/<plural>", namespace)`: what one LIST reads.
+pub(super) type GroupKey = (String, Option<String>);
+
+pub(super) fn group_key(p: &Prepared) -> GroupKey {
+    (
+        format!("{}/{}", p.resource.api_version, p.resource.plural),
+        p.id.namespace.clone(),
+    )
+}
+
+/// Live objects listed once for many apps' drift checks: by [`GroupKey`], each object by
+/// name. A group not in it is listed by the check itself.
+#[derive(Default)]
+pub(super) struct LiveIndex(pub(super) HashMap<GroupKey, HashMap<String, Value>>);
+
+/// Objects of a LIST by name, as JSON.
+pub(super) fn by_name(items: Vec<DynamicObject>) -> HashMap<String, Value> {
+    items
+        .into_iter()
+        .filter_map(|o| {
+            let name = o.metadata.name.clone()?;
+            Some((name, serde_json::to_value(&o).unwrap_or(Value::Null)))
+        })
+        .collect()
+}
 
 impl DriftReport {
     /// A one-line summary: `Drifted: 2 objects (apps/v1 Deployment demo/web: spec.replicas; ...)`.
@@ -78,19 +106,45 @@ impl Engine {
             .cloned()
             .ok_or_else(|| ReconcileError::UnknownApp(app_name.to_string()))?;
         let ns = self.settings.kubernetes.state_namespace.clone();
+        let kept = self
+            .prefetched
+            .lock()
+            .expect("prefetched states")
+            .remove(&app.name);
+        let (st, stored) = match kept {
+            Some(kept) => kept,
+            None => state::load_with_desired(&self.client, &ns, &app.name).await?,
+        };
         let mut report = DriftReport {
             app: app.name.clone(),
+            api_requests: 1,
             ..Default::default()
         };
-        let st = state::load(&self.client, &ns, &app.name).await?;
-        report.api_requests += 1;
         let Some(revision) = st.revision.clone() else {
             return Ok(report);
         };
-        let mut desired = self.find_drift(&app, &revision, &mut report).await?;
+        report.revision = Some(revision.clone());
+        let desired = self.desired_objects(&app, &st, stored).await?;
+        self.check_against(&app, &st, desired, heal, &LiveIndex::default(), report)
+            .await
+    }
+
+    /// The drift check of an app whose state `st` was read and whose desired objects at the
+    /// applied revision are `desired`; `live` holds objects already listed for many apps.
+    pub(super) async fn check_against(
+        &self,
+        app: &AppSettings,
+        st: &AppState,
+        desired: Vec<Prepared>,
+        heal: bool,
+        live: &LiveIndex,
+        mut report: DriftReport,
+    ) -> Result<DriftReport, ReconcileError> {
+        let ns = self.settings.kubernetes.state_namespace.as_str();
+        let mut desired = self.compare(app, desired, &mut report, live).await?;
         let mut healed = Vec::new();
         if heal && !report.drifted.is_empty() {
-            healed = self.heal(&app, &mut desired, &mut report).await?;
+            healed = self.heal(app, &mut desired, &mut report).await?;
         }
         let Some(revision) = report.revision.clone() else {
             return Ok(report);
@@ -116,10 +170,10 @@ impl Engine {
                 objects: report.drifted.clone(),
                 healed: report.healed,
             };
-            state::save_drift(&self.client, &ns, &app.name, &record).await?;
+            state::save_drift(&self.client, ns, &app.name, &record).await?;
             report.api_requests += 1;
             if self.settings.drift.report_status {
-                self.post_drift_status(&app, &revision, st.drift.as_ref(), &report)
+                self.post_drift_status(app, &revision, st.drift.as_ref(), &report)
                     .await;
             }
         }
@@ -235,8 +289,9 @@ impl Engine {
         Ok(healed)
     }
 
-    /// Compares the live objects with the desired set at `revision`, filling `report` (its
-    /// revision, the objects checked and drifted, the requests made). Returns the desired set.
+    /// Compares the live objects with the desired set at `revision`, read from the forge,
+    /// filling `report` (its revision, the objects checked and drifted, the requests made).
+    /// Returns the desired set.
     async fn find_drift(
         &self,
         app: &AppSettings,
@@ -244,19 +299,99 @@ impl Engine {
         report: &mut DriftReport,
     ) -> Result<Vec<Prepared>, ReconcileError> {
         report.revision = Some(revision.to_string());
+        let (files, _) = self.render_from_forge(app, revision).await?;
+        let desired = self.prepare_all(app, &files).await?;
+        self.compare(app, desired, report, &LiveIndex::default())
+            .await
+    }
+
+    /// The app's manifests at `revision`, read and rendered from the forge, with what they were
+    /// rendered from.
+    async fn render_from_forge(
+        &self,
+        app: &AppSettings,
+        revision: &str,
+    ) -> Result<(Vec<AppFile>, SourceVersion), ReconcileError> {
         let forge = self.forge(app)?;
-        let Plan::Changed { files, .. } = self.fetch(forge.as_ref(), app, revision, None).await?
+        let Plan::Changed { files, version } =
+            self.fetch(forge.as_ref(), app, revision, None).await?
         else {
             unreachable!("a plan without a known version always renders")
         };
+        Ok((files, version))
+    }
+
+    /// Parses and prepares every object of `files`.
+    pub(super) async fn prepare_all(
+        &self,
+        app: &AppSettings,
+        files: &[AppFile],
+    ) -> Result<Vec<Prepared>, ReconcileError> {
         let objects =
             manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;
         let mut desired = Vec::with_capacity(objects.len());
         for obj in &objects {
             desired.push(self.prepare(app, obj).await?);
         }
+        Ok(desired)
+    }
+
+    /// The desired objects of the applied revision of `st`: from the manifests kept beside the
+    /// state when they were rendered from the inputs the state records, without the forge;
+    /// otherwise (none kept, corrupt, of other inputs) from the forge, with a log line, keeping
+    /// them for the next check when they are what the state says was applied.
+    pub(super) async fn desired_objects(
+        &self,
+        app: &AppSettings,
+        st: &AppState,
+        stored: Option<desired::Stored>,
+    ) -> Result<Vec<Prepared>, ReconcileError> {
+        let ns = self.settings.kubernetes.state_namespace.as_str();
+        let kustomize = &self.settings.render.kustomize_command;
+        let address = st.version().map(|v| desired::address(app, kustomize, &v));
+        let unusable = match (&address, stored) {
+            (None, _) => "the applied revision's inputs are not recorded".to_string(),
+            (Some(_), None) => DesiredError::Missing.to_string(),
+            (Some(address), Some(stored)) => {
+                let limit = 2 * self
+                    .settings
+                    .fetch
+                    .max_app_bytes
+                    .max(self.settings.render.max_output_bytes)
+                    + (1 << 20);
+                let kept = desired::read(&self.client, ns, &app.name, stored)
+                    .await
+                    .and_then(|bytes| desired::unpack(&bytes, address, limit));
+                match kept {
+                    Ok(files) => return self.prepare_all(app, &files).await,
+                    Err(e) => e.to_string(),
+                }
+            }
+        };
+        let revision = st.revision.as_deref().unwrap_or_default();
+        info!(app = %app.name, reason = %unusable, "stored desired state not usable; reading the forge");
+        let (files, version) = self.render_from_forge(app, revision).await?;
+        if let (Some(address), true) = (&address, st.version().as_ref() == Some(&version)) {
+            if let Some(packed) = desired::pack(address, &files) {
+                if let Err(e) = state::save_desired(&self.client, ns, &app.name, &packed).await {
+                    warn!(app = %app.name, error = %e, "cannot keep the desired state");
+                }
+            }
+        }
+        self.prepare_all(app, &files).await
+    }
+
+    /// Compares the live objects with `desired`, filling `report` (the objects checked and
+    /// drifted, the requests made). Returns the desired set.
+    async fn compare(
+        &self,
+        app: &AppSettings,
+        desired: Vec<Prepared>,
+        report: &mut DriftReport,
+        live: &LiveIndex,
+    ) -> Result<Vec<Prepared>, ReconcileError> {
         report.checked = desired.len();
-        let suspects = self.suspects(app, &desired, report).await?;
+        let suspects = self.suspects(app, &desired, report, live).await?;
 
         // Confirm each suspect: would applying it change anything? Defaulting, quantity
         // formats and mutating admission make a field differ without it being drift.
@@ -306,34 +441,37 @@ impl Engine {
         app: &AppSettings,
         desired: &'p [Prepared],
         report: &mut DriftReport,
+        index: &LiveIndex,
     ) -> Result<Vec<Suspect<'p>>, ReconcileError> {
-        let mut groups: HashMap<(String, Option<String>), Vec<&Prepared>> = HashMap::new();
+        let mut groups: HashMap<GroupKey, Vec<&Prepared>> = HashMap::new();
         for p in desired {
-            let key = (
-                format!("{}/{}", p.resource.api_version, p.resource.plural),
-                p.id.namespace.clone(),
-            );
-            groups.entry(key).or_default().push(p);
+            groups.entry(group_key(p)).or_default().push(p);
         }
         let selector = ListParams::default().labels(&format!("{LABEL_APP}={}", app.name));
         let mut suspects = Vec::new();
-        for members in groups.values() {
+        for (key, members) in &groups {
             let api = self.api(members[0]);
-            let list = api
-                .list(&selector)
-                .await
-                .map_err(|e| ReconcileError::Discovery {
-                    what: format!("live {}", members[0].id.kind),
-                    message: kube_message(&e),
-                })?;
-            report.api_requests += 1;
-            let live: HashMap<String, DynamicObject> = list
-                .items
-                .into_iter()
-                .filter_map(|o| o.metadata.name.clone().map(|n| (n, o)))
-                .collect();
+            let listed;
+            let live: &HashMap<String, Value> = match index.0.get(key) {
+                Some(listed) => listed,
+                None => {
+                    let list =
+                        api.list(&selector)
+                            .await
+                            .map_err(|e| ReconcileError::Discovery {
+                                what: format!("live {}", members[0].id.kind),
+                                message: kube_message(&e),
+                            })?;
+                    report.api_requests += 1;
+                    listed = by_name(list.items);
+                    &listed
+                }
+            };
             for p in members {
-                let live_obj = match live.get(&p.id.name) {
+                let ours = live.get(&p.id.name).filter(|o| {
+                    o["metadata"]["labels"][LABEL_APP].as_str() == Some(app.name.as_str())
+                });
+                let live_obj = match ours {
                     Some(o) => Some(o.clone()),
                     // Not selected: deleted, or our label was taken off.
                     None => {
@@ -344,12 +482,12 @@ impl Engine {
                                 what: p.id.to_string(),
                                 message: kube_message(&e),
                             })?
+                            .map(|o| serde_json::to_value(&o).unwrap_or(Value::Null))
                     }
                 };
                 match live_obj {
                     None => suspects.push((*p, None, Vec::new())),
-                    Some(o) => {
-                        let value = serde_json::to_value(&o).unwrap_or(Value::Null);
+                    Some(value) => {
                         let fields = differing_fields(&p.id.kind, &p.body, &value, &app.ignore);
                         if !fields.is_empty() {
                             suspects.push((*p, Some(value), fields));

@@ -8,8 +8,10 @@
 //! holds the app's Lease throughout (`run_lease`).
 
 mod apply;
+pub mod desired;
 pub mod drift_check;
 pub mod dry_run;
+pub mod heads;
 pub mod health;
 pub mod lease;
 mod plan;
@@ -18,6 +20,7 @@ mod record;
 mod revision;
 mod run_lease;
 pub mod state;
+mod sweep;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,7 +32,7 @@ use tracing::info;
 
 use crate::forge::{BlobCache, Forge, ForgeError, Forges};
 use crate::manifest::{ManifestError, ObjectRef};
-use crate::queue::Job;
+use crate::queue::{Job, JobReason};
 use crate::render::{Plan, RenderError, Renderer};
 use crate::settings::{AppSettings, Settings};
 use plan::{FileCache, KindKey};
@@ -206,6 +209,11 @@ pub struct Engine {
     lease_timing: lease::LeaseTiming,
     /// The lease of each app's run in progress, checked at the run's safe points.
     run_leases: Mutex<HashMap<String, lease::LeaseWatch>>,
+    /// Branch heads, resolved once per branch in a round, conditionally.
+    heads: heads::BranchHeads,
+    /// App states (with their kept desired manifests) read in bulk for a sweep; an entry is
+    /// dropped once a run of the app may have changed it.
+    prefetched: Mutex<HashMap<String, (AppState, Option<desired::Stored>)>>,
 }
 
 fn kube_message(e: &kube::Error) -> String {
@@ -232,6 +240,8 @@ impl Engine {
             rand::random::<u32>() & 0xff_ffff
         );
         let lease_timing = lease::LeaseTiming::new(settings.kubernetes.lease_duration);
+        let (client_for_heads, state_ns) =
+            (client.clone(), settings.kubernetes.state_namespace.clone());
         Self {
             client,
             forges,
@@ -245,6 +255,8 @@ impl Engine {
             interrupt: tokio_util::sync::CancellationToken::new(),
             lease_timing,
             run_leases: Mutex::new(HashMap::new()),
+            heads: heads::BranchHeads::new(client_for_heads, &state_ns),
+            prefetched: Mutex::new(HashMap::new()),
         }
     }
 
@@ -289,6 +301,16 @@ impl Engine {
                 )
                 .await;
         }
+        if job.reason == JobReason::MissedPush && job.revision.is_none() && !job.full {
+            if let Some(report) = self.at_branch_head(&app).await? {
+                return Ok(report);
+            }
+        }
+        // The run may change the state: a sweep reads it again.
+        self.prefetched
+            .lock()
+            .expect("prefetched states")
+            .remove(&app.name);
         self.ensure_state_namespace(&ns).await?;
         let mut slot_guard = self.slot(&app.name).lock_owned().await;
         let slot = &mut *slot_guard;
@@ -329,6 +351,76 @@ impl Engine {
             .await;
         self.finish_run(&app.name, run_lease, slot_guard, &r, st);
         r
+    }
+
+    /// A catch-up's report when the app's applied revision is its branch head, rendered from
+    /// recorded inputs, and its last run was not interrupted: nothing to do, so no Lease is
+    /// taken and nothing is written (a restart with every app in sync writes nothing).
+    async fn at_branch_head(&self, app: &AppSettings) -> Result<Option<RunReport>, ReconcileError> {
+        let started = Instant::now();
+        let prefetched = self
+            .prefetched
+            .lock()
+            .expect("prefetched states")
+            .get(&app.name)
+            .map(|(st, _)| st.clone());
+        let st = match prefetched {
+            Some(st) => st,
+            None => {
+                let ns = &self.settings.kubernetes.state_namespace;
+                state::load(&self.client, ns, &app.name).await?
+            }
+        };
+        let interrupted = st
+            .last_result
+            .as_ref()
+            .is_some_and(|r| r.outcome == "interrupted");
+        let Some(applied) = st.revision.as_deref() else {
+            return Ok(None);
+        };
+        if interrupted || st.version().is_none() {
+            return Ok(None);
+        }
+        let forge = self.forge(app)?;
+        let head = self
+            .heads
+            .head(forge.as_ref(), &app.repo, &app.branch)
+            .await?;
+        if head != applied {
+            return Ok(None);
+        }
+        let mut report = RunReport::new(&app.name);
+        report.revision = Some(head);
+        report.duration = started.elapsed();
+        Ok(Some(report))
+    }
+
+    /// Whether a catch-up of the app has anything to do: not when its applied revision is its
+    /// branch head (see [`Self::at_branch_head`]); a failure to tell says yes.
+    pub async fn needs_catch_up(&self, app: &str) -> bool {
+        let Some(app) = self.settings.app(app) else {
+            return true;
+        };
+        !matches!(self.at_branch_head(app).await, Ok(Some(_)))
+    }
+
+    /// Starts a round: until it is dropped, each branch head is asked once, whatever the
+    /// number of apps on it (`drift --once`, the start-up catch-up).
+    pub fn begin_round(&self) -> heads::Round<'_> {
+        self.heads.begin_round()
+    }
+
+    /// Reads every app's state in one paged LIST, for the runs and drift checks of a sweep.
+    pub async fn prefetch_states(&self) -> Result<usize, ReconcileError> {
+        let all = state::load_all(&self.client, &self.settings.kubernetes.state_namespace).await?;
+        let n = all.len();
+        *self.prefetched.lock().expect("prefetched states") = all;
+        Ok(n)
+    }
+
+    /// Drops what [`Self::prefetch_states`] read: past its sweep it may be stale.
+    pub fn forget_prefetched(&self) {
+        self.prefetched.lock().expect("prefetched states").clear();
     }
 
     /// Creates the state namespace once per engine, before its first write.
@@ -408,6 +500,13 @@ impl Engine {
             }
         };
 
+        // What was rendered, kept beside the state so drift checks need not render it again.
+        let packed = (!opts.dry_run)
+            .then(|| {
+                let kustomize = &self.settings.render.kustomize_command;
+                desired::pack(&desired::address(app, kustomize, &version), &files)
+            })
+            .flatten();
         // Prepare, apply, prune, wait for health; the pending status goes out meanwhile.
         let work = async {
             let desired = self.prepare_files(app, &files, files_cache).await?;
@@ -427,7 +526,12 @@ impl Engine {
         // Record.
         match result {
             Ok(inventory) => {
-                self.finish_applied(forge.as_ref(), &attempt, st, version, inventory, report)
+                let applied = record::Applied {
+                    version,
+                    inventory,
+                    packed,
+                };
+                self.finish_applied(forge.as_ref(), &attempt, st, applied, report)
                     .await
             }
             Err(err) => Err(self.finish_failed(&attempt, st, err, &mut report).await),

@@ -99,7 +99,7 @@ fn parse_or_reuse(
 }
 
 impl Engine {
-    /// The revision a job runs: the one it names, or the branch head.
+    /// The revision a job runs: the one it names, or the branch head (asked once per round).
     pub(super) async fn revision_to_run(
         &self,
         forge: &dyn Forge,
@@ -108,7 +108,7 @@ impl Engine {
     ) -> Result<String, ReconcileError> {
         Ok(match &job.revision {
             Some(r) => r.clone(),
-            None => forge.branch_head(&app.repo, &app.branch).await?,
+            None => self.heads.head(forge, &app.repo, &app.branch).await?,
         })
     }
 

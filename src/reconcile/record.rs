@@ -126,18 +126,31 @@ fn forget_written_hashes(st: &mut AppState, report: &RunReport) {
     }
 }
 
+/// What an applied run leaves in the state.
+pub(super) struct Applied {
+    pub(super) version: SourceVersion,
+    pub(super) inventory: Vec<InventoryItem>,
+    /// The rendered manifests, compressed (see `desired`); `None` when they cannot be kept.
+    pub(super) packed: Option<Vec<u8>>,
+}
+
 impl Engine {
-    /// Ends a run that applied: saves the new applied revision, tree and `inventory` with the
-    /// run's record, and posts `success` on the commit. A dry run records nothing.
+    /// Ends a run that applied: saves the new applied revision, tree and inventory with the
+    /// run's record and the manifests it rendered, and posts `success` on the commit. A dry
+    /// run records nothing.
     pub(super) async fn finish_applied(
         &self,
         forge: &dyn Forge,
         at: &Attempt<'_>,
         st: &mut AppState,
-        version: SourceVersion,
-        inventory: Vec<InventoryItem>,
+        applied: Applied,
         mut report: RunReport,
     ) -> Result<RunReport, ReconcileError> {
+        let Applied {
+            version,
+            inventory,
+            packed,
+        } = applied;
         let (app, revision) = (at.app, at.revision);
         report.outcome = Outcome::Applied;
         report.duration = at.started.elapsed();
@@ -161,7 +174,7 @@ impl Engine {
             pruned: report.pruned.len(),
         });
         let (saved, ()) = tokio::join!(
-            state::save(&self.client, at.state_ns, &app.name, st),
+            state::save_with_desired(&self.client, at.state_ns, &app.name, st, packed.as_deref()),
             self.post_status(forge, app, revision, StatusState::Success, &message)
         );
         saved?;

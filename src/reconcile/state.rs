@@ -6,10 +6,13 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::ResourceExt;
 use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
+use super::desired::{self, Stored};
 use crate::manifest::ObjectRef;
 use crate::render::SourceVersion;
 
@@ -24,8 +27,12 @@ pub const MAX_MESSAGE_CHARS: usize = 1024;
 /// Bytes the drift finding may take; objects beyond it are left out of the record.
 pub const MAX_DRIFT_BYTES: usize = 64 * 1024;
 /// Bytes the run record may take: a ConfigMap holds at most 1 MiB of keys and values, shared
-/// with the drift finding (and a little room for the two keys).
-pub const MAX_STATE_BYTES: usize = 1024 * 1024 - MAX_DRIFT_BYTES - 1024;
+/// with the drift finding, the desired manifests kept inline (see `desired`) and a little room
+/// for the keys.
+pub const MAX_STATE_BYTES: usize =
+    1024 * 1024 - MAX_DRIFT_BYTES - super::desired::MAX_INLINE_BYTES * 4 / 3 - 1024;
+/// State ConfigMaps read per page of a bulk read: a page of small apps is a few MiB.
+const LIST_PAGE: u32 = 250;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AppState {
@@ -204,15 +211,73 @@ fn take_injected_failure(namespace: &str, app: &str) -> bool {
 
 /// Reads an app's state; an app never reconciled has the default (empty) state.
 pub async fn load(client: &Client, namespace: &str, app: &str) -> Result<AppState, StateError> {
+    Ok(load_with_desired(client, namespace, app).await?.0)
+}
+
+/// Reads an app's state and the desired manifests kept beside it.
+pub async fn load_with_desired(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+) -> Result<(AppState, Option<Stored>), StateError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     match api.get_opt(&object_name(app)).await {
-        Ok(Some(cm)) => from_config_map(app, &cm),
-        Ok(None) => Ok(AppState::default()),
+        Ok(Some(cm)) => Ok((from_config_map(app, &cm)?, desired::from_config_map(&cm))),
+        Ok(None) => Ok((AppState::default(), None)),
         Err(e) => Err(StateError {
             app: app.to_string(),
             step: "read",
             message: e.to_string(),
         }),
+    }
+}
+
+/// The state of every app in the namespace with the desired manifests kept beside it, by app:
+/// one paged LIST by label instead of a GET per app. A state that cannot be parsed is left
+/// out (logged); reading that app alone reports the error.
+pub async fn load_all(
+    client: &Client,
+    namespace: &str,
+) -> Result<std::collections::HashMap<String, (AppState, Option<Stored>)>, StateError> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let params = ListParams::default().labels(LABEL_STATE_OF);
+    let list = list_all(&api, params).await.map_err(|e| StateError {
+        app: "*".into(),
+        step: "read",
+        message: e.to_string(),
+    })?;
+    let mut all = std::collections::HashMap::new();
+    for cm in list {
+        let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
+            continue;
+        };
+        match from_config_map(&app, &cm) {
+            Ok(st) => {
+                let stored = desired::from_config_map(&cm);
+                all.insert(app, (st, stored));
+            }
+            Err(e) => {
+                tracing::warn!(%app, error = %e, "unreadable state left out of the bulk read")
+            }
+        }
+    }
+    Ok(all)
+}
+
+/// Every object of a LIST, page by page.
+pub async fn list_all<K>(api: &Api<K>, params: ListParams) -> Result<Vec<K>, kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = params.limit(LIST_PAGE);
+    let mut all = Vec::new();
+    loop {
+        let page = api.list(&params).await?;
+        all.extend(page.items);
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(all),
+        }
     }
 }
 
@@ -310,7 +375,58 @@ pub async fn save_intent(
         step: "encode",
         message: e.to_string(),
     })?;
-    write_key(client, namespace, app, KEY, Ok(text)).await
+    write_keys(client, namespace, app, json!({"data": {KEY: text}})).await
+}
+
+/// Writes an app's run record and the desired manifests it was applied from (`packed`, see
+/// `desired`; `None` forgets any kept before), in one write when they fit inline.
+pub async fn save_with_desired(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    state: &AppState,
+    packed: Option<&[u8]>,
+) -> Result<(), StateError> {
+    if take_injected_failure(namespace, app) {
+        return Err(StateError {
+            app: app.to_string(),
+            step: "write",
+            message: "failure injected by a test".into(),
+        });
+    }
+    let err = |step, message: String| StateError {
+        app: app.to_string(),
+        step,
+        message,
+    };
+    let text = encode(&AppState {
+        drift: None,
+        ..state.clone()
+    })
+    .map_err(|e| err("encode", e.to_string()))?;
+    let mut patch = desired::state_patch(client, namespace, app, packed)
+        .await
+        .map_err(|e| err("write desired parts", e.to_string()))?;
+    patch["data"][KEY] = json!(text);
+    write_keys(client, namespace, app, patch).await
+}
+
+/// Keeps the desired manifests of the applied revision beside the app's state (after a drift
+/// check had to read them from the forge), leaving the run record alone.
+pub async fn save_desired(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    packed: &[u8],
+) -> Result<(), StateError> {
+    let patch = desired::state_patch(client, namespace, app, Some(packed))
+        .await
+        .map_err(|e| StateError {
+            app: app.to_string(),
+            step: "write desired parts",
+            message: e.to_string(),
+        })?;
+    write_keys(client, namespace, app, patch).await
 }
 
 /// Writes an app's drift finding.
@@ -320,7 +436,12 @@ pub async fn save_drift(
     app: &str,
     drift: &DriftRecord,
 ) -> Result<(), StateError> {
-    write_key(client, namespace, app, DRIFT_KEY, bounded_drift(drift)).await
+    let text = bounded_drift(drift).map_err(|e| StateError {
+        app: app.to_string(),
+        step: "encode",
+        message: e.to_string(),
+    })?;
+    write_keys(client, namespace, app, json!({"data": {DRIFT_KEY: text}})).await
 }
 
 /// The drift finding as stored: objects past [`MAX_DRIFT_BYTES`] are left out (the counts a
@@ -343,59 +464,80 @@ fn bounded_drift(drift: &DriftRecord) -> Result<String, serde_json::Error> {
     }
 }
 
-/// Sets one data key of the app's ConfigMap with a merge patch (cheap for the API server even
-/// with a large inventory, and leaving the other key alone), creating the ConfigMap first when
-/// there is none.
-async fn write_key(
+/// Label naming the app whose state a ConfigMap holds.
+pub const LABEL_STATE_OF: &str = "driftless.dev/state-of";
+
+/// Merges `keys` (`data` and `binaryData` entries; `null` removes one) into the app's
+/// ConfigMap with a merge patch (cheap for the API server even with a large inventory, and
+/// leaving the other keys alone), creating the ConfigMap first when there is none.
+async fn write_keys(
     client: &Client,
     namespace: &str,
     app: &str,
-    key: &str,
-    text: Result<String, serde_json::Error>,
+    keys: serde_json::Value,
 ) -> Result<(), StateError> {
-    let err = |step, message: String| StateError {
-        app: app.to_string(),
-        step,
-        message,
-    };
-    let text = text.map_err(|e| err("encode", e.to_string()))?;
-    let cm = serde_json::json!({
+    let mut cm = json!({
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
             "name": object_name(app),
             "labels": {
                 "app.kubernetes.io/managed-by": "driftless",
-                "driftless.dev/state-of": app,
+                LABEL_STATE_OF: app,
             },
         },
-        "data": { key: text },
     });
+    for part in ["data", "binaryData"] {
+        if let Some(v) = keys.get(part) {
+            cm[part] = v.clone();
+        }
+    }
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let name = object_name(app);
+    merge_or_create(&api, &object_name(app), &cm)
+        .await
+        .map_err(|e| StateError {
+            app: app.to_string(),
+            step: "write",
+            message: e.to_string(),
+        })
+}
+
+/// Merge-patches the ConfigMap `name` with `cm`, creating it when there is none (`null`
+/// values, which only remove keys, are left out of a creation).
+pub async fn merge_or_create(
+    api: &Api<ConfigMap>,
+    name: &str,
+    cm: &serde_json::Value,
+) -> Result<(), kube::Error> {
     for _ in 0..3 {
         match api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&cm))
+            .patch(name, &PatchParams::default(), &Patch::Merge(cm))
             .await
         {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => {
+                let mut body = cm.clone();
+                for part in ["data", "binaryData"] {
+                    if let Some(map) = body.get_mut(part).and_then(|v| v.as_object_mut()) {
+                        map.retain(|_, v| !v.is_null());
+                    }
+                }
                 let body: ConfigMap =
-                    serde_json::from_value(cm.clone()).map_err(|e| err("encode", e.to_string()))?;
+                    serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
                 match api.create(&PostParams::default(), &body).await {
                     Ok(_) => return Ok(()),
                     // Created by another writer in between: patch it.
                     Err(kube::Error::Api(e)) if e.code == 409 => continue,
-                    Err(e) => return Err(err("write", e.to_string())),
+                    Err(e) => return Err(e),
                 }
             }
-            Err(e) => return Err(err("write", e.to_string())),
+            Err(e) => return Err(e),
         }
     }
-    Err(err(
-        "write",
-        "the ConfigMap kept appearing and disappearing".into(),
-    ))
+    // It kept appearing and disappearing: the last word is a plain patch's.
+    api.patch(name, &PatchParams::default(), &Patch::Merge(cm))
+        .await
+        .map(|_| ())
 }
 
 /// Creates the state namespace when it does not exist yet.

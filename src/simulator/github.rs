@@ -1,8 +1,9 @@
 //! The GitHub REST API as the simulator speaks it: the operations of GitHub's OpenAPI
 //! description that driftless calls (git refs, trees, blobs, compare, commit statuses, repository
 //! webhooks), with GitHub's shapes, status codes and headers: token authentication, the
-//! primary rate limit headers on every answer, ETags with `304 Not Modified`, and the error
-//! bodies GitHub sends.
+//! primary rate limit headers on every answer, ETags with `304 Not Modified` (the commit's SHA
+//! as the ETag of `commits/{ref}` in the `application/vnd.github.sha` media type, as GitHub
+//! documents it), and the error bodies GitHub sends.
 
 use actix_web::http::{Method, StatusCode};
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -34,6 +35,7 @@ pub(super) const SIM_LOGIN: &str = "driftless-sim";
 /// An endpoint, with its path parameters after `/repos/{owner}/{repo}`.
 enum Op {
     GetRef(String),
+    GetCommit(String),
     GetTree(String),
     GetBlob(String),
     Compare(String),
@@ -53,6 +55,7 @@ impl Op {
     fn template(&self) -> &'static str {
         match self {
             Op::GetRef(_) => "/repos/{owner}/{repo}/git/ref/{ref}",
+            Op::GetCommit(_) => "/repos/{owner}/{repo}/commits/{ref}",
             Op::GetTree(_) => "/repos/{owner}/{repo}/git/trees/{tree_sha}",
             Op::GetBlob(_) => "/repos/{owner}/{repo}/git/blobs/{file_sha}",
             Op::Compare(_) => "/repos/{owner}/{repo}/compare/{basehead}",
@@ -87,6 +90,7 @@ fn route(method: &Method, segments: &[String]) -> Option<Route> {
     let tail = |s: &[&str]| (!s.is_empty()).then(|| s.join("/"));
     let op = match (method.as_str(), rest.as_slice()) {
         ("GET", ["git", "ref", r @ ..]) => Op::GetRef(tail(r)?),
+        ("GET", ["commits", r @ ..]) => Op::GetCommit(tail(r)?),
         ("GET", ["git", "trees", t @ ..]) => Op::GetTree(tail(t)?),
         ("GET", ["git", "blobs", sha]) => Op::GetBlob(sha.to_string()),
         ("GET", ["compare", b @ ..]) => Op::Compare(tail(b)?),
@@ -147,6 +151,7 @@ async fn answer(
     let api = Api::new(state, &repo);
     match route.op {
         Op::GetRef(reference) => get_ref(&api, &reference).await,
+        Op::GetCommit(reference) => get_commit(&api, req, &reference).await,
         Op::GetTree(tree) => get_tree(&api, req, &tree).await,
         Op::GetBlob(sha) => get_blob(&api, req, &sha).await,
         Op::Compare(basehead) => compare(&api, &basehead).await,
@@ -187,12 +192,18 @@ async fn answer(
 /// Conditional GETs, the rate limit headers and GitHub's standard headers.
 fn finish(state: &SimState, req: &Incoming, mut reply: Reply, token: Option<&str>) -> Reply {
     if req.method == Method::GET && reply.status == StatusCode::OK {
-        let etag = format!("\"{}\"", hex::encode(Sha256::digest(&reply.body)));
+        // An answer may name its own ETag (the SHA media type's is the commit SHA).
+        let etag = reply
+            .header("etag")
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("\"{}\"", hex::encode(Sha256::digest(&reply.body))));
         if matches_etag(req.header("if-none-match"), &etag) {
             reply = Reply::empty(StatusCode::NOT_MODIFIED);
         }
+        if !reply.has_header("etag") {
+            reply = reply.with_header("etag", etag);
+        }
         reply = reply
-            .with_header("etag", etag)
             .with_header("cache-control", "private, max-age=60, s-maxage=60")
             .with_header("vary", "Accept, Authorization, Cookie, X-GitHub-OTP");
     }
@@ -416,6 +427,60 @@ async fn get_ref(api: &Api<'_>, reference: &str) -> Result<Reply, Reply> {
             },
         }),
     ))
+}
+
+/// Media type of `commits/{ref}` answering with the bare commit SHA.
+const SHA_MEDIA_TYPE: &str = "application/vnd.github.sha";
+
+/// `commits/{ref}`: a branch, tag or commit SHA resolved to its commit. With `Accept:
+/// application/vnd.github.sha` the body is the bare SHA and the ETag is that SHA quoted, so a
+/// client sending the SHA it knows as `If-None-Match` gets a 304 (which costs no rate limit)
+/// while the ref has not moved. Otherwise the `commit` schema, with no file list.
+async fn get_commit(api: &Api<'_>, req: &Incoming, reference: &str) -> Result<Reply, Reply> {
+    let git = api.git();
+    let mut sha = None;
+    for full in [
+        format!("refs/heads/{reference}"),
+        format!("refs/tags/{reference}"),
+    ] {
+        if let Some(found) = git.resolve(&full, "commit").await.map_err(server_error)? {
+            sha = Some(found);
+            break;
+        }
+    }
+    let sha = match sha {
+        Some(sha) => sha,
+        None => git
+            .resolve(reference, "commit")
+            .await
+            .map_err(server_error)?
+            .ok_or_else(|| {
+                error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &format!("No commit found for SHA: {reference}"),
+                )
+            })?,
+    };
+    let wants_sha = req
+        .header("accept")
+        .is_some_and(|a| a.split(',').any(|t| t.trim().starts_with(SHA_MEDIA_TYPE)));
+    if wants_sha {
+        return Ok(Reply::bytes(
+            StatusCode::OK,
+            "application/vnd.github.sha; charset=utf-8",
+            sha.clone().into_bytes(),
+        )
+        .with_header("etag", format!("\"{sha}\"")));
+    }
+    let info = git
+        .commit(&sha)
+        .await
+        .map_err(server_error)?
+        .ok_or_else(not_found)?;
+    let mut body = commit_json(api, &info);
+    body["stats"] = json!({"additions": 0, "deletions": 0, "total": 0});
+    body["files"] = json!([]);
+    Ok(Reply::json(StatusCode::OK, &body))
 }
 
 fn tree_entry_json(api: &Api<'_>, e: &TreeEntry) -> Value {

@@ -136,6 +136,14 @@ impl Reply {
         self
     }
 
+    /// The value of a header this reply already carries.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn has_header(&self, name: &str) -> bool {
         self.headers
             .iter()

@@ -339,7 +339,7 @@ async fn rate_limits_are_waited_out_and_bad_credentials_fail_at_once() {
 
     sim.inject(Fault {
         forge: Some("github"),
-        path_contains: "git/ref".into(),
+        path_contains: "/commits/".into(),
         kind: FaultKind::RateLimited {
             reset_after: Duration::from_secs(2),
         },
@@ -440,6 +440,30 @@ async fn unchanged_branch_head_is_a_conditional_request() {
     let c2 = repo.commit("two");
     assert_eq!(
         c.github.branch_head("acme/deploy", "main").await.unwrap(),
+        c2
+    );
+
+    // A fresh client told the head an earlier process saw gets its 304 too, for free.
+    sim.clear_requests();
+    let fresh = clients(&sim, GH_TOKEN, "");
+    assert_eq!(
+        fresh
+            .github
+            .branch_head_since("acme/deploy", "main", Some(&c2))
+            .await
+            .unwrap(),
+        c2
+    );
+    let requests = sim.requests();
+    assert_eq!(requests.iter().map(|r| r.status).collect::<Vec<_>>(), [304]);
+    assert_eq!(requests[0].route, "/repos/{owner}/{repo}/commits/{ref}");
+    // A stale known head is answered with the new one.
+    assert_eq!(
+        fresh
+            .github
+            .branch_head_since("acme/deploy", "main", Some(&c1))
+            .await
+            .unwrap(),
         c2
     );
 }

@@ -6,6 +6,7 @@ mod cli;
 mod deploy;
 mod drift;
 mod drift_status;
+mod fleet;
 mod forge;
 mod health;
 mod hostile_manifests;

@@ -164,8 +164,13 @@ impl GithubClient {
         let mut req = self
             .http
             .request(method.clone(), format!("{}{path}", self.api))
-            .header("authorization", format!("Bearer {}", self.token))
-            .header("accept", "application/vnd.github+json");
+            .header("authorization", format!("Bearer {}", self.token));
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("accept"))
+        {
+            req = req.header("accept", "application/vnd.github+json");
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
@@ -699,6 +704,68 @@ async fn github_etag_gives_304_that_costs_no_rate_limit() {
     assert_eq!(
         fresh.header("x-ratelimit-remaining"),
         Some((remaining - 1).to_string().as_str())
+    );
+    assert_github_requests_exist(&sim.requests());
+}
+
+/// `commits/{ref}` as GitHub documents it: the `commit` schema in JSON; in the SHA media type
+/// the bare SHA, whose quoted form is the ETag, so a client that sends the SHA it knows gets a
+/// 304 that spends nothing, and the full SHA once the branch moves.
+#[tokio::test]
+async fn github_commit_sha_media_type_answers_an_unmoved_branch_with_a_free_304() {
+    let (repo, head) = sample_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let gh = GithubClient::new(&sim);
+    let path = "/repos/acme/deploy/commits/main";
+
+    let json = gh.get(path).await;
+    assert_eq!(json.status, 200);
+    assert_eq!(json.json["sha"], head.as_str());
+
+    let sha_type = [("accept", "application/vnd.github.sha")];
+    let first = gh.send(Method::GET, path, None, &sha_type).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(String::from_utf8_lossy(&first.bytes), head);
+    let (_, op) = find_operation("GET", path).unwrap();
+    assert!(
+        op["responses"]["200"]["content"]["application/vnd.github.sha"]["schema"]["type"]
+            == "string",
+        "GitHub documents the SHA media type as a string"
+    );
+    let etag = format!("\"{head}\"");
+    assert_eq!(first.header("etag"), Some(etag.as_str()));
+    let remaining = first.header("x-ratelimit-remaining").unwrap().to_string();
+
+    let known = [
+        ("accept", "application/vnd.github.sha"),
+        ("if-none-match", etag.as_str()),
+    ];
+    let unmoved = gh.send(Method::GET, path, None, &known).await;
+    assert_eq!(unmoved.status, 304);
+    assert!(unmoved.bytes.is_empty());
+    assert_eq!(
+        unmoved.header("x-ratelimit-remaining"),
+        Some(remaining.as_str()),
+        "a 304 does not spend the rate limit"
+    );
+
+    repo.write("README.md", "moved\n");
+    let next = repo.commit("move");
+    let moved = gh.send(Method::GET, path, None, &known).await;
+    assert_eq!(moved.status, 200);
+    assert_eq!(String::from_utf8_lossy(&moved.bytes), next);
+    assert_eq!(moved.header("etag"), Some(format!("\"{next}\"").as_str()));
+    assert_eq!(
+        gh.send(
+            Method::GET,
+            "/repos/acme/deploy/commits/nope",
+            None,
+            &sha_type
+        )
+        .await
+        .status,
+        422
     );
     assert_github_requests_exist(&sim.requests());
 }

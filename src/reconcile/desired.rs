@@ -1,0 +1,290 @@
+//! The rendered manifests of an app's applied revision, kept in the cluster beside its state,
+//! so a drift check of an app whose branch has not moved compares the live objects against
+//! them without reading the forge or rendering. They are gzip-compressed and addressed by what
+//! they were rendered from (the app's path and renderer, and the SHA of every input tree): a
+//! copy made from anything else is never used. Up to [`MAX_INLINE_BYTES`] they sit in the
+//! app's state ConfigMap (read with it, written with it); larger, in parts of their own.
+
+use std::io::{Read as _, Write as _};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::ByteString;
+use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::state;
+use crate::forge::AppFile;
+use crate::render::SourceVersion;
+use crate::settings::{AppSettings, RenderMode};
+
+/// `binaryData` key of the state ConfigMap holding the compressed manifests.
+const INLINE_KEY: &str = "desired.gz";
+/// `data` key of the state ConfigMap describing them when they are kept in parts.
+const PARTS_KEY: &str = "desired-parts.json";
+/// Compressed bytes kept in the state ConfigMap itself; `state::MAX_STATE_BYTES` leaves room
+/// for them, so the state's own bound is unchanged by them.
+pub const MAX_INLINE_BYTES: usize = 64 * 1024;
+/// Compressed bytes in each part ConfigMap (one holds 1 MiB; base64 adds a third).
+const PART_BYTES: usize = 700 * 1024;
+/// Parts at most: a render larger than this many compressed bytes is not kept (its drift check
+/// reads the forge).
+const MAX_PARTS: usize = 64;
+
+/// The manifests kept for an app, as found beside its state (not yet read, for parts).
+#[derive(Debug, Clone)]
+pub enum Stored {
+    Inline(Bytes),
+    Parts(PartsRecord),
+}
+
+/// Where the parts of a large set are and what they must add up to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PartsRecord {
+    pub parts: usize,
+    /// SHA-256 of the concatenated parts, in hex: a part left from another write is caught.
+    pub sha256: String,
+}
+
+/// Why kept manifests cannot be used; the drift check then reads the forge.
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredError {
+    #[error("none kept")]
+    Missing,
+    #[error("kept for other inputs")]
+    OtherInputs,
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+    #[error("cannot read part {part}: {message}")]
+    ReadPart { part: usize, message: String },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Packed {
+    address: String,
+    files: Vec<PackedFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PackedFile {
+    path: String,
+    sha: String,
+    content: String,
+}
+
+/// What a render depends on besides the input SHAs: the app's path, how it is rendered, and
+/// the Kustomize command. Two equal addresses render the same manifests.
+pub fn address(app: &AppSettings, kustomize_command: &[String], v: &SourceVersion) -> String {
+    let mut h = Sha256::new();
+    let mode = match app.render {
+        RenderMode::Auto => "auto",
+        RenderMode::Plain => "plain",
+        RenderMode::Kustomize => "kustomize",
+    };
+    for part in [app.repo.as_str(), app.path.as_str(), mode, &v.tree_sha]
+        .into_iter()
+        .chain(kustomize_command.iter().map(String::as_str))
+    {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    for (dir, sha) in &v.inputs {
+        h.update([1]);
+        h.update(dir.as_bytes());
+        h.update([0]);
+        h.update(sha.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// The files compressed under their address; `None` when one is not UTF-8 text (it could
+/// not have been applied) or the whole is too large to keep.
+pub fn pack(address: &str, files: &[AppFile]) -> Option<Vec<u8>> {
+    let files = files
+        .iter()
+        .map(|f| {
+            Some(PackedFile {
+                path: f.path.clone(),
+                sha: f.sha.clone(),
+                content: std::str::from_utf8(&f.content).ok()?.to_string(),
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let packed = Packed {
+        address: address.to_string(),
+        files,
+    };
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    serde_json::to_writer(&mut gz, &packed).ok()?;
+    gz.flush().ok()?;
+    let bytes = gz.finish().ok()?;
+    (bytes.len() <= PART_BYTES * MAX_PARTS).then_some(bytes)
+}
+
+/// The files kept under `address`, decompressing at most `limit` bytes.
+pub fn unpack(bytes: &[u8], address: &str, limit: usize) -> Result<Vec<AppFile>, DesiredError> {
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut json)
+        .map_err(|e| DesiredError::Corrupt(e.to_string()))?;
+    if json.len() > limit {
+        return Err(DesiredError::Corrupt(format!(
+            "expands to more than {limit} bytes"
+        )));
+    }
+    let packed: Packed =
+        serde_json::from_slice(&json).map_err(|e| DesiredError::Corrupt(e.to_string()))?;
+    if packed.address != address {
+        return Err(DesiredError::OtherInputs);
+    }
+    Ok(packed
+        .files
+        .into_iter()
+        .map(|f| AppFile {
+            path: f.path,
+            sha: f.sha,
+            content: Bytes::from(f.content),
+        })
+        .collect())
+}
+
+/// The manifests kept in an app's state ConfigMap, if any.
+pub fn from_config_map(cm: &ConfigMap) -> Option<Stored> {
+    if let Some(bytes) = cm.binary_data.as_ref().and_then(|d| d.get(INLINE_KEY)) {
+        return Some(Stored::Inline(Bytes::from(bytes.0.clone())));
+    }
+    let text = cm.data.as_ref()?.get(PARTS_KEY)?;
+    serde_json::from_str(text).ok().map(Stored::Parts)
+}
+
+fn part_name(app: &str, i: usize) -> String {
+    format!("{}-desired-{i}", state::object_name(app))
+}
+
+/// The compressed bytes of `stored`, reading its parts when it has some.
+pub async fn read(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    stored: Stored,
+) -> Result<Bytes, DesiredError> {
+    let record = match stored {
+        Stored::Inline(bytes) => return Ok(bytes),
+        Stored::Parts(record) => record,
+    };
+    if record.parts > MAX_PARTS {
+        return Err(DesiredError::Corrupt(format!("{} parts", record.parts)));
+    }
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let mut all = Vec::new();
+    for part in 0..record.parts {
+        let cm = api
+            .get_opt(&part_name(app, part))
+            .await
+            .map_err(|e| DesiredError::ReadPart {
+                part,
+                message: e.to_string(),
+            })?
+            .ok_or(DesiredError::ReadPart {
+                part,
+                message: "missing".into(),
+            })?;
+        let bytes =
+            cm.binary_data
+                .and_then(|mut d| d.remove("part"))
+                .ok_or(DesiredError::ReadPart {
+                    part,
+                    message: "no data".into(),
+                })?;
+        all.extend_from_slice(&bytes.0);
+    }
+    if hex::encode(Sha256::digest(&all)) != record.sha256 {
+        return Err(DesiredError::Corrupt(
+            "its parts do not add up (written over meanwhile)".into(),
+        ));
+    }
+    Ok(Bytes::from(all))
+}
+
+/// What to merge into the state ConfigMap to keep `packed`: inline, or a parts record after
+/// writing the parts (before the record points at them; a part from an older write is caught
+/// by the record's checksum). `None` forgets what was kept.
+pub async fn state_patch(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+    packed: Option<&[u8]>,
+) -> Result<Value, kube::Error> {
+    let Some(packed) = packed else {
+        return Ok(json!({"binaryData": {INLINE_KEY: null}, "data": {PARTS_KEY: null}}));
+    };
+    if packed.len() <= MAX_INLINE_BYTES {
+        let encoded = base64::engine::general_purpose::STANDARD.encode(packed);
+        return Ok(json!({"binaryData": {INLINE_KEY: encoded}, "data": {PARTS_KEY: null}}));
+    }
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let chunks: Vec<&[u8]> = packed.chunks(PART_BYTES).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let name = part_name(app, i);
+        let cm = ConfigMap {
+            metadata: kube::core::ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(
+                    [(super::LABEL_MANAGED_BY.to_string(), "driftless".to_string())].into(),
+                ),
+                ..Default::default()
+            },
+            binary_data: Some([("part".to_string(), ByteString(chunk.to_vec()))].into()),
+            ..Default::default()
+        };
+        state::merge_or_create(&api, &name, &serde_json::to_value(&cm).unwrap_or_default()).await?;
+    }
+    let record = PartsRecord {
+        parts: chunks.len(),
+        sha256: hex::encode(Sha256::digest(packed)),
+    };
+    Ok(json!({
+        "binaryData": {INLINE_KEY: null},
+        "data": {PARTS_KEY: serde_json::to_string(&record).unwrap_or_default()},
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> Vec<AppFile> {
+        vec![AppFile {
+            path: "a.yaml".into(),
+            sha: "1".repeat(40),
+            content: Bytes::from_static(b"kind: ConfigMap\n"),
+        }]
+    }
+
+    #[test]
+    fn packed_files_come_back_only_under_their_address() {
+        let packed = pack("addr", &files()).unwrap();
+        assert_eq!(unpack(&packed, "addr", 1 << 20).unwrap(), files());
+        assert!(matches!(
+            unpack(&packed, "other", 1 << 20),
+            Err(DesiredError::OtherInputs)
+        ));
+        assert!(matches!(
+            unpack(&packed[..packed.len() / 2], "addr", 1 << 20),
+            Err(DesiredError::Corrupt(_))
+        ));
+        assert!(matches!(
+            unpack(&packed, "addr", 10),
+            Err(DesiredError::Corrupt(_))
+        ));
+        let binary = vec![AppFile {
+            content: Bytes::from_static(b"\xff\xfe"),
+            ..files()[0].clone()
+        }];
+        assert!(pack("addr", &binary).is_none());
+    }
+}

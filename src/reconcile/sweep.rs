@@ -1,0 +1,161 @@
+//! Drift checks of many apps at once (`drift --once`): the apps whose state was read in bulk
+//! are checked a namespace at a time, their live objects read with one LIST per kind and
+//! namespace for all of them (instead of one per app), against the desired manifests kept
+//! beside their states. What a check finds is what [`Engine::check_drift`] finds.
+
+use std::collections::{BTreeMap, HashSet};
+
+use futures::StreamExt;
+use kube::api::{DynamicObject, ListParams};
+use kube::Api;
+
+use super::drift_check::{by_name, group_key, DriftReport, LiveIndex};
+use super::{kube_message, state, Engine, ReconcileError, LABEL_APP};
+use crate::settings::AppSettings;
+
+/// Apps checked together: their live objects are held at once (a namespace of the fleet
+/// benchmark, 2,000 objects, is a few MiB).
+const APPS_PER_BATCH: usize = 100;
+/// Checks in flight within a batch: each mostly waits on the API server (suspects only).
+const CHECKS_IN_FLIGHT: usize = 4;
+
+impl Engine {
+    /// Checks every app of `apps` (name, heal) for drift, as [`Self::check_drift`] would, in
+    /// the order given. Apps whose state was read in bulk (see [`Self::prefetch_states`]) and
+    /// not changed by a run since are checked in batches sharing their LISTs; the others one
+    /// by one.
+    pub async fn check_drift_all(
+        &self,
+        apps: &[(String, bool)],
+    ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
+        let mut batches: BTreeMap<Option<String>, Vec<(AppSettings, bool)>> = BTreeMap::new();
+        let mut alone = Vec::new();
+        {
+            let prefetched = self.prefetched.lock().expect("prefetched states");
+            for (name, heal) in apps {
+                match self.settings.app(name) {
+                    Some(app) if prefetched.contains_key(name) => batches
+                        .entry(app.namespace.clone())
+                        .or_default()
+                        .push((app.clone(), *heal)),
+                    _ => alone.push((name.clone(), *heal)),
+                }
+            }
+        }
+        let mut results = std::collections::HashMap::new();
+        for group in batches.into_values() {
+            for batch in group.chunks(APPS_PER_BATCH) {
+                for (name, r) in self.check_batch(batch).await {
+                    results.insert(name, r);
+                }
+            }
+        }
+        for (name, heal) in alone {
+            let r = self.check_drift(&name, heal).await;
+            results.insert(name, r);
+        }
+        apps.iter()
+            .map(|(name, _)| {
+                let r = results
+                    .remove(name)
+                    .unwrap_or_else(|| Err(ReconcileError::UnknownApp(name.clone())));
+                (name.clone(), r)
+            })
+            .collect()
+    }
+
+    /// One batch: each app's desired objects (kept beside its state, or from the forge), the
+    /// live objects of all of them with one LIST per kind and namespace, then each check.
+    async fn check_batch(
+        &self,
+        batch: &[(AppSettings, bool)],
+    ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
+        let mut results = Vec::new();
+        let mut ready = Vec::new();
+        for (app, heal) in batch {
+            let kept = self
+                .prefetched
+                .lock()
+                .expect("prefetched states")
+                .remove(&app.name);
+            let Some((st, stored)) = kept else {
+                results.push((app.name.clone(), self.check_drift(&app.name, *heal).await));
+                continue;
+            };
+            let report = DriftReport {
+                app: app.name.clone(),
+                revision: st.revision.clone(),
+                ..Default::default()
+            };
+            if st.revision.is_none() {
+                results.push((app.name.clone(), Ok(report)));
+                continue;
+            }
+            match self.desired_objects(app, &st, stored).await {
+                Ok(desired) => ready.push((app, *heal, st, desired, report)),
+                Err(e) => results.push((app.name.clone(), Err(e))),
+            }
+        }
+        let names: Vec<&str> = ready.iter().map(|r| r.0.name.as_str()).collect();
+        let index = match self.list_live(&ready, &names).await {
+            Ok(index) => index,
+            Err(e) => {
+                // Each app lists for itself instead, and meets the error on its own.
+                tracing::warn!(error = %e, "cannot list the live objects of a batch; checking its apps one by one");
+                LiveIndex::default()
+            }
+        };
+        let index = &index;
+        let checked: Vec<_> = futures::stream::iter(ready)
+            .map(|(app, heal, st, desired, report)| async move {
+                let r = self
+                    .check_against(app, &st, desired, heal, index, report)
+                    .await;
+                (app.name.clone(), r)
+            })
+            .buffered(CHECKS_IN_FLIGHT)
+            .collect()
+            .await;
+        results.extend(checked);
+        results
+    }
+
+    /// One LIST (paged) per kind and namespace the batch's desired objects are in, selecting
+    /// the batch's apps by label.
+    async fn list_live(
+        &self,
+        ready: &[(
+            &AppSettings,
+            bool,
+            state::AppState,
+            Vec<super::plan::Prepared>,
+            DriftReport,
+        )],
+        names: &[&str],
+    ) -> Result<LiveIndex, ReconcileError> {
+        let mut index = LiveIndex::default();
+        if names.is_empty() {
+            return Ok(index);
+        }
+        let selector =
+            ListParams::default().labels(&format!("{LABEL_APP} in ({})", names.join(",")));
+        let mut seen = HashSet::new();
+        for (_, _, _, desired, _) in ready {
+            for p in desired {
+                let key = group_key(p);
+                if !seen.insert(key.clone()) {
+                    continue;
+                }
+                let api: Api<DynamicObject> = self.api(p);
+                let items = state::list_all(&api, selector.clone()).await.map_err(|e| {
+                    ReconcileError::Discovery {
+                        what: format!("live {}", p.id.kind),
+                        message: kube_message(&e),
+                    }
+                })?;
+                index.0.insert(key, by_name(items));
+            }
+        }
+        Ok(index)
+    }
+}

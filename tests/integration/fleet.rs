@@ -1,0 +1,234 @@
+//! Fleet scale: a sweep with nothing changed, in a fresh process, reads no file from the forge
+//! and spends none of its rate limit (one conditional head request per branch, answered 304),
+//! and writes nothing; drift found from the desired manifests kept in the cluster is the drift
+//! found from Git; kept manifests that are missing, corrupt or of other inputs fall back to
+//! the forge, never to a wrong verdict.
+
+use std::collections::BTreeMap;
+
+use driftless::reconcile::Outcome;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::Api;
+use serde_json::json;
+
+use crate::reconcile::{Env, REPO};
+
+/// Three apps on one branch of one repository, each two ConfigMaps, applied by pushes.
+async fn three_apps() -> Env {
+    let mut apps = String::new();
+    for a in ["a", "b", "c"] {
+        apps.push_str(&format!(
+            "[[apps]]\nname = \"{a}\"\nforge = \"github\"\nrepo = \"{REPO}\"\npath = \"apps/{a}\"\nnamespace = \"{{ns}}\"\ndrift = \"alert\"\n"
+        ));
+    }
+    let env = Env::with_apps(&apps).await;
+    for a in ["a", "b", "c"] {
+        env.repo.write(
+            &format!("apps/{a}/all.yaml"),
+            &format!(
+                "{}---\n{}",
+                env.cm(&format!("{a}-one"), "1"),
+                env.cm(&format!("{a}-two"), "2")
+            ),
+        );
+    }
+    let head = env.repo.commit("three apps");
+    let engine = env.engine();
+    for a in ["a", "b", "c"] {
+        let job = driftless::queue::Job::new(
+            a,
+            Some(head.clone()),
+            driftless::queue::JobReason::Push {
+                delivery: None,
+                before: String::new(),
+            },
+        );
+        let r = engine
+            .run(&job, driftless::reconcile::RunOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, Outcome::Applied, "{a}");
+    }
+    engine.settle().await;
+    env
+}
+
+/// `driftless drift --once` in a process of its own; its exit code and stdout.
+async fn drift_once(env: &Env) -> (Option<i32>, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+        .args(["drift", "--once", "--config"])
+        .arg(&env.config_file)
+        .env(
+            "KUBECONFIG",
+            std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
+        )
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.code().is_some(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The resourceVersion of every ConfigMap and Lease in the state namespace and every
+/// ConfigMap of the apps: a write anywhere changes one.
+async fn versions(env: &Env) -> BTreeMap<String, String> {
+    let mut all = BTreeMap::new();
+    let lp = ListParams::default();
+    for (ns, what) in [(&env.state_ns.name, "state"), (&env.ns.name, "app")] {
+        let cms: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), ns);
+        for cm in cms.list(&lp).await.unwrap() {
+            let name = cm.metadata.name.clone().unwrap();
+            all.insert(
+                format!("{what} ConfigMap {name}"),
+                cm.metadata.resource_version.unwrap(),
+            );
+        }
+    }
+    let leases: Api<Lease> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    for l in leases.list(&lp).await.unwrap() {
+        all.insert(
+            format!("Lease {}", l.metadata.name.unwrap()),
+            l.metadata.resource_version.unwrap(),
+        );
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_writes_nothing() {
+    let env = three_apps().await;
+    // The first sweep keeps the branch head in the cluster (no process has seen it yet).
+    let (code, out) = drift_once(&env).await;
+    assert_eq!(code, Some(0), "{out}");
+
+    let before = versions(&env).await;
+    env.sim.clear_requests();
+    let (code, out) = drift_once(&env).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches(": in sync").count(), 3, "{out}");
+    let requests = env.sim.requests();
+    let seen: Vec<(String, u16)> = requests
+        .iter()
+        .map(|r| (r.route.clone(), r.status))
+        .collect();
+    assert_eq!(
+        seen,
+        [("/repos/{owner}/{repo}/commits/{ref}".to_string(), 304)],
+        "one conditional head request for the one branch, nothing else"
+    );
+    assert_eq!(
+        versions(&env).await,
+        before,
+        "a sweep with everything in sync wrote something"
+    );
+
+    // A commit to one app: the sweep applies it (reading that app only) and is in sync.
+    env.repo
+        .write("apps/b/all.yaml", &env.cm("b-one", "changed"));
+    env.repo.commit("b changes");
+    env.sim.clear_requests();
+    let (code, out) = drift_once(&env).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(env.cm_value("b-one").await.as_deref(), Some("changed"));
+    assert!(env.cm_value("b-two").await.is_none(), "b-two not pruned");
+    let blobs = env
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.route.contains("git/blobs"))
+        .count();
+    assert_eq!(blobs, 1, "only the changed app's file is read");
+    env.cleanup().await;
+}
+
+/// The desired-state copy of app `a` beside its state, made unusable in the way `how` says.
+async fn spoil_kept_desired(env: &Env, how: &str) {
+    let cms: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let name = "driftless-app-a";
+    let patch = match how {
+        "missing" => json!({"binaryData": {"desired.gz": null}}),
+        "corrupt" => json!({"binaryData": {"desired.gz": "H4sIAAAAAAAA/w=="}}),
+        // A valid copy of another app's manifests: its address names other inputs.
+        _ => {
+            let other = cms.get("driftless-app-b").await.unwrap();
+            let bytes = other.binary_data.unwrap()["desired.gz"].clone();
+            json!({"binaryData": {"desired.gz": bytes}})
+        }
+    };
+    cms.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn drift_from_kept_manifests_equals_drift_from_git_and_spoiled_ones_fall_back() {
+    let env = three_apps().await;
+    let cms = env.configmaps();
+    cms.patch(
+        "a-one",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"value": "by hand"}})),
+    )
+    .await
+    .unwrap();
+    cms.delete("a-two", &Default::default()).await.unwrap();
+    // Not drift: a key someone else added.
+    cms.patch(
+        "b-one",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"data": {"extra": "x"}})),
+    )
+    .await
+    .unwrap();
+
+    let engine = env.engine();
+    env.sim.clear_requests();
+    let kept = engine.check_drift("a", false).await.unwrap();
+    assert!(
+        env.sim.requests().is_empty(),
+        "the check read the forge: {:?}",
+        env.sim.request_counts()
+    );
+    assert_eq!(
+        kept.summary(),
+        format!(
+            "Drifted: 2 objects (v1 ConfigMap {ns}/a-one: data.value; v1 ConfigMap {ns}/a-two: missing)",
+            ns = env.ns.name
+        )
+    );
+    assert!(engine
+        .check_drift("b", false)
+        .await
+        .unwrap()
+        .drifted
+        .is_empty());
+
+    for how in ["missing", "corrupt", "other inputs"] {
+        spoil_kept_desired(&env, how).await;
+        env.sim.clear_requests();
+        let fresh = env.engine().check_drift("a", false).await.unwrap();
+        assert_eq!(fresh.drifted, kept.drifted, "{how}: another verdict");
+        assert!(
+            env.sim
+                .requests()
+                .iter()
+                .any(|r| r.route.contains("git/blobs")),
+            "{how}: the forge was not read"
+        );
+        // The fallback kept the manifests again: the next check needs no forge.
+        env.sim.clear_requests();
+        let again = env.engine().check_drift("a", false).await.unwrap();
+        assert_eq!(again.drifted, kept.drifted, "{how}");
+        assert!(env.sim.requests().is_empty(), "{how}: kept again");
+    }
+    env.cleanup().await;
+}
