@@ -11,7 +11,9 @@ use driftless::metrics::Metrics;
 use driftless::queue::{Job, JobReason};
 use driftless::reconcile::{lease, state, Engine, Outcome, ReconcileError, RunOptions, RunReport};
 use driftless::worker::drift_tick;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Patch, PatchParams};
+use kube::Api;
 use serde_json::json;
 
 use crate::reconcile::Env;
@@ -119,6 +121,17 @@ async fn a_heal_never_reapplies_an_older_revision_over_a_newer_apply() {
     .acquire("demo")
     .await
     .unwrap();
+    // Without the manifests kept beside the state, the check reads r1 from the forge: the
+    // moment to apply r2 behind its back.
+    let states: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    states
+        .patch(
+            "driftless-app-demo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"binaryData": {"desired.gz": null}})),
+        )
+        .await
+        .unwrap();
     env.sim.clear_requests();
     let healer = env.engine();
     let heal = tokio::spawn(async move { healer.check_drift("demo", true).await });
