@@ -168,7 +168,16 @@ impl Drop for Running {
 impl ForgeSimulator {
     /// Starts the server on `127.0.0.1` on a free port, on the current tokio runtime.
     pub async fn start(config: SimConfig) -> std::io::Result<ForgeSimulator> {
-        let listener = TcpListener::bind(("127.0.0.1", 0))?;
+        Self::start_on(config, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// The same on `ip`: an address that pods reach too (the test node's own IP), for a
+    /// driftless running in the cluster. The URLs it answers with name `ip`.
+    pub async fn start_on(
+        config: SimConfig,
+        ip: std::net::IpAddr,
+    ) -> std::io::Result<ForgeSimulator> {
+        let listener = TcpListener::bind((ip, 0))?;
         let addr = listener.local_addr()?;
         let state = web::Data::new(SimState::new(config, format!("http://{addr}")));
         let app_state = state.clone();

@@ -10,6 +10,7 @@ mod fleet;
 mod forge;
 mod health;
 mod hostile_manifests;
+mod incluster;
 mod kubernetes;
 mod kustomize;
 mod lease;
