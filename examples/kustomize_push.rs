@@ -257,12 +257,12 @@ async fn main() {
         p50.as_secs_f64() / o50.as_secs_f64(),
     );
     println!(
-        "| Kustomize push: forge requests and render time | {req50} requests per push (median); render p50 / p95: {} / {} per app ({renders} renders) | floor: 1 tree + 1 changed blob + 2 success statuses = 4 requests | {:.2}× floor | driftless also posts a pending status per app (2 more); the commit's tree is read once for both apps, the unchanged kustomization blobs come from the cache |",
+        "| Kustomize push: forge requests and render time | {req50} requests per push (median); render p50 / p95: {} / {} per app ({renders} renders) | floor: 1 tree + 1 changed blob + 2 success statuses = 4 requests | {:.2}× floor | driftless also posts a pending status per app (2 more), and the two jobs, started together, each read the commit's tree and the changed blob before the other has cached them; the unchanged kustomization blobs come from the cache |",
         ms(r50), ms(r95),
         req50 as f64 / 4.0,
     );
     println!(
-        "| Kustomize push touching only `docs/`, two overlays | {docs_renders} renders, {docs_blobs} blob requests, {} requests in all | floor: the commit's tree (1 request) | {} renders avoided | the worker compares each app's input SHAs with the applied ones and stops there |",
+        "| Kustomize push touching only `docs/`, two overlays | {docs_renders} renders, {docs_blobs} blob requests, {} requests in all | floor: the commit's tree (1 request) | {} renders avoided | the worker compares each app's input SHAs with the applied ones and stops there (each job reads the commit's tree once) |",
         docs_requests.len(),
         OVERLAYS.len() as u64 - docs_renders,
     );
