@@ -112,13 +112,14 @@ impl Previewer {
             return Ok(());
         }
         let preview = self.preview(forge.as_ref(), ev).await?;
+        // Stored first: the statuses and the comment link to its page.
+        self.store.put(key.clone(), preview.clone());
         self.post_statuses(forge.as_ref(), ev, &preview).await;
         let had_comment = self.find_comment(forge.as_ref(), ev, &key).await?;
         if !preview.apps.is_empty() || had_comment.is_some() {
             self.upsert_comment(forge.as_ref(), ev, &key, had_comment, &preview)
                 .await?;
         }
-        self.store.put(key, preview);
         Ok(())
     }
 

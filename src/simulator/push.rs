@@ -294,11 +294,22 @@ pub(super) async fn gitlab_delivery(
     token: &str,
 ) -> Delivery {
     let payload = gitlab_payload(state, repo, branch, before, after).await;
-    let body = serde_json::to_vec(&payload).unwrap_or_default();
+    gitlab_signed(state, "Push Hook", &payload, token)
+}
+
+/// A GitLab delivery of `event` with the headers GitLab sends, carrying `X-Gitlab-Token`
+/// unless `token` is empty.
+pub(super) fn gitlab_signed(
+    state: &SimState,
+    event: &str,
+    payload: &Value,
+    token: &str,
+) -> Delivery {
+    let body = serde_json::to_vec(payload).unwrap_or_default();
     let mut headers = vec![
         ("content-type", "application/json".to_string()),
         ("user-agent", "GitLab/19.0.0".to_string()),
-        ("x-gitlab-event", "Push Hook".to_string()),
+        ("x-gitlab-event", event.to_string()),
         ("idempotency-key", random_uuid()),
         ("x-gitlab-event-uuid", random_uuid()),
         ("x-gitlab-webhook-uuid", random_uuid()),

@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use super::github::{node_id, stable_id, user_json, SIM_LOGIN};
-use super::push::{hmac_sha256, Delivery};
+use super::push::{gitlab_signed, hmac_sha256, Delivery};
 use super::wire::{now_unix, random_uuid, rfc3339};
 use super::{lock, repo_key, SimState};
 
@@ -237,21 +237,12 @@ pub(super) fn gitlab_delivery(
     hook: &RequestHook,
     token: &str,
 ) -> Delivery {
-    let payload = gitlab_payload(state, repo, hook);
-    let body = serde_json::to_vec(&payload).unwrap_or_default();
-    let mut headers = vec![
-        ("content-type", "application/json".to_string()),
-        ("user-agent", "GitLab/19.0.0".to_string()),
-        ("x-gitlab-event", "Merge Request Hook".to_string()),
-        ("idempotency-key", random_uuid()),
-        ("x-gitlab-event-uuid", random_uuid()),
-        ("x-gitlab-webhook-uuid", random_uuid()),
-        ("x-gitlab-instance", format!("{}/gitlab", state.base_url)),
-    ];
-    if !token.is_empty() {
-        headers.push(("x-gitlab-token", token.to_string()));
-    }
-    Delivery::new(body, headers)
+    gitlab_signed(
+        state,
+        "Merge Request Hook",
+        &gitlab_payload(state, repo, hook),
+        token,
+    )
 }
 
 /// The merge request event payload: `object_kind`, `user`, `project`, `object_attributes`

@@ -110,6 +110,19 @@ fn preview_statuses(env: &Env, sha: &str) -> Vec<String> {
         .collect()
 }
 
+/// The full preview page of request `number`, as JSON.
+async fn page_json(base: &str, forge: &str, number: u64) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("{base}/previews/{forge}/{REPO}/{number}"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn start(env: &Env) -> (ServeConfig, Serve) {
     let config = ServeConfig::new(&env.config_file, "", "");
     let serve = Serve::start(&config.path, &config.base, config.log("serve.log")).await;
@@ -195,15 +208,7 @@ async fn one_request_from_open_to_close(forge: &str, end: RequestAction) {
     assert_eq!(versions(&env).await, before);
 
     // The page holds the same preview, as JSON.
-    let page: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/previews/{forge}/{REPO}/7", config.base))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = page_json(&config.base, forge, 7).await;
     assert_eq!(page["head_sha"], head.as_str());
     assert_eq!(page["apps"].as_array().unwrap().len(), 1, "{page}");
     assert_eq!(page["apps"][0]["app"], "web");
@@ -342,15 +347,7 @@ async fn rejected_truncated_and_forks(forge: &str) {
     let body = env.sim.comments(REPO, 10)[0].body.clone();
     let limit = if forge == "github" { 65_536 } else { 1_000_000 };
     assert!(body.chars().count() <= limit, "{}", body.chars().count());
-    let page: serde_json::Value = reqwest::Client::new()
-        .get(format!("{}/previews/{forge}/{REPO}/10", config.base))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = page_json(&config.base, forge, 10).await;
     let whole = page["apps"][0]["objects"][0]["diff"].as_str().unwrap();
     assert!(whole.contains("key2999"), "the page holds the whole diff");
     if forge == "github" {
@@ -376,4 +373,94 @@ async fn github_rejections_truncation_and_forks() {
 #[tokio::test]
 async fn gitlab_rejections_truncation_and_forks() {
     rejected_truncated_and_forks("gitlab").await;
+}
+
+/// `driftless preview <app> --revision SHA`, as a user runs it: exit 0 when nothing would
+/// change, 1 with the diff when something would, 2 when the API server refuses an object.
+#[tokio::test]
+async fn the_preview_command_prints_the_diff_with_kubectl_diffs_exit_codes() {
+    let env = Env::with_apps(&apps("github")).await;
+    let c1 = applied(&env).await;
+    let changed = branch(&env, "change", |env| {
+        env.repo.write("web/cm.yaml", &cm("web", "two"))
+    });
+    let bad = branch(&env, "bad", |env| {
+        env.repo.write(
+            "web/cm.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\ndata: 5\n",
+        )
+    });
+    let before = versions(&env).await;
+    // Through tokio: the simulator answers on this test's runtime while the command runs.
+    let run = |rev: &str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+            .args(["preview", "web", "--revision", rev, "--config"])
+            .arg(&env.config_file)
+            .env(
+                "KUBECONFIG",
+                std::env::var(crate::support::cluster::KUBECONFIG_ENV).unwrap(),
+            )
+            .output()
+    };
+    let out = run(&c1).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("0 changed, 0 added, 0 pruned (1 unchanged)"),
+        "{text}"
+    );
+    let out = run(&changed).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("-  value: one\n+  value: two\n"), "{text}");
+    let out = run(&bad).await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!(
+            "v1 ConfigMap {}/web: rejected by the API server",
+            env.ns.name
+        )),
+        "{text}"
+    );
+    assert_eq!(versions(&env).await, before);
+}
+
+/// With previews on, `hooks register` subscribes each repository's hook to the request
+/// events too (GitHub `pull_request`, GitLab `merge_requests_events`).
+#[tokio::test]
+async fn hooks_register_subscribes_to_request_events_when_previews_are_on() {
+    let apps = format!(
+        "[[apps]]\nname = \"hub\"\nforge = \"github\"\nrepo = \"{REPO}\"\npath = \"web\"\nnamespace = \"{{ns}}\"\n\
+         [[apps]]\nname = \"lab\"\nforge = \"gitlab\"\nrepo = \"{REPO}\"\npath = \"web\"\nnamespace = \"{{ns}}\"\n\
+         [previews]\nenabled = true\n"
+    );
+    let env = Env::with_apps(&apps).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+        .args(["hooks", "register", "--config"])
+        .arg(&env.config_file)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The simulator serves one repository to both forges with one list of hooks, so the
+    // GitLab registration finds (by the secret's fingerprint) and updates the GitHub one:
+    // one hook, with both forges' request events on.
+    let hooks = env.sim.hooks(REPO);
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    for event in ["push", "pull_request", "tag_push", "merge_requests"] {
+        assert!(
+            hooks[0].events.iter().any(|e| e == event),
+            "{event}: {hooks:?}"
+        );
+    }
 }
