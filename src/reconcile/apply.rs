@@ -26,6 +26,8 @@ use crate::settings::AppSettings;
 const APPLY_CONCURRENCY: usize = 8;
 /// How long a CRD may take to become Established.
 const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a kind an Established CRD defines may take to appear in discovery.
+const DISCOVERY_LAG: Duration = Duration::from_secs(10);
 
 /// What a run writes, and when each write can be validated.
 struct Writes<'a> {
@@ -214,12 +216,34 @@ impl Engine {
     ) -> Result<Vec<Prepared>, ReconcileError> {
         let mut late = Vec::new();
         for obj in after_crds {
-            self.forget_kind(&obj.id);
-            late.push(self.prepare(app, obj).await?);
+            late.push(self.prepare_defined_kind(app, obj).await?);
         }
         self.record_intent(app, st, late.iter().map(|p| &p.id))
             .await?;
         Ok(late)
+    }
+
+    /// Prepares an object of a kind that a CRD of this run defines and that is Established:
+    /// the API server serves the kind in discovery a moment after the CRD's condition says so
+    /// (more so under load), so an unknown kind is asked again for a few seconds before it
+    /// fails the run.
+    async fn prepare_defined_kind(
+        &self,
+        app: &AppSettings,
+        obj: &Object,
+    ) -> Result<Prepared, ReconcileError> {
+        let deadline = tokio::time::Instant::now() + DISCOVERY_LAG;
+        loop {
+            self.forget_kind(&obj.id);
+            match self.prepare(app, obj).await {
+                Err(ReconcileError::UnknownKind { .. })
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Validates the writes that stage 1 made possible to validate (into namespaces it
