@@ -10,10 +10,12 @@
 # (the CA bundle, /etc/passwd and /etc/group naming nonroot 65532, a /tmp). Same user
 # (65532:65532), entrypoint (/driftless), command, port (8080) and no shell; the read-only
 # root filesystem is the Deployment's securityContext, which both images run under.
-# Not included: kustomize (the Dockerfile downloads a release binary; nothing equivalent is
-# installable here), so Kustomize apps cannot be rendered by this image.
+# Kustomize: the Dockerfile downloads a kustomize release, which cannot be had here; this image
+# carries a static kubectl 1.27 or later instead (the machine's; it bundles Kustomize v5) at
+# /usr/local/bin/kubectl, so settings with render.kustomize_command = ["kubectl", "kustomize"]
+# render Kustomize apps. Set DRIFTLESS_IMAGE_KUBECTL to choose the binary.
 #
-# The tag is the binary's SHA-256 prefix: a changed binary gets a new tag, so pods with
+# The tag is a SHA-256 prefix of the binaries: a changed binary gets a new tag, so pods with
 # imagePullPolicy IfNotPresent never run a stale image.
 set -euo pipefail
 
@@ -34,7 +36,22 @@ target="${CARGO_TARGET_DIR:-$root_dir/target}"
 bin="$target/release/driftless"
 [ -x "$bin" ] || { log "no $bin after the build"; exit 1; }
 
-tag="$(sha256sum "$bin" | cut -c1-16)"
+# A static kubectl: the one named, else a versioned binary next to the machine's kubectl (which
+# may be a dispatcher that needs its siblings), else that kubectl itself.
+static_kubectl() {
+  local k candidate
+  k="$(readlink -f "$(command -v kubectl)" 2>/dev/null || true)"
+  for candidate in ${DRIFTLESS_IMAGE_KUBECTL:-} $(ls -r "$k".1.* 2>/dev/null) "$k"; do
+    [ -x "$candidate" ] || continue
+    case "$(ldd "$candidate" 2>&1 || true)" in *"not a dynamic"*) ;; *) continue ;; esac
+    "$candidate" kustomize --help >/dev/null 2>&1 && { echo "$candidate"; return 0; }
+  done
+  return 1
+}
+kubectl_bin="$(static_kubectl)" ||
+  { log "no static kubectl with kustomize found (set DRIFTLESS_IMAGE_KUBECTL)"; exit 1; }
+
+tag="$(cat "$bin" "$kubectl_bin" | sha256sum | cut -c1-16)"
 ref="$registry/driftless:$tag"
 if skopeo inspect --tls-verify=false "docker://$ref" >/dev/null 2>&1; then
   log "$ref already in the registry"
@@ -45,9 +62,10 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 rootfs="$work/root"
-mkdir -p "$rootfs/etc/ssl/certs" "$rootfs/tmp"
+mkdir -p "$rootfs/etc/ssl/certs" "$rootfs/tmp" "$rootfs/usr/local/bin"
 chmod 1777 "$rootfs/tmp"
 cp "$bin" "$rootfs/driftless"
+cp "$kubectl_bin" "$rootfs/usr/local/bin/kubectl"
 # Every library the dynamic loader resolves, at the path it resolves it from (the loader
 # itself included), with symlinks followed.
 ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do
@@ -62,6 +80,7 @@ printf 'root:x:0:\nnonroot:x:65532:\n' >"$rootfs/etc/group"
 ctr="$(bah from --quiet scratch)"
 bah copy --quiet "$ctr" "$rootfs/." / >/dev/null
 bah config --os linux --arch amd64 --user 65532:65532 --port 8080 \
+  --env PATH=/usr/local/bin:/usr/bin:/bin \
   --entrypoint '["/driftless"]' --cmd '["serve", "--config", "/etc/driftless/driftless.toml"]' "$ctr"
 bah commit --quiet --rm "$ctr" "$ref" >/dev/null
 bah push --quiet --tls-verify=false "$ref" "docker://$ref"

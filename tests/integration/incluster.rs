@@ -5,7 +5,8 @@
 //! write then happens with the ServiceAccount's least-privilege rights from deploy/base/rbac.yaml.
 //!
 //! One test, in stages, because the install owns fixed names (namespaces `driftless` and
-//! `demo`, cluster-wide RBAC) that two tests cannot share.
+//! `demo`, cluster-wide RBAC) that two tests cannot share; a lock file next to the node
+//! cluster's kubeconfig keeps two test processes on one machine from installing at once.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -132,8 +133,9 @@ async fn remove_leftover(client: &Client, name: &str) {
 }
 
 /// The settings the pods get: deploy/base/driftless.toml's receiver and state namespace, the
-/// simulator as GitHub, a short drift interval, the base's app "demo" in its bound namespace
-/// and one more app in a namespace nothing grants driftless.
+/// simulator as GitHub, a short drift interval, the base's app "demo" in its bound namespace,
+/// a Kustomize app there too (rendered by the image's kubectl), and optionally one more app in
+/// a namespace nothing grants driftless.
 fn settings(github_api: &str, unbound_ns: Option<&str>) -> String {
     let mut text = format!(
         r#"[server]
@@ -149,12 +151,20 @@ webhook_secret_env = "GITHUB_WEBHOOK_SECRET"
 [drift]
 interval = "10s"
 jitter = "0s"
+[render]
+kustomize_command = ["kubectl", "kustomize"]
 [[apps]]
 name = "demo"
 forge = "github"
 repo = "{REPO}"
 branch = "main"
 path = "apps/demo"
+namespace = "demo"
+[[apps]]
+name = "kustom"
+forge = "github"
+repo = "{REPO}"
+path = "apps/kustom"
 namespace = "demo"
 "#
     );
@@ -231,7 +241,23 @@ async fn state_at(client: &Client, app: &str, sha: &str) -> Option<AppState> {
     (last.revision.as_deref() == Some(sha)).then_some(st)
 }
 
+/// Holds the lock of the node cluster's install slot while alive (released on drop, also
+/// when the process dies).
+fn lock_install_slot() -> std::fs::File {
+    let kubeconfig = cluster::node_kubeconfig();
+    let path = Path::new(&kubeconfig)
+        .parent()
+        .expect("kubeconfig in a directory")
+        .join("incluster.lock");
+    let file =
+        std::fs::File::create(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()));
+    file
+}
+
 struct Install {
+    _slot: std::fs::File,
     client: Client,
     sim: ForgeSimulator,
     repo: GitRepo,
@@ -242,6 +268,7 @@ struct Install {
 impl Install {
     /// Starts the simulator, writes the repository's first commit, and installs deploy/.
     async fn new() -> Install {
+        let slot = lock_install_slot();
         let client = cluster::client_of(Cluster::WithNode).await;
         for leftover in ["driftless", "demo"] {
             remove_leftover(&client, leftover).await;
@@ -259,10 +286,16 @@ impl Install {
         sim.add_repo(REPO, repo.path());
         repo.write("apps/demo/greeting.yaml", &configmap("greeting", "v1"));
         repo.write("apps/unbound/greeting.yaml", &configmap("greeting", "v1"));
+        repo.write(
+            "apps/kustom/kustomization.yaml",
+            "resources: [greeting.yaml]\nnamePrefix: k-\n",
+        );
+        repo.write("apps/kustom/greeting.yaml", &configmap("greeting", "v1"));
         repo.commit("two apps");
         let unbound = TestNamespace::new_in(Cluster::WithNode, "it-unbound").await;
         let dir = tempfile::tempdir().unwrap();
         let install = Install {
+            _slot: slot,
             client,
             sim,
             repo,
@@ -392,7 +425,10 @@ async fn webhook_applies_into_bound_namespace_only(install: &Install) -> String 
     install
         .repo
         .write("apps/unbound/greeting.yaml", &configmap("greeting", "v2"));
-    let c1 = install.repo.commit("v2 for both apps");
+    install
+        .repo
+        .write("apps/kustom/greeting.yaml", &configmap("greeting", "v2"));
+    let c1 = install.repo.commit("v2 for every app");
     let code = install.push(&before, &c1).await.unwrap();
     assert!((200..300).contains(&code), "the push was answered {code}");
     let client = &install.client;
@@ -413,6 +449,17 @@ async fn webhook_applies_into_bound_namespace_only(install: &Install) -> String 
     );
     assert_eq!(
         value_of(client, "demo", "greeting").await.as_deref(),
+        Some("v2")
+    );
+    // The Kustomize app rendered in the pod (a writable /tmp for its private copy, kubectl).
+    let st = eventually("app kustom applied at the pushed commit", || async {
+        state_at(client, "kustom", &c1).await
+    })
+    .await;
+    let last = st.last_result.unwrap();
+    assert_eq!(last.outcome, "applied", "{}", last.message);
+    assert_eq!(
+        value_of(client, "demo", "k-greeting").await.as_deref(),
         Some("v2")
     );
     let demo = install.sim.statuses(REPO, &c1);
