@@ -67,6 +67,8 @@ const TICK_DEADLINE: Duration = Duration::from_secs(DRIFT_INTERVAL.as_secs() + 3
 const POLL: Duration = Duration::from_millis(50);
 /// Lines of the `driftless serve` log quoted when a step fails.
 const LOG_TAIL_LINES: usize = 40;
+/// How long a deleted namespace of the story may take to go.
+const NAMESPACE_GONE: Duration = Duration::from_secs(180);
 
 /// What to run the story against.
 #[derive(Debug, Clone)]
@@ -1094,7 +1096,8 @@ async fn kube_client(kubeconfig: &Path) -> Result<Client, String> {
     Ok(client)
 }
 
-/// Deletes a namespace and waits until it is gone (the namespace controller empties it).
+/// Deletes a namespace and waits until it is gone (the namespace controller empties it; on the
+/// node the 1.20 kubelet can take well over a minute to confirm its pods are gone).
 async fn delete_namespace(client: &Client, name: &str) -> Result<(), String> {
     let api: Api<Namespace> = Api::all(client.clone());
     match api.delete(name, &DeleteParams::default()).await {
@@ -1102,7 +1105,7 @@ async fn delete_namespace(client: &Client, name: &str) -> Result<(), String> {
         Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
         Err(e) => return Err(format!("deleting namespace {name}: {e}")),
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + NAMESPACE_GONE;
     while Instant::now() < deadline {
         match api.get_opt(name).await {
             Ok(None) => return Ok(()),
@@ -1110,7 +1113,8 @@ async fn delete_namespace(client: &Client, name: &str) -> Result<(), String> {
         }
     }
     Err(format!(
-        "namespace {name} still exists 60s after its deletion"
+        "namespace {name} still exists {}s after its deletion",
+        NAMESPACE_GONE.as_secs()
     ))
 }
 

@@ -143,6 +143,10 @@ impl Engine {
         let ns = self.settings.kubernetes.state_namespace.as_str();
         let mut desired = self.compare(app, desired, &mut report, live).await?;
         let mut healed = Vec::new();
+        let heal = heal && !head_written_then_failed(st);
+        if !heal && head_written_then_failed(st) && !report.drifted.is_empty() {
+            info!(app = %app.name, "drift reported, not healed: the branch head's run wrote these objects and then failed");
+        }
         if heal && !report.drifted.is_empty() {
             healed = self.heal(app, &mut desired, &mut report).await?;
         }
@@ -535,4 +539,15 @@ impl Engine {
             warn!(%app, object = %d.id, error = %kube_message(&e), "cannot record a drift event");
         }
     }
+}
+
+/// Whether the app's last run was of a newer revision and failed after writing objects (a
+/// rollout past its deadline): the cluster then holds those objects as Git's head has them,
+/// on purpose. Healing them back to the applied revision would roll the commit back behind
+/// Git's back, so until the next commit (the fix or the revert) or a `sync`, drift is found
+/// and reported but not healed.
+fn head_written_then_failed(st: &AppState) -> bool {
+    st.last_result.as_ref().is_some_and(|r| {
+        r.outcome == super::revision::OUTCOME_FAILED && r.applied > 0 && r.revision != st.revision
+    })
 }

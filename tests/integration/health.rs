@@ -237,6 +237,18 @@ async fn a_deployment_past_its_progress_deadline_fails_the_run_at_once() {
         )),
         "{description}"
     );
+    // The drift timer does not roll the failed commit back behind Git's back: the Deployment
+    // keeps the head's image (what Git says) until the fix or the revert is pushed.
+    let report = rig.engine.check_drift("demo", true).await.unwrap();
+    assert!(!report.healed, "{}", report.summary());
+    let deployments: kube::Api<k8s_openapi::api::apps::v1::Deployment> =
+        kube::Api::namespaced(rig.env.ns.client.clone(), &rig.env.ns.name);
+    let live = serde_json::to_value(deployments.get("web").await.unwrap()).unwrap();
+    assert_eq!(
+        image(&live),
+        BAD,
+        "a drift heal rolled the failed commit back"
+    );
 
     let revert = rig.env.repo.revert(&bad);
     let mut run = rig.run(revert.clone());
