@@ -16,9 +16,8 @@ use driftless::reconcile::{Engine, Outcome, RunOptions};
 use driftless::settings::Settings;
 use driftless::simulator::{ForgeSimulator, SimConfig};
 use kube::api::{DeleteParams, DynamicObject, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::discovery::ApiResource;
-use kube::{Api, Client, Config};
+use kube::Api;
 use serde_json::json;
 
 const APPS: usize = 100;
@@ -59,13 +58,7 @@ fn ar(group: &str, version: &str, kind: &str, plural: &str) -> ApiResource {
 async fn main() {
     let kubeconfig = std::env::var("DRIFTLESS_TEST_KUBECONFIG")
         .expect("DRIFTLESS_TEST_KUBECONFIG: start the test control plane (scripts/bench does)");
-    let kc = Kubeconfig::read_from(&kubeconfig).unwrap();
-    let client = Client::try_from(
-        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = support::kube_client(&kubeconfig).await;
     let id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let ns = format!("sweep-{id}");
     let state_ns = format!("sweep-{id}-state");

@@ -12,40 +12,19 @@ mod support;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::git;
+use support::{git, ms, namespace, percentile};
 
 use driftless::queue::{Job, JobReason};
 use driftless::reconcile::{Engine, Outcome, RunOptions};
 use driftless::settings::Settings;
 use driftless::simulator::{ForgeSimulator, SimConfig};
-use kube::api::{Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::Api;
 
 const OBJECTS: usize = 50;
 const OVERLAYS: [&str; 2] = ["prod", "staging"];
 
 fn cm(i: usize, value: &str) -> String {
     format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{i:02}\ndata:\n  value: \"{value}\"\n")
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    samples.sort();
-    let idx = ((samples.len() as f64 - 1.0) * p).round() as usize;
-    samples[idx]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
-}
-
-async fn namespace(client: &Client, name: &str) {
-    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
-    let ns =
-        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
-    api.patch(name, &PatchParams::apply("bench"), &Patch::Apply(&ns))
-        .await
-        .unwrap();
 }
 
 /// The pipeline's job for one push: a shallow clone, then build and apply each overlay.
@@ -96,13 +75,7 @@ fn pipeline(kubeconfig: &str, repo: &std::path::Path, namespaces: &[String]) -> 
 async fn main() {
     let kubeconfig = std::env::var("DRIFTLESS_TEST_KUBECONFIG")
         .expect("DRIFTLESS_TEST_KUBECONFIG: start the test control plane (scripts/bench does)");
-    let kc = Kubeconfig::read_from(&kubeconfig).unwrap();
-    let client = Client::try_from(
-        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let client = support::kube_client(&kubeconfig).await;
     let pushes: usize = std::env::var("BENCH_PUSHES")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -20,8 +20,7 @@ use driftless::reconcile::{Engine, Outcome, RunOptions};
 use driftless::settings::Settings;
 use driftless::simulator::{ForgeSimulator, SimConfig};
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Api, Client, Config};
+use kube::Api;
 
 fn deployment(registry: &str, tag: u32) -> String {
     format!(
@@ -76,15 +75,7 @@ async fn main() {
     );
     let registry = std::env::var("DRIFTLESS_TEST_REGISTRY")
         .expect("DRIFTLESS_TEST_REGISTRY: the node cluster's registry, 127.0.0.1:25000");
-    let client = Client::try_from(
-        Config::from_custom_kubeconfig(
-            Kubeconfig::read_from(&kubeconfig).unwrap(),
-            &KubeConfigOptions::default(),
-        )
-        .await
-        .unwrap(),
-    )
-    .unwrap();
+    let client = support::kube_client(&kubeconfig).await;
     let pushes: u32 = std::env::var("BENCH_ROLLOUTS")
         .ok()
         .and_then(|v| v.parse().ok())

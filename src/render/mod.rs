@@ -264,7 +264,7 @@ impl Renderer {
         if !mode_holds || known.tree_sha != tree_sha {
             return Ok(false);
         }
-        Ok(!changed_inputs(forge, &app.repo, commit, &known.inputs).await?)
+        Ok(!changed_inputs(forge, app, commit, &known.inputs).await?)
     }
 
     /// The render cache key: the command, the app's path and every input with its SHA.
@@ -291,16 +291,17 @@ impl Renderer {
     }
 }
 
-/// Whether any of `inputs` (directory → subtree SHA) differs at `commit`; a directory that is
-/// gone counts as changed.
-pub async fn changed_inputs(
+/// Whether any of `inputs` (directory → subtree SHA) other than the app's own path (which
+/// the callers have compared already) differs at `commit`; a directory that is gone counts as
+/// changed.
+async fn changed_inputs(
     forge: &dyn Forge,
-    repo: &str,
+    app: &AppSettings,
     commit: &str,
     inputs: &BTreeMap<String, String>,
 ) -> Result<bool, ForgeError> {
-    for (dir, sha) in inputs {
-        match forge.subtree_sha(repo, commit, dir).await {
+    for (dir, sha) in inputs.iter().filter(|(dir, _)| **dir != app.path) {
+        match forge.subtree_sha(&app.repo, commit, dir).await {
             Ok(now) if now == *sha => {}
             Ok(_) | Err(ForgeError::NotFound { .. }) => return Ok(true),
             Err(e) => return Err(e),
@@ -318,7 +319,7 @@ pub async fn changed_since(
     v: &SourceVersion,
 ) -> Result<bool, ForgeError> {
     match forge.subtree_sha(&app.repo, commit, &app.path).await {
-        Ok(sha) if sha == v.tree_sha => changed_inputs(forge, &app.repo, commit, &v.inputs).await,
+        Ok(sha) if sha == v.tree_sha => changed_inputs(forge, app, commit, &v.inputs).await,
         Ok(_) | Err(ForgeError::NotFound { .. }) => Ok(true),
         Err(e) => Err(e),
     }
