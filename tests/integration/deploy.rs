@@ -368,6 +368,25 @@ fn every_pod_is_locked_down_and_wired_to_its_settings() {
                 volume["configMap"]["name"], settings,
                 "{what}: settings volume"
             );
+            // The root filesystem is read-only: Kustomize apps render from a private copy of
+            // their files under /tmp, which must be a writable emptyDir in every workload.
+            let tmp = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["mountPath"] == "/tmp")
+                .unwrap_or_else(|| panic!("{what}: no writable /tmp"));
+            assert_ne!(tmp["readOnly"], true, "{what}: /tmp read-only");
+            let tmp_volume = spec["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == tmp["name"])
+                .unwrap();
+            assert!(
+                tmp_volume["emptyDir"].is_object(),
+                "{what}: /tmp is not an emptyDir"
+            );
 
             match type_of(objects.iter().find(|o| id(o) == name).unwrap()).as_str() {
                 "apps/v1 Deployment" => {
