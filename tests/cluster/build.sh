@@ -15,6 +15,16 @@ with_node=0
 cache_root="${DRIFTLESS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/driftless}"
 log() { printf 'cluster/build: %s\n' "$*" >&2; }
 
+# One build at a time per cache: a second caller (another checkout's tests, a benchmark) waits
+# here, then finds the binaries cached, instead of deleting the build directory under the
+# first one.
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.build.lock"
+if ! flock -n 9; then
+  log "waiting for another tests/cluster/build.sh to finish"
+  flock 9
+fi
+
 apt_updated=0
 apt_install() {
   local missing=()

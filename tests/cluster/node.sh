@@ -24,7 +24,8 @@ log() { printf 'cluster/node: %s\n' "$*" >&2; }
 
 start() { # name command...
   local name="$1"; shift
-  setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null &
+  # 9>&-: a daemon must not hold up.sh's start lock after up.sh has exited.
+  setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$dir/$name.pid"
 }
 alive_or_die() { # name

@@ -56,6 +56,18 @@ if ready; then
   echo "$dir/kubeconfig"
   exit 0
 fi
+# One start at a time per cluster: a second caller waits, then reuses what the first started
+# instead of stopping it halfway through its start.
+exec 9>"$dir.lock"
+if ! flock -n 9; then
+  log "waiting for another tests/cluster/up.sh to start $dir"
+  flock 9
+  if ready; then
+    log "control plane already up in $dir"
+    echo "$dir/kubeconfig"
+    exit 0
+  fi
+fi
 
 if [ "$with_node" = 1 ]; then
   build="$("$here/build.sh" --with-node)"
@@ -137,7 +149,8 @@ write_kubeconfig "$dir/kcm.kubeconfig" "$kcm_token" kube-controller-manager
 
 start() { # name command...
   local name="$1"; shift
-  setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null &
+  # 9>&-: a daemon must not hold up.sh's start lock after up.sh has exited.
+  setsid "$@" >"$dir/logs/$name.log" 2>&1 </dev/null 9>&- &
   echo $! >"$dir/$name.pid"
 }
 
