@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 use support::git;
@@ -232,23 +231,9 @@ async fn main() {
     let mut theirs = BTreeSet::new();
     let mut kubectl_errors = 0;
     for a in 0..APPS {
-        let out = Command::new("kubectl")
-            .args([
-                "--kubeconfig",
-                &kubeconfig,
-                "diff",
-                "--server-side",
-                "--force-conflicts",
-                "-n",
-                &ns,
-                "-f",
-            ])
-            .arg(dir.join(format!("apps/a{a}")))
-            .output()
-            .expect("running kubectl");
-        match out.status.code() {
-            Some(0) => {}
-            Some(1) => {
+        match support::kubectl_diff(&kubeconfig, &ns, &dir.join(format!("apps/a{a}"))) {
+            0 => {}
+            1 => {
                 theirs.insert(a);
             }
             // kubectl diff fails outright when the server rejects the dry-run (e.g. a port

@@ -326,20 +326,7 @@ async fn bench() -> anyhow::Result<()> {
         Ok(v) => v.parse().context("FLEET_APPS")?,
         Err(_) => 1000,
     };
-    let driftless_bin = match std::env::var_os("DRIFTLESS_BIN") {
-        Some(p) => PathBuf::from(p),
-        // target/<profile>/examples/fleet -> target/<profile>/driftless
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(Path::parent)
-            .context("locating the driftless binary")?
-            .join("driftless"),
-    };
-    ensure!(
-        driftless_bin.is_file(),
-        "{} not found: build it with `cargo build --release --bins --examples` (or set DRIFTLESS_BIN)",
-        driftless_bin.display()
-    );
+    let driftless_bin = support::driftless_binary();
     let kc = Kubeconfig::read_from(&kubeconfig)?;
     let client =
         Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)?;

@@ -11,8 +11,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use driftless::simulator::{Fault, FaultKind, ForgeSimulator, SimConfig};
@@ -36,22 +35,6 @@ fn cm(value: &str) -> String {
 fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
-}
-
-/// `target/<profile>/driftless`, beside `target/<profile>/examples/restart_recovery`.
-fn driftless_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("own path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/examples")
-        .join("driftless");
-    assert!(
-        bin.is_file(),
-        "{} missing: cargo build --release --bins --examples",
-        bin.display()
-    );
-    bin
 }
 
 /// The stage: a git repository on the forge simulator, settings for one app, and the
@@ -100,11 +83,7 @@ impl Bench {
         .await
         .unwrap();
         sim.add_repo(REPO, &repo);
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let write = |name: &str, text: &str| {
             let p = dir.path().join(name);
             std::fs::write(&p, text).unwrap();
@@ -137,30 +116,13 @@ impl Bench {
 
     /// Starts `driftless serve` and waits until it answers.
     async fn serve(&self) -> tokio::process::Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("serve.log"))
-            .unwrap();
-        let child = tokio::process::Command::new(driftless_binary())
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting driftless serve");
-        let http = reqwest::Client::new();
-        self.wait("serve to answer", || async {
-            http.get(format!("{}/healthz", self.base))
-                .send()
-                .await
-                .is_ok()
-        })
-        .await;
-        child
+        support::serve(
+            &self.config,
+            &self.kubeconfig,
+            &self.dir.path().join("serve.log"),
+            &self.base,
+        )
+        .await
     }
 
     /// Commits a one-file change and sends its push webhook; returns the commit.

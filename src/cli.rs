@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
 use crate::queue::{Job, JobReason};
+use crate::reconcile::dry_run::Scope;
 use crate::reconcile::{Engine, Outcome, RunOptions};
 use crate::settings::{AppSettings, ForgeKind, Settings, SettingsError};
 
@@ -270,7 +271,10 @@ async fn preview(
         }
     };
     let engine = engine(settings).await?;
-    let preview = match engine.dry_run_revision(app, &revision).await {
+    let preview = match engine
+        .dry_run_revision(app, &revision, Scope::EveryObject)
+        .await
+    {
         Ok(set) => AppPreview::from_dry_run(&set),
         Err(e) => {
             eprintln!("{app}: revision {revision}: {e}");

@@ -62,3 +62,84 @@ pub async fn namespace(client: &kube::Client, name: &str) {
         .await
         .unwrap();
 }
+
+/// The `driftless` binary the benchmark runs: `DRIFTLESS_BIN`, or `target/<profile>/driftless`
+/// beside the running example (`cargo build --release --bins --examples` builds both).
+pub fn driftless_binary() -> std::path::PathBuf {
+    let bin = match std::env::var_os("DRIFTLESS_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => std::env::current_exe()
+            .expect("own path")
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/examples")
+            .join("driftless"),
+    };
+    assert!(
+        bin.is_file(),
+        "{} not found: build it with `cargo build --release --bins --examples` (or set DRIFTLESS_BIN)",
+        bin.display()
+    );
+    bin
+}
+
+/// Starts `driftless serve --config <config>` against the cluster of `kubeconfig`, its log
+/// appended to `log`, and waits until `<base>/healthz` answers.
+pub async fn serve(
+    config: &Path,
+    kubeconfig: &str,
+    log: &Path,
+    base: &str,
+) -> tokio::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = tokio::process::Command::new(driftless_binary())
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting driftless serve");
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while http.get(format!("{base}/healthz")).send().await.is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("driftless serve exited at start: {status}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "driftless serve did not answer {base}/healthz within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    child
+}
+
+/// A free port on loopback, for a `serve` to listen on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `kubectl diff --server-side --force-conflicts -n <ns> -f <path>`: its exit code (0 no
+/// difference, 1 differences, above 1 an error such as a rejected dry-run).
+pub fn kubectl_diff(kubeconfig: &str, ns: &str, path: &Path) -> i32 {
+    Command::new("kubectl")
+        .args(["--kubeconfig", kubeconfig, "diff", "--server-side"])
+        .args(["--force-conflicts", "-n", ns, "-f"])
+        .arg(path)
+        .output()
+        .expect("running kubectl")
+        .status
+        .code()
+        .unwrap_or(-1)
+}

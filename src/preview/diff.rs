@@ -44,6 +44,15 @@ pub struct ObjectChange {
 /// What one object's dry-run means for the reviewer.
 pub fn object_change(o: &DryRunObject) -> ObjectChange {
     let (after, note) = match &o.outcome {
+        DryRunOutcome::Unchanged => {
+            return ObjectChange {
+                object: o.id.to_string(),
+                source: o.source.clone(),
+                change: ChangeKind::Unchanged,
+                diff: String::new(),
+                note: None,
+            }
+        }
         DryRunOutcome::Accepted(after) => (after, None),
         DryRunOutcome::NotValidated { desired, reason } => {
             (desired, Some(format!("not validated: {reason}")))

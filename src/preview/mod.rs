@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::forge::{CommitStatus, Forge, ForgeError, Forges, StatusState};
-use crate::reconcile::{state, Engine};
+use crate::reconcile::{dry_run, state, Engine};
 use crate::settings::{AppSettings, ForgeKind, Settings};
 use crate::webhook::{match_pull_request, PullRequestAction, PullRequestEvent};
 use queue::PreviewQueue;
@@ -166,7 +166,10 @@ impl Previewer {
                 let (engine, head) = (self.engine.clone(), ev.head_sha.clone());
                 let name = app.name.clone();
                 async move {
-                    match engine.dry_run_revision(&name, &head).await {
+                    match engine
+                        .dry_run_revision(&name, &head, dry_run::Scope::PushWrites)
+                        .await
+                    {
                         Ok(set) => AppPreview::from_dry_run(&set),
                         Err(e) => AppPreview::failed(&name, &head, e.to_string()),
                     }

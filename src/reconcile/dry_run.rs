@@ -4,7 +4,7 @@
 //! real apply), and the inventory says what would be pruned. Previews of pull requests and
 //! `driftless preview` are built on it; nothing here writes to the cluster.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use futures::{FutureExt, StreamExt};
 use kube::api::Patch;
@@ -30,9 +30,24 @@ pub struct DryRunObject {
     pub outcome: DryRunOutcome,
 }
 
+/// Which objects of the revision are dry-run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// Every object, as a manual apply writes them all (`driftless preview`, like `kubectl
+    /// diff`, so drift shows too).
+    EveryObject,
+    /// Only the objects a push of the revision would write: those whose content differs from
+    /// what the app's last run applied, and new ones. The others are [`DryRunOutcome::Unchanged`]
+    /// without a call: a merge leaves them as they are (a request's preview).
+    PushWrites,
+}
+
 /// The API server's answer to one object's dry-run.
 #[derive(Debug, Clone)]
 pub enum DryRunOutcome {
+    /// Not dry-run: the revision's object is what the last run applied, and a push leaves it
+    /// ([`Scope::PushWrites`]).
+    Unchanged,
     /// The object as the apply would leave it.
     Accepted(Value),
     /// The API server refused it; its message.
@@ -57,13 +72,14 @@ pub struct DryRunSet {
 }
 
 impl Engine {
-    /// Renders `app_name` at `revision` and dry-runs every object against the live cluster.
-    /// Fails, naming the file, when the revision does not render or parse; an object the API
-    /// server refuses is an outcome, not an error.
+    /// Renders `app_name` at `revision` and dry-runs the objects of `scope` against the live
+    /// cluster. Fails, naming the file, when the revision does not render or parse; an object
+    /// the API server refuses is an outcome, not an error.
     pub async fn dry_run_revision(
         &self,
         app_name: &str,
         revision: &str,
+        scope: Scope,
     ) -> Result<DryRunSet, ReconcileError> {
         let app = self
             .settings
@@ -88,11 +104,28 @@ impl Engine {
         let defined_by_crds: HashSet<(String, String)> =
             objects.iter().filter_map(manifest::crd_defines).collect();
         let created_ns = self.namespaces_created(&objects).await?;
+        // What the last run applied, by identity, as a push compares it.
+        let applied: HashMap<manifest::Identity, &str> = match scope {
+            Scope::EveryObject => HashMap::new(),
+            Scope::PushWrites => st
+                .inventory
+                .iter()
+                .map(|i| (i.id.identity(), i.hash.as_str()))
+                .collect(),
+        };
 
         let mut ready = Vec::new();
         let mut out = Vec::with_capacity(objects.len());
         for obj in &objects {
             match self.prepare(&app, obj).await {
+                Ok(p) if applied.get(&p.id.identity()) == Some(&p.hash.as_str()) => {
+                    out.push(DryRunObject {
+                        id: p.id.clone(),
+                        source: p.source.to_string(),
+                        live: None,
+                        outcome: DryRunOutcome::Unchanged,
+                    })
+                }
                 Ok(p) => match p
                     .id
                     .namespace

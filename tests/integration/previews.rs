@@ -464,3 +464,68 @@ async fn hooks_register_subscribes_to_request_events_when_previews_are_on() {
         );
     }
 }
+
+/// A merge is a push, and a push writes only the objects whose content changed since the last
+/// apply: the request's preview shows exactly those. A hand edit to another object of the app
+/// is not the request's doing (the merge leaves it; the drift timer reports it) and is not
+/// shown, while `driftless preview`, like a manual apply, considers every object and shows it.
+#[tokio::test]
+async fn a_request_previews_what_its_merge_writes_not_drift_elsewhere() {
+    let env = Env::with_apps(&apps("github")).await;
+    env.repo.write("web/other.yaml", &cm("other", "one"));
+    applied(&env).await;
+    let hand = serde_json::json!({"data": {"value": "by hand"}});
+    env.configmaps()
+        .patch(
+            "other",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&hand),
+        )
+        .await
+        .unwrap();
+    let head = branch(&env, "change", |env| {
+        env.repo.write("web/cm.yaml", &cm("web", "two"))
+    });
+    let (config, serve) = start(&env).await;
+    assert_eq!(
+        send(
+            &env,
+            &config.base,
+            "github",
+            &hook(11, RequestAction::Opened, "change", &head)
+        )
+        .await,
+        202
+    );
+    wait_for(&serve, "the comment", || {
+        !env.sim.comments(REPO, 11).is_empty()
+    })
+    .await;
+    assert_eq!(
+        preview_statuses(&env, &head),
+        ["driftless/preview/web success: 1 changed, 0 added, 0 pruned"]
+    );
+    let body = &env.sim.comments(REPO, 11)[0].body;
+    assert!(body.contains("+  value: two\n"), "{body}");
+    assert!(!body.contains("by hand"), "{body}");
+
+    // Every object, as a manual apply would write them: the hand edit shows.
+    let set = env
+        .engine()
+        .dry_run_revision(
+            "web",
+            &head,
+            driftless::reconcile::dry_run::Scope::EveryObject,
+        )
+        .await
+        .unwrap();
+    let changed: Vec<String> = set
+        .objects
+        .iter()
+        .map(driftless::preview::diff::object_change)
+        .filter(|c| c.change == driftless::preview::diff::ChangeKind::Changed)
+        .map(|c| c.object)
+        .collect();
+    assert_eq!(changed.len(), 2, "{changed:?}");
+    assert!(changed.iter().any(|o| o.ends_with("/other")), "{changed:?}");
+}
