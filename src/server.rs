@@ -685,6 +685,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         client.clone(),
         settings.kubernetes.state_namespace.clone(),
     ));
+    // Previews live in the cluster, so every replica serves their pages.
+    if receiver.preview_store.is_some() {
+        receiver.preview_store = Some(Arc::new(PreviewStore::in_cluster(
+            client.clone(),
+            settings.kubernetes.state_namespace.clone(),
+        )));
+    }
     let shutdown = CancellationToken::new();
     let previews = match (&receiver.previews, &receiver.preview_store) {
         (Some(queue), Some(store)) => {

@@ -254,6 +254,18 @@ impl serde::Serialize for ForgeKind {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for ForgeKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "github" => Ok(ForgeKind::Github),
+            "gitlab" => Ok(ForgeKind::Gitlab),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown forge {other:?} (github or gitlab)"
+            ))),
+        }
+    }
+}
+
 impl ForgeKind {
     pub fn as_str(self) -> &'static str {
         match self {

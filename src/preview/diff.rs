@@ -3,7 +3,7 @@
 //! metadata and status dropped), rendered as YAML and diffed line by line. Secret values never
 //! leave here: a Secret shows its key names and whether each value changed.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use similar::TextDiff;
 
@@ -17,7 +17,7 @@ const HIDDEN: &str = "(hidden)";
 const HIDDEN_CHANGED: &str = "(hidden, changed)";
 
 /// What the merge would do to one object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Added,
@@ -28,7 +28,7 @@ pub enum ChangeKind {
 }
 
 /// One object of a preview.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectChange {
     /// `apps/v1 Deployment demo/web`.
     pub object: String,

@@ -94,7 +94,7 @@ impl Previewer {
             .ok_or(PreviewError::ForgeNotConfigured(ev.forge))?;
         let key = report::key(ev.forge, &ev.repo, ev.number);
         if ev.action != PullRequestAction::Updated {
-            self.store.remove(&key);
+            self.store.remove(&key).await;
             let state = if ev.action == PullRequestAction::Merged {
                 RequestState::Merged
             } else {
@@ -113,7 +113,7 @@ impl Previewer {
         }
         let preview = self.preview(forge.as_ref(), ev).await?;
         // Stored first: the statuses and the comment link to its page.
-        self.store.put(key.clone(), preview.clone());
+        self.store.put(key.clone(), preview.clone()).await;
         self.post_statuses(forge.as_ref(), ev, &preview).await;
         let had_comment = self.find_comment(forge.as_ref(), ev, &key).await?;
         if !preview.apps.is_empty() || had_comment.is_some() {

@@ -2,14 +2,14 @@
 //! per pull request, every app's preview. The comment, the status, the page and the CLI all
 //! read these, so they never disagree.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::diff::{object_change, ChangeKind, ObjectChange};
 use crate::reconcile::dry_run::DryRunSet;
 use crate::settings::ForgeKind;
 
 /// How an app's preview ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum AppOutcome {
     /// Every object was accepted by the API server's dry-run (or could not be validated yet).
@@ -21,7 +21,7 @@ pub enum AppOutcome {
 }
 
 /// What merging would do to one app.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppPreview {
     pub app: String,
     pub revision: String,
@@ -123,7 +123,7 @@ impl AppPreview {
 }
 
 /// The state of the request a preview belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RequestState {
     Open,
@@ -132,7 +132,7 @@ pub enum RequestState {
 }
 
 /// Every app's preview for one head of one pull or merge request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PullRequestPreview {
     pub forge: ForgeKind,
     pub repo: String,

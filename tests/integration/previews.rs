@@ -212,6 +212,11 @@ async fn one_request_from_open_to_close(forge: &str, end: RequestAction) {
     assert_eq!(page["head_sha"], head.as_str());
     assert_eq!(page["apps"].as_array().unwrap().len(), 1, "{page}");
     assert_eq!(page["apps"][0]["app"], "web");
+    // Kept in the cluster: a restarted replica (or any other) serves the same page.
+    serve.kill().await;
+    let serve = Serve::start(&config.path, &config.base, config.log("serve-2.log")).await;
+    let page = page_json(&config.base, forge, 7).await;
+    assert_eq!(page["head_sha"], head.as_str(), "{page}");
 
     // A new head: the same comment edited, no second one.
     env.repo.git(&["checkout", "-q", "change"]);
