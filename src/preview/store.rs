@@ -92,9 +92,12 @@ impl PreviewStore {
             warn!(preview = %key, error = %e, "preview not kept in the cluster");
             return;
         }
-        if let Err(e) = drop_oldest(&api).await {
-            warn!(error = %e, "old previews not dropped");
-        }
+        // Off the preview's path: its statuses wait for the write above, not for this.
+        tokio::spawn(async move {
+            if let Err(e) = drop_oldest(&api).await {
+                warn!(error = %e, "old previews not dropped");
+            }
+        });
     }
 
     /// The preview of request `key`, read from the cluster when it is kept there.
