@@ -4,7 +4,6 @@
 //! for what was written to become healthy.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
@@ -14,7 +13,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::health::{self, Health};
-use super::plan::{Desired, Prepared};
+use super::plan::{Desired, Prepared, Wanted};
 use super::record::check_state_fits;
 use super::state::{self, AppState, InventoryItem};
 use super::{kube_message, Engine, ReconcileError, RunOptions, RunReport, FIELD_MANAGER};
@@ -48,8 +47,9 @@ impl Engine {
     /// Validates and writes the desired objects in stages. Before the first write, checks that
     /// the state the run would leave fits in the cluster and records any object the inventory
     /// does not know yet (`st` is updated and saved), so nothing it applies can be forgotten.
-    /// Returns every desired object prepared, or `None` for a dry run, which stops after
-    /// validation with the objects it would write in `report.applied`.
+    /// Returns every desired object (those of kinds its CRDs define now prepared too), or
+    /// `None` for a dry run, which stops after validation with the objects it would write in
+    /// `report.applied`.
     pub(super) async fn apply(
         &self,
         app: &AppSettings,
@@ -58,21 +58,21 @@ impl Engine {
         st: &mut AppState,
         desired: Desired,
         report: &mut RunReport,
-    ) -> Result<Option<Vec<Arc<Prepared>>>, ReconcileError> {
-        let Desired { ready, after_crds } = desired;
-        if ready.is_empty() && after_crds.is_empty() && !app.allow_empty {
+    ) -> Result<Option<Vec<Wanted>>, ReconcileError> {
+        let Desired { wanted, after_crds } = desired;
+        if wanted.is_empty() && after_crds.is_empty() && !app.allow_empty {
             return Err(ReconcileError::EmptySet);
         }
-        report.objects = ready.len() + after_crds.len();
+        report.objects = wanted.len() + after_crds.len();
         check_state_fits(
             app,
             st,
-            ready
+            wanted
                 .iter()
-                .map(|p| &p.id)
+                .map(Wanted::id)
                 .chain(after_crds.iter().map(|o| &o.id)),
         )?;
-        let writes = self.writes(job, st, &ready, after_crds.len()).await?;
+        let writes = self.writes(job, st, &wanted, after_crds.len()).await?;
         // A single write validates itself.
         if writes.total > 1 || opts.dry_run {
             self.dry_run_all(&writes.now, app).await?;
@@ -105,18 +105,19 @@ impl Engine {
             self.apply_all(&batch, app, report).await?;
         }
 
-        let mut desired = ready;
-        desired.extend(late.into_iter().map(Arc::new));
+        let mut desired = wanted;
+        desired.extend(late.into_iter().map(Wanted::Prepared));
         Ok(Some(desired))
     }
 
-    /// Sorts out what to write and when it can be validated: objects in namespaces this run
-    /// creates are validated once those namespaces exist.
+    /// Sorts out what to write (never an object known unchanged) and when it can be
+    /// validated: objects in namespaces this run creates are validated once those namespaces
+    /// exist.
     async fn writes<'a>(
         &self,
         job: &Job,
         st: &AppState,
-        ready: &'a [Arc<Prepared>],
+        wanted: &'a [Wanted],
         after_crds: usize,
     ) -> Result<Writes<'a>, ReconcileError> {
         let previous: HashMap<manifest::Identity, String> = st
@@ -127,14 +128,15 @@ impl Engine {
         let needs_write = |p: &Prepared| {
             job.full || previous.get(&p.id.identity()).map(String::as_str) != Some(p.hash.as_str())
         };
-        let creating: HashSet<&str> = ready
+        let creating: HashSet<&str> = wanted
             .iter()
-            .filter(|p| manifest::is_namespace(&p.id))
-            .map(|p| p.id.name.as_str())
+            .map(Wanted::id)
+            .filter(|id| manifest::is_namespace(id))
+            .map(|id| id.name.as_str())
             .collect();
-        let mut all: Vec<&Prepared> = ready
+        let mut all: Vec<&Prepared> = wanted
             .iter()
-            .map(|p| p.as_ref())
+            .filter_map(Wanted::prepared)
             .filter(|p| needs_write(p))
             .collect();
         all.sort_by_key(|p| p.stage);
@@ -467,13 +469,13 @@ impl Engine {
     pub(super) async fn wait_written_healthy(
         &self,
         app: &AppSettings,
-        desired: &[Arc<Prepared>],
+        desired: &[Wanted],
         report: &RunReport,
     ) -> Result<(), ReconcileError> {
         let written: HashSet<&ObjectRef> = report.applied.iter().collect();
         let watch: Vec<&Prepared> = desired
             .iter()
-            .map(|p| p.as_ref())
+            .filter_map(Wanted::prepared)
             .filter(|p| written.contains(&p.id) && health::may_report_health(&p.id))
             .collect();
         self.check_interrupt(report)?;

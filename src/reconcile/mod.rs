@@ -35,7 +35,7 @@ use crate::manifest::{ManifestError, ObjectRef};
 use crate::queue::{Job, JobReason};
 use crate::render::{Plan, RenderError, Renderer};
 use crate::settings::{AppSettings, Settings};
-use plan::{FileCache, KindKey};
+use plan::{FileMemos, KindKey};
 use run_lease::{AppSlot, RunLease};
 use state::AppState;
 
@@ -297,7 +297,7 @@ impl Engine {
                     opts,
                     &mut st,
                     &mut RunLease::None,
-                    &mut FileCache::new(),
+                    &mut FileMemos::new(),
                 )
                 .await;
         }
@@ -449,7 +449,7 @@ impl Engine {
         opts: RunOptions,
         st: &mut AppState,
         run_lease: &mut RunLease,
-        files_cache: &mut FileCache,
+        memos: &mut FileMemos,
     ) -> Result<RunReport, ReconcileError> {
         let started = Instant::now();
         let started_at = now_rfc3339();
@@ -509,7 +509,9 @@ impl Engine {
             .flatten();
         // Prepare, apply, prune, wait for health; the pending status goes out meanwhile.
         let work = async {
-            let desired = self.prepare_files(app, &files, files_cache).await?;
+            // A full run writes every object: no file is taken as applied.
+            let inventory = (!job.full).then_some(st.inventory.as_slice());
+            let desired = self.prepare_files(app, &files, memos, inventory).await?;
             let Some(desired) = self.apply(app, job, opts, st, desired, &mut report).await? else {
                 // A dry run stops once everything is validated.
                 return Ok(Vec::new());

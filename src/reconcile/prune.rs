@@ -7,7 +7,6 @@
 //! it is kept, with the reason in the run's report.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use kube::api::{DeleteParams, DynamicObject, ListParams, Preconditions};
 use kube::core::ApiResource;
@@ -16,7 +15,7 @@ use kube::{Api, Discovery};
 use serde_json::Value;
 use tracing::{info, warn};
 
-use super::plan::Prepared;
+use super::plan::Wanted;
 use super::state::AppState;
 use super::{kube_message, Engine, ReconcileError, RunReport, ANNOTATION_PRUNE};
 use super::{LABEL_APP, LABEL_MANAGED_BY};
@@ -75,11 +74,11 @@ impl Engine {
         &self,
         app: &AppSettings,
         st: &AppState,
-        desired: &[Arc<Prepared>],
+        desired: &[Wanted],
         report: &mut RunReport,
     ) -> Result<(), ReconcileError> {
         // By identity: an object whose apiVersion changed is still wanted, never pruned.
-        let keep: HashSet<Identity> = desired.iter().map(|p| p.id.identity()).collect();
+        let keep: HashSet<Identity> = desired.iter().map(|w| w.id().identity()).collect();
         let gone: Vec<&ObjectRef> = st
             .inventory
             .iter()

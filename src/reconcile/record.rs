@@ -4,12 +4,11 @@
 //! before anything is written, that the state a run could leave fits in its ConfigMap.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::plan::Prepared;
+use super::plan::Wanted;
 use super::revision;
 use super::state::{self, AppState, InventoryItem, RunRecord};
 use super::{now_rfc3339, short, Attempt, Engine, Outcome, ReconcileError, RunReport};
@@ -80,7 +79,7 @@ pub(super) fn check_state_fits<'a>(
 /// The inventory an applied run leaves: every desired object with its hash, and each
 /// Namespace or CRD kept for what it still holds (with an empty hash), so that a later run
 /// deletes it once it holds nothing else.
-pub(super) fn inventory_after(desired: &[Arc<Prepared>], report: &RunReport) -> Vec<InventoryItem> {
+pub(super) fn inventory_after(desired: &[Wanted], report: &RunReport) -> Vec<InventoryItem> {
     let retried = report
         .kept
         .iter()
@@ -91,9 +90,9 @@ pub(super) fn inventory_after(desired: &[Arc<Prepared>], report: &RunReport) -> 
         });
     desired
         .iter()
-        .map(|p| InventoryItem {
-            id: p.id.clone(),
-            hash: p.hash.clone(),
+        .map(|w| InventoryItem {
+            id: w.id().clone(),
+            hash: w.hash().to_string(),
         })
         .chain(retried)
         .collect()

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::plan::FileCache;
+use super::plan::FileMemos;
 use super::state::AppState;
 use super::{lease, Engine, ReconcileError, RunReport};
 
@@ -19,7 +19,32 @@ pub(super) struct AppSlot {
     /// The app's state as this replica last saved it. Only this replica's runs write it while
     /// the lease above is unchanged, so it is current whenever that lease is taken back.
     pub(super) state: Option<AppState>,
-    pub(super) files: FileCache,
+    /// What the app's last run here prepared, file by file: no objects, only what tells
+    /// whether a file is applied as it is (see [`super::plan::FileMemo`]).
+    pub(super) files: FileMemos,
+}
+
+impl AppSlot {
+    /// Bytes this slot keeps, estimated: the structs themselves, the memos' own count (see
+    /// [`super::plan::FileMemo::bytes`]), and for the lease and the state (structs of short strings) their
+    /// JSON length.
+    pub(super) fn bytes(&self) -> usize {
+        let json_len = |v: serde_json::Result<Vec<u8>>| v.map_or(0, |v| v.len());
+        std::mem::size_of::<Self>()
+            + self
+                .lease
+                .as_ref()
+                .map_or(0, |l| json_len(serde_json::to_vec(l)))
+            + self
+                .state
+                .as_ref()
+                .map_or(0, |s| json_len(serde_json::to_vec(s)))
+            + self
+                .files
+                .iter()
+                .map(|(path, memo)| std::mem::size_of::<String>() + path.capacity() + memo.bytes())
+                .sum::<usize>()
+    }
 }
 
 /// The lease of a run: being taken in the background (the quick path, alongside the fetch),
@@ -143,6 +168,23 @@ impl Engine {
         for slot in slots {
             drop(slot.lock().await);
         }
+    }
+
+    /// Bytes this replica keeps of its apps between runs (estimated, see [`AppSlot`]): what
+    /// grows with the fleet. Waits for runs in progress.
+    pub async fn remembered_bytes(&self) -> usize {
+        let slots: Vec<_> = self
+            .slots
+            .lock()
+            .expect("slots")
+            .values()
+            .cloned()
+            .collect();
+        let mut n = 0;
+        for slot in slots {
+            n += slot.lock().await.bytes();
+        }
+        n
     }
 
     /// The app's slot of this replica's memory.

@@ -232,3 +232,99 @@ async fn drift_from_kept_manifests_equals_drift_from_git_and_spoiled_ones_fall_b
     }
     env.cleanup().await;
 }
+
+/// The fleet benchmark's app of 20 objects in two files: `config.yaml` with 12 ConfigMaps
+/// (`value` in each), `rest.yaml` with 4 Secrets, 2 headless Services and 2 ServiceAccounts.
+fn fleet_app(a: &str, value: &str) -> [(String, String); 2] {
+    let mut config = String::new();
+    for i in 0..12 {
+        config += &format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {a}-cm{i}\n  labels: {{tier: backend}}\ndata:\n  value: \"{value}\"\n  endpoint: \"http://{a}-svc0:80/v{i}\"\n");
+    }
+    let mut rest = String::new();
+    for i in 0..4 {
+        rest += &format!("---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: {a}-secret{i}\ntype: Opaque\ndata:\n  token: c2VjcmV0LXRva2Vu\n");
+    }
+    for i in 0..2 {
+        rest += &format!("---\napiVersion: v1\nkind: Service\nmetadata:\n  name: {a}-svc{i}\n  annotations: {{owner: team-{a}}}\nspec:\n  clusterIP: None\n  selector: {{app: {a}}}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, protocol: TCP}}\n");
+        rest +=
+            &format!("---\napiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {a}-sa{i}\n");
+    }
+    [
+        (format!("apps/{a}/config.yaml"), config),
+        (format!("apps/{a}/rest.yaml"), rest),
+    ]
+}
+
+#[tokio::test]
+async fn a_replica_remembers_hashes_and_identities_of_its_apps_not_their_objects() {
+    const APPS: [&str; 4] = ["a", "b", "c", "d"];
+    let mut apps = String::new();
+    for a in APPS {
+        apps.push_str(&format!(
+            "[[apps]]\nname = \"{a}\"\nforge = \"github\"\nrepo = \"{REPO}\"\npath = \"apps/{a}\"\nnamespace = \"{{ns}}\"\n"
+        ));
+    }
+    let env = Env::with_apps(&apps).await;
+    let push = |revision: String, a: &'static str| {
+        driftless::queue::Job::new(
+            a,
+            Some(revision),
+            driftless::queue::JobReason::Push {
+                delivery: None,
+                before: String::new(),
+            },
+        )
+    };
+    for a in APPS {
+        for (path, text) in fleet_app(a, "1") {
+            env.repo.write(&path, &text);
+        }
+    }
+    let first = env.repo.commit("four apps");
+    let engine = env.engine();
+    for a in APPS {
+        let r = engine
+            .run(&push(first.clone(), a), Default::default())
+            .await
+            .unwrap();
+        assert_eq!((r.outcome, r.applied.len()), (Outcome::Applied, 20), "{a}");
+    }
+    engine.settle().await;
+    // The bound on peak RSS is 20 KB per app; what a replica keeps of an app between
+    // runs takes at most half of it, the rest is for file contents in the blob cache.
+    let per_app = engine.remembered_bytes().await / APPS.len();
+    assert!(per_app <= 10 * 1024, "{per_app} bytes kept per app");
+
+    // A push changing one ConfigMap of `a`: only that object is written, only the changed file
+    // is read from the forge, and the objects of the unchanged file stay wanted (not pruned).
+    let [(config_path, config), _] = fleet_app("a", "1");
+    env.repo.write(
+        &config_path,
+        &config.replacen("value: \"1\"", "value: \"2\"", 1),
+    );
+    let second = env.repo.commit("a-cm0 changes");
+    env.sim.clear_requests();
+    let r = engine
+        .run(&push(second.clone(), "a"), Default::default())
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    assert_eq!(r.applied, [env.id("ConfigMap", "a-cm0")]);
+    assert_eq!((r.objects, r.pruned.len()), (20, 0));
+    let blobs = env
+        .sim
+        .requests()
+        .iter()
+        .filter(|r| r.route.contains("git/blobs"))
+        .count();
+    assert_eq!(blobs, 1, "only the changed file is read");
+    // A full run writes every object again, unchanged files included.
+    let mut full = push(second, "a");
+    full.full = true;
+    let r = engine.run(&full, Default::default()).await.unwrap();
+    assert_eq!((r.applied.len(), r.pruned.len()), (20, 0));
+    engine.settle().await;
+    let per_app = engine.remembered_bytes().await / APPS.len();
+    assert!(per_app <= 10 * 1024, "{per_app} bytes kept per app");
+    env.cleanup().await;
+}
