@@ -322,6 +322,99 @@ mod tests {
         assert!(e.to_string().contains("repository"), "{e}");
     }
 
+    /// Every real `pull_request` example of the actions driftless handles (the file number is
+    /// the example's position in `@octokit/webhooks-examples`), and the event it must become.
+    const PULL_REQUEST_FIXTURES: [(u32, &str, PullRequestAction); 9] = [
+        (1, "opened", PullRequestAction::Updated),
+        (4, "closed", PullRequestAction::Closed),
+        (5, "closed", PullRequestAction::Closed),
+        (13, "opened", PullRequestAction::Updated),
+        (14, "opened", PullRequestAction::Updated),
+        (15, "opened", PullRequestAction::Updated),
+        (19, "reopened", PullRequestAction::Updated),
+        (20, "reopened", PullRequestAction::Updated),
+        (23, "synchronize", PullRequestAction::Updated),
+    ];
+
+    fn pull_request_fixture(n: u32) -> serde_json::Value {
+        serde_json::from_slice(&fixture(&format!("pull_request-{n}.json"))).unwrap()
+    }
+
+    fn parse_pull_request(v: &serde_json::Value) -> PullRequestEvent {
+        match parse("pull_request", &serde_json::to_vec(v).unwrap()).unwrap() {
+            Event::PullRequest(pr) => pr,
+            other => panic!("not a pull request event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_pull_request_fixture_parses() {
+        for (n, action, expected) in PULL_REQUEST_FIXTURES {
+            let body = fixture(&format!("pull_request-{n}.json"));
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["action"], action, "pull_request-{n}");
+            let Event::PullRequest(pr) = parse("pull_request", &body).unwrap() else {
+                panic!("pull_request-{n} is not a pull request event")
+            };
+            assert_eq!(
+                pr,
+                PullRequestEvent {
+                    forge: ForgeKind::Github,
+                    repo: "Codertocat/Hello-World".into(),
+                    number: 2,
+                    action: expected,
+                    base_branch: "master".into(),
+                    head_sha: "ec26c3e57ca3a959ca5aad62de7213c562f8c821".into(),
+                    from_fork: false,
+                },
+                "pull_request-{n}"
+            );
+            // The head branch is not what the base branch is: the right `ref` was read.
+            assert_eq!(v["pull_request"]["head"]["ref"], "changes");
+        }
+    }
+
+    /// No example of 7.6.1 is merged or comes from a fork: these flip exactly the field
+    /// GitHub sets in those cases on a real example, nothing else.
+    #[test]
+    fn merged_and_fork_pull_requests_from_real_examples() {
+        let mut merged = pull_request_fixture(4);
+        merged["pull_request"]["merged"] = true.into();
+        assert_eq!(
+            parse_pull_request(&merged).action,
+            PullRequestAction::Merged
+        );
+
+        let mut fork = pull_request_fixture(1);
+        fork["pull_request"]["head"]["repo"]["full_name"] = "someone/Hello-World".into();
+        let pr = parse_pull_request(&fork);
+        assert!(pr.from_fork);
+        // The base repository is the one apps are matched against, not the head's.
+        assert_eq!(pr.repo, "Codertocat/Hello-World");
+
+        // A head whose fork was deleted: `repo` is null, and it counts as a fork.
+        let mut deleted = pull_request_fixture(23);
+        deleted["pull_request"]["head"]["repo"] = serde_json::Value::Null;
+        assert!(parse_pull_request(&deleted).from_fork);
+
+        // The same repository spelled in another case is no fork.
+        let mut case = pull_request_fixture(19);
+        case["pull_request"]["head"]["repo"]["full_name"] = "codertocat/hello-world".into();
+        assert!(!parse_pull_request(&case).from_fork);
+    }
+
+    #[test]
+    fn other_pull_request_actions_are_ignored() {
+        let mut labeled = pull_request_fixture(1);
+        labeled["action"] = "labeled".into();
+        assert_eq!(
+            parse("pull_request", &serde_json::to_vec(&labeled).unwrap()).unwrap(),
+            Event::Ignored {
+                event: "pull_request.labeled".into()
+            }
+        );
+    }
+
     #[test]
     fn other_events_are_ignored() {
         assert_eq!(

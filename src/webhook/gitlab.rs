@@ -512,6 +512,81 @@ mod tests {
         );
     }
 
+    fn merge_request_with(action: &str) -> serde_json::Value {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&fixture("merge_request.json")).unwrap();
+        v["object_attributes"]["action"] = action.into();
+        v
+    }
+
+    fn parse_merge_request(v: &serde_json::Value) -> Event {
+        parse("Merge Request Hook", &serde_json::to_vec(v).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn documented_merge_request_parses() {
+        let Event::PullRequest(pr) =
+            parse("Merge Request Hook", &fixture("merge_request.json")).unwrap()
+        else {
+            panic!("the documented merge request is not a pull request event")
+        };
+        assert_eq!(
+            pr,
+            PullRequestEvent {
+                forge: ForgeKind::Gitlab,
+                repo: "gitlabhq/gitlab-test".into(),
+                number: 1,
+                action: PullRequestAction::Updated,
+                base_branch: "master".into(),
+                head_sha: "da1560886d4f094c3e6c9ef40349f7d38b5d27d7".into(),
+                // source_project_id and target_project_id are both 14.
+                from_fork: false,
+            }
+        );
+        // The event header and object_kind must agree.
+        assert!(parse("Push Hook", &fixture("merge_request.json")).is_err());
+    }
+
+    /// The documented example is an `open`; the other documented `action` values on the
+    /// same payload.
+    #[test]
+    fn merge_request_actions() {
+        for (action, expected) in [
+            ("reopen", PullRequestAction::Updated),
+            ("update", PullRequestAction::Updated),
+            ("close", PullRequestAction::Closed),
+            ("merge", PullRequestAction::Merged),
+        ] {
+            let Event::PullRequest(pr) = parse_merge_request(&merge_request_with(action)) else {
+                panic!("{action} is not a pull request event")
+            };
+            assert_eq!(pr.action, expected, "{action}");
+        }
+        for action in ["approved", "unapproved", "approval", "unapproval"] {
+            assert_eq!(
+                parse_merge_request(&merge_request_with(action)),
+                Event::Ignored {
+                    event: format!("merge_request.{action}")
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn merge_request_from_another_project_is_a_fork() {
+        let mut v = merge_request_with("open");
+        v["object_attributes"]["source_project_id"] = 15.into();
+        let Event::PullRequest(pr) = parse_merge_request(&v) else {
+            panic!()
+        };
+        assert!(pr.from_fork);
+        v["object_attributes"]["source_project_id"] = serde_json::Value::Null;
+        let Event::PullRequest(pr) = parse_merge_request(&v) else {
+            panic!()
+        };
+        assert!(pr.from_fork, "a deleted source project counts as a fork");
+    }
+
     #[test]
     fn older_payload_shape_without_new_fields() {
         let mut v: serde_json::Value = serde_json::from_slice(&fixture("push.json")).unwrap();
