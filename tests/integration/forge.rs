@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use driftless::forge::github::GithubForge;
 use driftless::forge::gitlab::GitlabForge;
 use driftless::forge::{
-    fetch_app, BlobCache, CommitStatus, Comparison, Fetched, Forge, ForgeError, HookSpec,
+    fetch_app, BlobCache, Comment, CommitStatus, Comparison, Fetched, Forge, ForgeError, HookSpec,
     StatusState,
 };
 use driftless::settings::{FetchSettings, Settings};
@@ -325,6 +325,78 @@ async fn hooks_round_trip_on_both_forges() {
     let hooks = sim.hooks("acme/deploy");
     assert_eq!(hooks.len(), 2, "one hook per forge: {hooks:?}");
     assert!(hooks.iter().all(|h| h.secret.as_deref() == Some("second")));
+    assert_github_requests_exist(&sim.requests());
+}
+
+/// The preview comment's life on both forges through the real clients: none at first, created
+/// once, edited in place, a body over the forge's limit refused; on GitHub every call is an
+/// operation of GitHub's description.
+#[tokio::test]
+async fn comments_round_trip_on_both_forges() {
+    let repo = GitRepo::new();
+    repo.commit("empty");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    // GitHub counts characters, not bytes: a two-byte character shows it. GitLab's limit is
+    // tested in ASCII, as two-byte characters would exceed the simulator's 1 MiB body cap.
+    for (forge, limit, fill) in [
+        (&c.github as &dyn Forge, 65_536, "é"),
+        (&c.gitlab as &dyn Forge, 1_000_000, "x"),
+    ] {
+        assert_eq!(forge.comment_limit(), limit);
+        assert!(forge
+            .list_comments("acme/deploy", 7)
+            .await
+            .unwrap()
+            .is_empty());
+        let created = forge
+            .create_comment("acme/deploy", 7, "first preview")
+            .await
+            .unwrap();
+        assert_eq!(created.body, "first preview");
+        let edited = forge
+            .update_comment("acme/deploy", 7, created.id, "second preview")
+            .await
+            .unwrap();
+        assert_eq!(
+            edited,
+            Comment {
+                id: created.id,
+                body: "second preview".into()
+            }
+        );
+        assert_eq!(
+            forge.list_comments("acme/deploy", 7).await.unwrap(),
+            [edited]
+        );
+        // Exactly the limit is accepted, one character more is refused.
+        let at_limit = fill.repeat(limit);
+        forge
+            .update_comment("acme/deploy", 7, created.id, &at_limit)
+            .await
+            .unwrap();
+        let over = fill.repeat(limit + 1);
+        let refused = forge.create_comment("acme/deploy", 7, &over).await;
+        assert!(
+            matches!(refused, Err(ForgeError::InvalidResponse { .. })),
+            "{refused:?}"
+        );
+        let refused = forge
+            .update_comment("acme/deploy", 7, created.id, &over)
+            .await;
+        assert!(
+            matches!(refused, Err(ForgeError::InvalidResponse { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(
+            forge.list_comments("acme/deploy", 7).await.unwrap().len(),
+            1
+        );
+    }
+    let comments = sim.comments("acme/deploy", 7);
+    assert_eq!(comments.len(), 2, "one comment per forge: {comments:?}");
+    assert!(comments.iter().all(|c| c.edits == 2));
     assert_github_requests_exist(&sim.requests());
 }
 

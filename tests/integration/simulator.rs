@@ -395,6 +395,115 @@ async fn github_refs_trees_and_blobs_match_the_openapi_description() {
     assert_github_requests_exist(&sim.requests());
 }
 
+/// Validates an error answer against the schema GitHub's description documents for that
+/// operation and status (the client above only checks successful answers).
+fn assert_documented_error(method: &str, path: &str, answer: &Answer) {
+    let (template, op) = find_operation(method, path).expect("a GitHub operation");
+    let schema = response_schema(op, answer.status)
+        .unwrap_or_else(|| panic!("{method} {template} documents no {}", answer.status));
+    if let Err(errors) = validate(schema, &answer.json) {
+        panic!(
+            "{method} {path} {}: {}\n{}",
+            answer.status,
+            errors.join("\n"),
+            answer.json
+        );
+    }
+}
+
+/// Issue comments (the preview comment on a pull request): created, listed and edited with
+/// the `issue-comment` shape, and refused with GitHub's documented 422 when the body is
+/// missing or over 65,536 characters (characters, not bytes).
+#[tokio::test]
+async fn github_issue_comments_match_the_openapi_description() {
+    let repo = TestRepo::new();
+    repo.write("a", "1\n");
+    repo.commit("one");
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let gh = GithubClient::new(&sim);
+
+    let empty = gh.get("/repos/acme/deploy/issues/3/comments").await;
+    assert_eq!((empty.status, &empty.json), (200, &json!([])));
+    let created = gh
+        .send(
+            Method::POST,
+            "/repos/acme/deploy/issues/3/comments",
+            Some(json!({"body": "preview"})),
+            &[],
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    assert_eq!(created.json["body"], "preview");
+    let id = created.json["id"].as_u64().unwrap();
+    assert!(created.json["issue_url"]
+        .as_str()
+        .unwrap()
+        .ends_with("/repos/acme/deploy/issues/3"));
+
+    let at_limit = "é".repeat(65_536);
+    let edited = gh
+        .send(
+            Method::PATCH,
+            &format!("/repos/acme/deploy/issues/comments/{id}"),
+            Some(json!({ "body": at_limit })),
+            &[],
+        )
+        .await;
+    assert_eq!(edited.status, 200);
+    assert_eq!(edited.json["id"], id);
+    assert_eq!(edited.json["body"], at_limit.as_str());
+
+    let listed = gh
+        .get("/repos/acme/deploy/issues/3/comments?per_page=100")
+        .await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(listed.json.as_array().unwrap().len(), 1);
+    assert_eq!(listed.json[0]["id"], id);
+    // Another pull request has its own comments.
+    assert_eq!(
+        gh.get("/repos/acme/deploy/issues/4/comments").await.json,
+        json!([])
+    );
+
+    let over = "é".repeat(65_537);
+    for (method, path) in [
+        (
+            Method::POST,
+            "/repos/acme/deploy/issues/3/comments".to_string(),
+        ),
+        (
+            Method::PATCH,
+            format!("/repos/acme/deploy/issues/comments/{id}"),
+        ),
+    ] {
+        for body in [json!({ "body": over }), json!({})] {
+            let refused = gh.send(method.clone(), &path, Some(body), &[]).await;
+            assert_eq!(refused.status, 422, "{method} {path}");
+            assert_documented_error(method.as_str(), &path, &refused);
+            assert_eq!(refused.json["errors"][0]["field"], "body");
+        }
+    }
+    let unknown = gh
+        .send(
+            Method::PATCH,
+            "/repos/acme/deploy/issues/comments/999999",
+            Some(json!({"body": "x"})),
+            &[],
+        )
+        .await;
+    assert_eq!(unknown.status, 404);
+    // Nothing refused was stored.
+    let comments = sim.comments("acme/deploy", 3);
+    assert_eq!(comments.len(), 1);
+    assert_eq!(
+        (comments[0].body.chars().count(), comments[0].edits),
+        (65_536, 1)
+    );
+
+    assert_github_requests_exist(&sim.requests());
+}
+
 #[tokio::test]
 async fn github_compare_reports_ahead_behind_identical_and_diverged() {
     let repo = TestRepo::new();

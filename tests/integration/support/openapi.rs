@@ -265,6 +265,17 @@ fn operations_are_found_by_template() {
     assert_eq!(t, "/repos/{owner}/{repo}/commits/{ref}/status");
     let (t, _) = find_operation("GET", "/repos/a/b/compare/main...feature/x").unwrap();
     assert_eq!(t, "/repos/{owner}/{repo}/compare/{basehead}");
+    // The preview comment: listed and created on the pull request (an issue), edited by id.
+    let (t, op) = find_operation("GET", "/repos/a/b/issues/7/comments?per_page=100").unwrap();
+    assert_eq!(t, "/repos/{owner}/{repo}/issues/{issue_number}/comments");
+    assert_eq!(op["operationId"], "issues/list-comments");
+    let (_, op) = find_operation("POST", "/repos/a/b/issues/7/comments").unwrap();
+    assert_eq!(op["operationId"], "issues/create-comment");
+    let (t, op) = find_operation("PATCH", "/repos/a/b/issues/comments/42").unwrap();
+    assert_eq!(t, "/repos/{owner}/{repo}/issues/comments/{comment_id}");
+    assert_eq!(op["operationId"], "issues/update-comment");
+    assert!(find_operation("PUT", "/repos/a/b/issues/comments/42").is_none());
+    assert!(find_operation("PATCH", "/repos/a/b/issues/7/comments").is_none());
     assert!(find_operation("GET", "/repos/a/b/git/blobs/x/y").is_none());
     assert!(find_operation("PUT", "/repos/a/b/hooks/1").is_none());
     assert!(find_operation("GET", "/repos/a/git/ref/heads/x").is_none());
