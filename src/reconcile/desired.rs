@@ -6,6 +6,7 @@
 //! app's state ConfigMap (read with it, written with it); larger, in parts of their own.
 
 use std::io::{Read as _, Write as _};
+use std::ops::Range;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -161,6 +162,41 @@ pub fn from_config_map(cm: &ConfigMap) -> Option<Stored> {
     serde_json::from_str(text).ok().map(Stored::Parts)
 }
 
+/// How many part ConfigMaps the parts record of an app's state ConfigMap points at (0 for a
+/// copy kept inline, none, or an unreadable record).
+pub fn parts_of(cm: &ConfigMap) -> usize {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(PARTS_KEY))
+        .and_then(|text| serde_json::from_str::<PartsRecord>(text).ok())
+        .map_or(0, |r| r.parts)
+}
+
+/// How many part ConfigMaps [`state_patch`] writes for `packed` (0 when it is kept inline).
+pub fn parts_needed(packed: Option<&[u8]>) -> usize {
+    match packed {
+        Some(p) if p.len() > MAX_INLINE_BYTES => p.len().div_ceil(PART_BYTES),
+        _ => 0,
+    }
+}
+
+/// Deletes the app's part ConfigMaps numbered `parts` (once the state no longer points at
+/// them). A part that is already gone is fine; one that cannot be deleted is left, logged:
+/// an unused part is never read (the record's count and checksum say which parts are used).
+pub async fn delete_parts(client: &Client, namespace: &str, app: &str, parts: Range<usize>) {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    for part in parts {
+        let name = part_name(app, part);
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => {
+                tracing::warn!(%app, part = %name, error = %e, "cannot delete a desired-state part no longer used")
+            }
+        }
+    }
+}
+
 fn part_name(app: &str, i: usize) -> String {
     format!("{}-desired-{i}", state::object_name(app))
 }
@@ -263,6 +299,24 @@ mod tests {
             sha: "1".repeat(40),
             content: Bytes::from_static(b"kind: ConfigMap\n"),
         }]
+    }
+
+    #[test]
+    fn parts_are_counted_as_written_and_as_recorded() {
+        assert_eq!(parts_needed(None), 0);
+        assert_eq!(parts_needed(Some(&vec![0; MAX_INLINE_BYTES])), 0);
+        assert_eq!(parts_needed(Some(&vec![0; MAX_INLINE_BYTES + 1])), 1);
+        assert_eq!(parts_needed(Some(&vec![0; PART_BYTES + 1])), 2);
+        let record = PartsRecord {
+            parts: 3,
+            sha256: String::new(),
+        };
+        let cm = ConfigMap {
+            data: Some([(PARTS_KEY.into(), serde_json::to_string(&record).unwrap())].into()),
+            ..Default::default()
+        };
+        assert_eq!(parts_of(&cm), 3);
+        assert_eq!(parts_of(&ConfigMap::default()), 0);
     }
 
     #[test]

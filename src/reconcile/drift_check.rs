@@ -377,7 +377,10 @@ impl Engine {
         let (files, version) = self.render_from_forge(app, revision).await?;
         if let (Some(address), true) = (&address, st.version().as_ref() == Some(&version)) {
             if let Some(packed) = desired::pack(address, &files) {
-                if let Err(e) = state::save_desired(&self.client, ns, &app.name, &packed).await {
+                if let Err(e) =
+                    state::save_desired(&self.client, ns, &app.name, &packed, st.desired_parts)
+                        .await
+                {
                     warn!(app = %app.name, error = %e, "cannot keep the desired state");
                 }
             }

@@ -57,6 +57,11 @@ pub struct AppState {
     /// What the last drift check found.
     #[serde(default)]
     pub drift: Option<DriftRecord>,
+    /// Part ConfigMaps of the desired manifests kept beside the state (see `desired`), as
+    /// last read or written with it; not part of the stored record (the parts record beside
+    /// it says so), only so that a write needing fewer parts deletes the rest.
+    #[serde(skip)]
+    pub desired_parts: usize,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -301,6 +306,7 @@ pub fn from_config_map(app: &str, cm: &ConfigMap) -> Result<AppState, StateError
     if let Some(text) = data.and_then(|d| d.get(DRIFT_KEY)) {
         st.drift = Some(serde_json::from_str(text).map_err(parse_err)?);
     }
+    st.desired_parts = desired::parts_of(cm);
     Ok(st)
 }
 
@@ -379,12 +385,14 @@ pub async fn save_intent(
 }
 
 /// Writes an app's run record and the desired manifests it was applied from (`packed`, see
-/// `desired`; `None` forgets any kept before), in one write when they fit inline.
+/// `desired`; `None` forgets any kept before), in one write when they fit inline; then
+/// deletes the parts kept before that the new copy no longer needs (`state.desired_parts`,
+/// updated).
 pub async fn save_with_desired(
     client: &Client,
     namespace: &str,
     app: &str,
-    state: &AppState,
+    state: &mut AppState,
     packed: Option<&[u8]>,
 ) -> Result<(), StateError> {
     if take_injected_failure(namespace, app) {
@@ -408,16 +416,22 @@ pub async fn save_with_desired(
         .await
         .map_err(|e| err("write desired parts", e.to_string()))?;
     patch["data"][KEY] = json!(text);
-    write_keys(client, namespace, app, patch).await
+    write_keys(client, namespace, app, patch).await?;
+    let parts = desired::parts_needed(packed);
+    desired::delete_parts(client, namespace, app, parts..state.desired_parts).await;
+    state.desired_parts = parts;
+    Ok(())
 }
 
 /// Keeps the desired manifests of the applied revision beside the app's state (after a drift
-/// check had to read them from the forge), leaving the run record alone.
+/// check had to read them from the forge), leaving the run record alone; then deletes the
+/// parts of the copy kept before (`previous_parts` of them) that this one does not need.
 pub async fn save_desired(
     client: &Client,
     namespace: &str,
     app: &str,
     packed: &[u8],
+    previous_parts: usize,
 ) -> Result<(), StateError> {
     let patch = desired::state_patch(client, namespace, app, Some(packed))
         .await
@@ -426,7 +440,10 @@ pub async fn save_desired(
             step: "write desired parts",
             message: e.to_string(),
         })?;
-    write_keys(client, namespace, app, patch).await
+    write_keys(client, namespace, app, patch).await?;
+    let parts = desired::parts_needed(Some(packed));
+    desired::delete_parts(client, namespace, app, parts..previous_parts).await;
+    Ok(())
 }
 
 /// Writes an app's drift finding.

@@ -328,3 +328,74 @@ async fn a_replica_remembers_hashes_and_identities_of_its_apps_not_their_objects
     assert!(per_app <= 10 * 1024, "{per_app} bytes kept per app");
     env.cleanup().await;
 }
+
+/// A ConfigMap of about `kib` KiB that gzip cannot shrink much (base64 of random bytes).
+fn incompressible_cm(name: &str, kib: usize) -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = (0..kib * 768).map(|_| rand::random::<u8>()).collect();
+    let value = base64::engine::general_purpose::STANDARD.encode(bytes);
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n"
+    )
+}
+
+/// Names of the part ConfigMaps of app `demo`'s kept desired state.
+async fn desired_parts(env: &Env) -> Vec<String> {
+    let cms: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let mut names: Vec<String> = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|cm| cm.metadata.name)
+        .filter(|n| n.starts_with("driftless-app-demo-desired-"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn parts_of_the_kept_desired_state_go_when_the_render_shrinks() {
+    let env = crate::reconcile::Env::new("github", "drift = \"alert\"").await;
+    let engine = env.engine();
+    // About 1.6 MB of manifests, 1.2 MB compressed: two parts of 700 KiB.
+    for i in 0..4 {
+        env.repo.write(
+            &format!("app/big{i}.yaml"),
+            &incompressible_cm(&format!("big{i}"), 400),
+        );
+    }
+    let r = env.push(&engine, &env.repo.commit("large")).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    assert_eq!(
+        desired_parts(&env).await,
+        [
+            "driftless-app-demo-desired-0",
+            "driftless-app-demo-desired-1"
+        ]
+    );
+
+    // One part's worth: the second part goes.
+    for i in 1..4 {
+        env.repo.remove(&format!("app/big{i}.yaml"));
+    }
+    let r = env
+        .push(&engine, &env.repo.commit("smaller"))
+        .await
+        .unwrap();
+    assert_eq!((r.outcome, r.pruned.len()), (Outcome::Applied, 3));
+    assert_eq!(desired_parts(&env).await, ["driftless-app-demo-desired-0"]);
+    // What is kept is still the applied set: the drift check needs no forge.
+    env.sim.clear_requests();
+    let drift = env.engine().check_drift("demo", false).await.unwrap();
+    assert_eq!((drift.checked, drift.drifted.len()), (1, 0));
+    assert!(env.sim.requests().is_empty(), "the check read the forge");
+
+    // Small enough to sit in the state ConfigMap: no part is left.
+    env.repo.remove("app/big0.yaml");
+    env.repo.write("app/small.yaml", &env.cm("small", "1"));
+    let r = env.push(&engine, &env.repo.commit("small")).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    assert!(desired_parts(&env).await.is_empty());
+    env.cleanup().await;
+}
