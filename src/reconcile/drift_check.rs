@@ -32,7 +32,10 @@ pub struct DriftReport {
     /// Why the heal left drift in place: the first object the API server refused to write,
     /// with its reason (a field another manager owns under `force_conflicts = false`).
     pub heal_error: Option<String>,
-    /// Kubernetes API requests the check cost (LISTs, GETs, dry-runs, heals).
+    /// Kubernetes API requests the check cost (LISTs, GETs, dry-runs, heals). A request
+    /// shared by the apps checked together in a sweep (the bulk read of their states, the
+    /// LISTs of their live objects) is shared out among their reports, so the reports of a
+    /// sweep add up to the requests its checks made.
     pub api_requests: usize,
 }
 

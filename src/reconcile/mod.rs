@@ -214,6 +214,9 @@ pub struct Engine {
     /// App states (with their kept desired manifests) read in bulk for a sweep; an entry is
     /// dropped once a run of the app may have changed it.
     prefetched: Mutex<HashMap<String, (AppState, Option<desired::Stored>)>>,
+    /// API requests the bulk read of [`Self::prefetched`] took, not yet counted in a drift
+    /// report (the first batch of the sweep's checks counts them).
+    prefetch_requests: std::sync::atomic::AtomicUsize,
 }
 
 fn kube_message(e: &kube::Error) -> String {
@@ -257,6 +260,7 @@ impl Engine {
             run_leases: Mutex::new(HashMap::new()),
             heads: heads::BranchHeads::new(client_for_heads, &state_ns),
             prefetched: Mutex::new(HashMap::new()),
+            prefetch_requests: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -412,15 +416,20 @@ impl Engine {
 
     /// Reads every app's state in one paged LIST, for the runs and drift checks of a sweep.
     pub async fn prefetch_states(&self) -> Result<usize, ReconcileError> {
-        let all = state::load_all(&self.client, &self.settings.kubernetes.state_namespace).await?;
+        let (all, requests) =
+            state::load_all(&self.client, &self.settings.kubernetes.state_namespace).await?;
         let n = all.len();
         *self.prefetched.lock().expect("prefetched states") = all;
+        self.prefetch_requests
+            .store(requests, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
     }
 
     /// Drops what [`Self::prefetch_states`] read: past its sweep it may be stale.
     pub fn forget_prefetched(&self) {
         self.prefetched.lock().expect("prefetched states").clear();
+        self.prefetch_requests
+            .store(0, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Creates the state namespace once per engine, before its first write.

@@ -238,19 +238,29 @@ pub async fn load_with_desired(
 }
 
 /// The state of every app in the namespace with the desired manifests kept beside it, by app:
-/// one paged LIST by label instead of a GET per app. A state that cannot be parsed is left
-/// out (logged); reading that app alone reports the error.
+/// one paged LIST by label instead of a GET per app; and the requests that took (its pages).
+/// A state that cannot be parsed is left out (logged); reading that app alone reports the
+/// error.
 pub async fn load_all(
     client: &Client,
     namespace: &str,
-) -> Result<std::collections::HashMap<String, (AppState, Option<Stored>)>, StateError> {
+) -> Result<
+    (
+        std::collections::HashMap<String, (AppState, Option<Stored>)>,
+        usize,
+    ),
+    StateError,
+> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let params = ListParams::default().labels(LABEL_STATE_OF);
-    let list = list_all(&api, params).await.map_err(|e| StateError {
-        app: "*".into(),
-        step: "read",
-        message: e.to_string(),
-    })?;
+    let mut requests = 0;
+    let list = list_all_counted(&api, params, &mut requests)
+        .await
+        .map_err(|e| StateError {
+            app: "*".into(),
+            step: "read",
+            message: e.to_string(),
+        })?;
     let mut all = std::collections::HashMap::new();
     for cm in list {
         let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
@@ -266,7 +276,7 @@ pub async fn load_all(
             }
         }
     }
-    Ok(all)
+    Ok((all, requests))
 }
 
 /// Every object of a LIST, page by page.
@@ -274,9 +284,23 @@ pub async fn list_all<K>(api: &Api<K>, params: ListParams) -> Result<Vec<K>, kub
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
+    list_all_counted(api, params, &mut 0).await
+}
+
+/// [`list_all`], adding each request it makes (one per page, a failed one too) to
+/// `requests`.
+pub async fn list_all_counted<K>(
+    api: &Api<K>,
+    params: ListParams,
+    requests: &mut usize,
+) -> Result<Vec<K>, kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let mut params = params.limit(LIST_PAGE);
     let mut all = Vec::new();
     loop {
+        *requests += 1;
         let page = api.list(&params).await?;
         all.extend(page.items);
         match page.metadata.continue_ {

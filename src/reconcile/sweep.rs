@@ -97,7 +97,14 @@ impl Engine {
             }
         }
         let names: Vec<&str> = ready.iter().map(|r| r.0.name.as_str()).collect();
-        let index = match self.list_live(&ready, &names).await {
+        // The sweep's bulk read of the states counts with its first batch that checks an app.
+        let mut shared = if ready.is_empty() {
+            0
+        } else {
+            self.prefetch_requests
+                .swap(0, std::sync::atomic::Ordering::Relaxed)
+        };
+        let index = match self.list_live(&ready, &names, &mut shared).await {
             Ok(index) => index,
             Err(e) => {
                 // Each app lists for itself instead, and meets the error on its own.
@@ -105,6 +112,10 @@ impl Engine {
                 LiveIndex::default()
             }
         };
+        let shares = share_out(shared, ready.len());
+        for ((.., report), share) in ready.iter_mut().zip(shares) {
+            report.api_requests += share;
+        }
         let index = &index;
         let checked: Vec<_> = futures::stream::iter(ready)
             .map(|(app, heal, st, desired, report)| async move {
@@ -121,7 +132,7 @@ impl Engine {
     }
 
     /// One LIST (paged) per kind and namespace the batch's desired objects are in, selecting
-    /// the batch's apps by label.
+    /// the batch's apps by label; each request made is added to `requests`.
     async fn list_live(
         &self,
         ready: &[(
@@ -132,6 +143,7 @@ impl Engine {
             DriftReport,
         )],
         names: &[&str],
+        requests: &mut usize,
     ) -> Result<LiveIndex, ReconcileError> {
         let mut index = LiveIndex::default();
         if names.is_empty() {
@@ -147,15 +159,35 @@ impl Engine {
                     continue;
                 }
                 let api: Api<DynamicObject> = self.api(p);
-                let items = state::list_all(&api, selector.clone()).await.map_err(|e| {
-                    ReconcileError::Discovery {
-                        what: format!("live {}", p.id.kind),
-                        message: kube_message(&e),
-                    }
+                let listed = state::list_all_counted(&api, selector.clone(), requests).await;
+                let items = listed.map_err(|e| ReconcileError::Discovery {
+                    what: format!("live {}", p.id.kind),
+                    message: kube_message(&e),
                 })?;
                 index.0.insert(key, by_name(items));
             }
         }
         Ok(index)
+    }
+}
+
+/// `requests` shared out among `apps` as evenly as whole requests allow, the first apps taking
+/// one more: the shares add up to `requests` (all of them to nobody when there is no app).
+fn share_out(requests: usize, apps: usize) -> Vec<usize> {
+    (0..apps)
+        .map(|i| requests / apps + usize::from(i < requests % apps))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share_out;
+
+    #[test]
+    fn shared_requests_are_shared_out_whole_and_add_up() {
+        assert_eq!(share_out(7, 3), [3, 2, 2]);
+        assert_eq!(share_out(2, 3), [1, 1, 0]);
+        assert_eq!(share_out(0, 2), [0, 0]);
+        assert!(share_out(5, 0).is_empty());
     }
 }

@@ -399,3 +399,34 @@ async fn parts_of_the_kept_desired_state_go_when_the_render_shrinks() {
     assert!(desired_parts(&env).await.is_empty());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_sweeps_reports_count_every_api_request_it_made_bulk_lists_included() {
+    let env = three_apps().await;
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let forges = driftless::forge::from_settings(&env.settings).unwrap();
+    let engine = driftless::reconcile::Engine::new(
+        client,
+        forges,
+        std::sync::Arc::new(env.settings.clone()),
+    );
+    // Kinds are looked up once per process, not by a check: out of the count.
+    engine.check_drift("a", false).await.unwrap();
+    calls.take();
+
+    engine.prefetch_states().await.unwrap();
+    let apps: Vec<(String, bool)> = ["a", "b", "c"].map(|a| (a.to_string(), false)).into();
+    let reports = engine.check_drift_all(&apps).await;
+    let counted: usize = reports
+        .iter()
+        .map(|(_, r)| r.as_ref().unwrap().api_requests)
+        .sum();
+    let made = calls.take();
+    assert!(
+        made.iter()
+            .any(|c| c.starts_with("GET ") && c.contains("labelSelector")),
+        "{made:#?}"
+    );
+    assert_eq!(counted, made.len(), "{made:#?}");
+    env.cleanup().await;
+}
