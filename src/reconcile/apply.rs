@@ -21,7 +21,11 @@ use crate::manifest::{self, Object, ObjectRef, Stage};
 use crate::queue::Job;
 use crate::settings::AppSettings;
 
-/// Objects applied (or dry-run) at once within one stage.
+/// Objects applied (or dry-run) at once within one stage. A write the API server throttles
+/// (429 from API priority and fairness or max-in-flight; 503, 504) is tried again by the kube
+/// client itself after the server's Retry-After or an exponential backoff, at most 15 times
+/// (kube's `RetryPolicy::server_retry`, on in every client built from a `Config`), before
+/// it fails the run.
 const APPLY_CONCURRENCY: usize = 8;
 /// How long a CRD may take to become Established.
 const CRD_ESTABLISH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -538,6 +542,141 @@ impl Engine {
             }
             waiting = still;
             tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::json;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+    use crate::settings::Settings;
+
+    /// A local HTTP server that answers each request with the next of `answers` (status,
+    /// extra header, body), the last one for good, and records the request lines. Not a
+    /// Kubernetes: it only stands for an API server that throttles, for the client's retry.
+    async fn answering(
+        answers: Vec<(u16, &'static str, String)>,
+    ) -> (String, Arc<Mutex<Vec<String>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (log, answers) = (seen.clone(), Arc::new(Mutex::new(answers)));
+        tokio::spawn(async move {
+            loop {
+                let (conn, _) = listener.accept().await.unwrap();
+                let (log, answers) = (log.clone(), answers.clone());
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(conn);
+                    loop {
+                        let mut line = String::new();
+                        if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut length = 0;
+                        loop {
+                            let mut header = String::new();
+                            conn.read_line(&mut header).await.unwrap();
+                            if header.trim().is_empty() {
+                                break;
+                            }
+                            if let Some((k, v)) = header.split_once(':') {
+                                if k.eq_ignore_ascii_case("content-length") {
+                                    length = v.trim().parse().unwrap();
+                                }
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        conn.read_exact(&mut body).await.unwrap();
+                        log.lock().unwrap().push(line.trim().to_string());
+                        let (status, header, text) = {
+                            let mut a = answers.lock().unwrap();
+                            if a.len() > 1 {
+                                a.remove(0)
+                            } else {
+                                a[0].clone()
+                            }
+                        };
+                        let response = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n{header}content-length: {}\r\n\r\n{text}",
+                            text.len()
+                        );
+                        conn.get_mut().write_all(response.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (url, seen)
+    }
+
+    fn too_many() -> (u16, &'static str, String) {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "Too many requests, please try again later.", "reason": "TooManyRequests",
+            "code": 429});
+        (429, "retry-after: 1\r\n", status.to_string())
+    }
+
+    fn engine_and_object(url: &str) -> (Engine, Prepared, AppSettings) {
+        // Built as the binary builds its client (`Client::try_default` is this from a config).
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let settings = Settings::from_toml_str(
+            "[forges.github]\ntoken_env = \"T\"\nwebhook_secret_env = \"S\"\n[[apps]]\nname = \"web\"\nforge = \"github\"\nrepo = \"acme/deploy\"\npath = \"web\"\nnamespace = \"web\"\n",
+        )
+        .unwrap();
+        let app = settings.apps[0].clone();
+        let engine = Engine::new(client, Default::default(), Arc::new(settings));
+        let id = ObjectRef {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: Some("web".into()),
+            name: "x".into(),
+        };
+        let body = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "x", "namespace": "web"}, "data": {"k": "v"}});
+        let prepared = Prepared {
+            id,
+            source: manifest::Source {
+                file: "web/x.yaml".into(),
+                document: 0,
+            },
+            body,
+            hash: String::new(),
+            stage: Stage::Namespaced,
+            resource: kube::core::ApiResource {
+                group: String::new(),
+                version: "v1".into(),
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                plural: "configmaps".into(),
+            },
+            namespaced: true,
+        };
+        (engine, prepared, app)
+    }
+
+    /// The retry is the kube client's (see [`APPLY_CONCURRENCY`]); this pins it for the
+    /// engine's writes and the client the binary builds: with `default_retry` off, both fail.
+    #[tokio::test]
+    async fn an_apply_and_a_dry_run_throttled_with_429_wait_and_are_tried_again() {
+        let applied = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "x", "namespace": "web"}, "data": {"k": "v"}});
+        for dry_run in [false, true] {
+            let (url, seen) = answering(vec![too_many(), (200, "", applied.to_string())]).await;
+            let (engine, p, app) = engine_and_object(&url);
+            let results = engine.patch_all(&[&p], &engine.params(&app, dry_run)).await;
+            assert_eq!(results.len(), 1);
+            assert_eq!(results[0].1, Ok(()), "dry run {dry_run}");
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            assert!(
+                seen.iter()
+                    .all(|l| l.starts_with("PATCH /api/v1/namespaces/web/configmaps/x?")),
+                "{seen:?}"
+            );
         }
     }
 }
