@@ -351,6 +351,7 @@ impl ForgeSimulator {
         secret: &str,
     ) -> Result<reqwest::StatusCode, reqwest::Error> {
         requests::github_delivery(self.state(), repo, hook, secret)
+            .await
             .send(&format!(
                 "{}/hooks/github",
                 receiver_base_url.trim_end_matches('/')
@@ -368,6 +369,7 @@ impl ForgeSimulator {
         token: &str,
     ) -> Result<reqwest::StatusCode, reqwest::Error> {
         requests::gitlab_delivery(self.state(), repo, hook, token)
+            .await
             .send(&format!(
                 "{}/hooks/gitlab",
                 receiver_base_url.trim_end_matches('/')

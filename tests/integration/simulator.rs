@@ -1,7 +1,8 @@
 //! The forge simulator against real git repositories: every GitHub endpoint answers with the
 //! shapes of GitHub's OpenAPI description, GitLab's pagination, blobs, statuses, hooks and
-//! project naming behave as GitLab documents them, faults are applied and consumed, and the
-//! push webhooks it sends are accepted by driftless's own receiver.
+//! project naming behave as GitLab documents them, faults are applied and consumed, the push
+//! webhooks it sends are accepted by driftless's own receiver, and its pull/merge request
+//! webhooks have the shape of the forges' real payloads.
 
 use std::collections::BTreeSet;
 use std::net::TcpListener;
@@ -15,8 +16,11 @@ use base64::Engine as _;
 use driftless::metrics::Metrics;
 use driftless::queue::JobQueue;
 use driftless::server::{routes, Receiver};
-use driftless::settings::Settings;
-use driftless::simulator::{Fault, FaultKind, ForgeSimulator, SimConfig, UNKNOWN_ROUTE};
+use driftless::settings::{ForgeKind, Settings};
+use driftless::simulator::{
+    Fault, FaultKind, ForgeSimulator, RequestAction, RequestHook, SimConfig, UNKNOWN_ROUTE,
+};
+use driftless::webhook::{Event, PullRequestAction, PullRequestEvent};
 use reqwest::header::HeaderMap;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -2099,5 +2103,264 @@ async fn gitlab_hook_listing_pages_as_documented() {
         }
         assert_eq!(seen, created, "{query}");
         assert_eq!(pages, created.len().div_ceil(per_page), "{query}");
+    }
+}
+
+/// A JSON value's type, as the shape checks compare it.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// The object at `pointer` in `ours` has every key the real payload has there, each with the
+/// real payload's JSON type; `null` on either side passes (both forges send many fields as
+/// `null` or a value depending on the request, and their examples fill some of them).
+fn assert_shaped_like(ours: &Value, real: &Value, pointer: &str, except: &[&str], what: &str) {
+    let theirs = real
+        .pointer(pointer)
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("{what}: the real payload has no object at {pointer:?}"));
+    let mine = ours
+        .pointer(pointer)
+        .and_then(Value::as_object)
+        .unwrap_or_else(|| panic!("{what}: no object at {pointer:?}"));
+    for (key, real_value) in theirs.iter().filter(|(k, _)| !except.contains(&k.as_str())) {
+        let Some(value) = mine.get(key) else {
+            panic!("{what}: {pointer}/{key} is missing");
+        };
+        let (a, b) = (json_kind(value), json_kind(real_value));
+        assert!(
+            a == b || a == "null" || b == "null",
+            "{what}: {pointer}/{key} is {a}, the real payload's is {b}"
+        );
+    }
+}
+
+/// Each field driftless's receiver reads is present, not null, and of the real type.
+fn assert_read_fields(ours: &Value, real: &Value, pointers: &[&str], what: &str) {
+    for pointer in pointers {
+        let mine = ours
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("{what}: {pointer} is missing"));
+        let theirs = real
+            .pointer(pointer)
+            .unwrap_or_else(|| panic!("{what}: the real payload has no {pointer}"));
+        assert_eq!(
+            json_kind(mine),
+            json_kind(theirs),
+            "{what}: {pointer} is {mine}, the real payload has {theirs}"
+        );
+    }
+}
+
+/// Fields of a `pull_request` delivery driftless's receiver reads.
+const GITHUB_PULL_REQUEST_READS: &[&str] = &[
+    "/action",
+    "/number",
+    "/pull_request/merged",
+    "/pull_request/head/ref",
+    "/pull_request/head/sha",
+    "/pull_request/head/repo/full_name",
+    "/pull_request/base/ref",
+    "/pull_request/base/sha",
+    "/pull_request/base/repo/full_name",
+];
+
+/// Fields of a `Merge Request Hook` delivery driftless's receiver reads.
+const GITLAB_MERGE_REQUEST_READS: &[&str] = &[
+    "/object_kind",
+    "/project/path_with_namespace",
+    "/object_attributes/iid",
+    "/object_attributes/target_branch",
+    "/object_attributes/source_project_id",
+    "/object_attributes/target_project_id",
+    "/object_attributes/last_commit/id",
+    "/object_attributes/action",
+];
+
+/// A repository with `main` and a branch `change` one commit ahead: (repo, main, change).
+fn request_repo() -> (TestRepo, String, String) {
+    let repo = TestRepo::new();
+    repo.write("apps/web/cm.yaml", "n: 1\n");
+    let main = repo.commit("base");
+    repo.checkout_new("change");
+    repo.write("apps/web/cm.yaml", "n: 2\n");
+    let change = repo.commit("Raise n\n\nbody");
+    repo.checkout("main");
+    (repo, main, change)
+}
+
+const REQUEST_CASES: [(RequestAction, PullRequestAction); 5] = [
+    (RequestAction::Opened, PullRequestAction::Updated),
+    (RequestAction::Pushed, PullRequestAction::Updated),
+    (RequestAction::Reopened, PullRequestAction::Updated),
+    (RequestAction::Closed, PullRequestAction::Closed),
+    (RequestAction::Merged, PullRequestAction::Merged),
+];
+
+/// The simulator's `pull_request` deliveries have the shape of GitHub's real examples of the
+/// same action (every key at each level driftless or a reviewer looks at, with the real
+/// types), carry the repository's real commits, and parse to the request they describe.
+#[tokio::test]
+async fn send_github_pull_request_is_shaped_like_the_real_payloads() {
+    let (repo, main, change) = request_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let capture = capture_receiver();
+    for (action, expected) in REQUEST_CASES {
+        let examples: &[u32] = match action {
+            RequestAction::Opened => &[1, 13, 14, 15],
+            RequestAction::Pushed => &[23],
+            RequestAction::Reopened => &[19, 20],
+            // No real example is merged: a merge is a `closed` with `merged: true`.
+            RequestAction::Closed | RequestAction::Merged => &[4, 5],
+        };
+        for fork in [false, true] {
+            let hook = RequestHook {
+                number: 7,
+                action,
+                base: "main".into(),
+                head_branch: "change".into(),
+                head_sha: change.clone(),
+                fork,
+            };
+            let status = sim
+                .send_github_pull_request(&capture.url, "acme/deploy", &hook, HOOK_SECRET)
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            let (headers, body) = capture.deliveries.lock().unwrap().last().unwrap().clone();
+            assert_eq!(headers["x-github-event"], "pull_request");
+            assert_eq!(
+                headers["x-hub-signature-256"],
+                driftless::webhook::github::sign(HOOK_SECRET, &body).as_str()
+            );
+            let payload: Value = serde_json::from_slice(&body).unwrap();
+            let what = format!("{action:?} (fork: {fork})");
+            for n in examples {
+                let real: Value =
+                    serde_json::from_slice(&fixture(&format!("github/pull_request-{n}.json")))
+                        .unwrap();
+                // `installation` and `organization` are only sent to Apps and org repositories.
+                assert_shaped_like(
+                    &payload,
+                    &real,
+                    "",
+                    &["installation", "organization"],
+                    &what,
+                );
+                for pointer in [
+                    "/pull_request",
+                    "/pull_request/head",
+                    "/pull_request/base",
+                    "/pull_request/_links",
+                    "/pull_request/user",
+                    "/sender",
+                ] {
+                    assert_shaped_like(&payload, &real, pointer, &[], &what);
+                }
+                assert_read_fields(&payload, &real, GITHUB_PULL_REQUEST_READS, &what);
+            }
+            assert_eq!(payload["pull_request"]["base"]["sha"], main.as_str());
+            if action == RequestAction::Pushed {
+                assert_eq!(
+                    (&payload["before"], &payload["after"]),
+                    (&json!(main), &json!(change))
+                );
+            }
+            let Ok(Event::PullRequest(pr)) =
+                driftless::webhook::github::parse("pull_request", &body)
+            else {
+                panic!("{what}: not a pull request event")
+            };
+            assert_eq!(
+                pr,
+                PullRequestEvent {
+                    forge: ForgeKind::Github,
+                    repo: "acme/deploy".into(),
+                    number: 7,
+                    action: expected,
+                    base_branch: "main".into(),
+                    head_sha: change.clone(),
+                    from_fork: fork,
+                },
+                "{what}"
+            );
+        }
+    }
+}
+
+/// The simulator's `Merge Request Hook` deliveries have the shape of GitLab's documented
+/// example, carry the head commit from the repository and parse to the request they describe.
+#[tokio::test]
+async fn send_gitlab_merge_request_is_shaped_like_the_documented_payload() {
+    let (repo, _, change) = request_repo();
+    let sim = simulator().await;
+    sim.add_repo("acme/platform/deploy", repo.path());
+    let capture = capture_receiver();
+    let real: Value = serde_json::from_slice(&fixture("gitlab/merge_request.json")).unwrap();
+    for (action, expected) in REQUEST_CASES {
+        for fork in [false, true] {
+            let hook = RequestHook {
+                number: 4,
+                action,
+                base: "main".into(),
+                head_branch: "change".into(),
+                head_sha: change.clone(),
+                fork,
+            };
+            sim.send_gitlab_merge_request(&capture.url, "acme/platform/deploy", &hook, HOOK_TOKEN)
+                .await
+                .unwrap();
+            let (headers, body) = capture.deliveries.lock().unwrap().last().unwrap().clone();
+            assert_eq!(headers["x-gitlab-event"], "Merge Request Hook");
+            assert_eq!(headers["x-gitlab-token"], HOOK_TOKEN);
+            let payload: Value = serde_json::from_slice(&body).unwrap();
+            let what = format!("{action:?} (fork: {fork})");
+            for pointer in [
+                "",
+                "/user",
+                "/project",
+                "/repository",
+                "/object_attributes",
+                "/object_attributes/source",
+                "/object_attributes/target",
+                "/object_attributes/last_commit",
+                "/object_attributes/last_commit/author",
+            ] {
+                assert_shaped_like(&payload, &real, pointer, &[], &what);
+            }
+            assert_read_fields(&payload, &real, GITLAB_MERGE_REQUEST_READS, &what);
+            let last = &payload["object_attributes"]["last_commit"];
+            assert_eq!(
+                (&last["id"], &last["title"]),
+                (&json!(change), &json!("Raise n"))
+            );
+            let Ok(Event::PullRequest(pr)) =
+                driftless::webhook::gitlab::parse("Merge Request Hook", &body)
+            else {
+                panic!("{what}: not a pull request event")
+            };
+            assert_eq!(
+                pr,
+                PullRequestEvent {
+                    forge: ForgeKind::Gitlab,
+                    repo: "acme/platform/deploy".into(),
+                    number: 4,
+                    action: expected,
+                    base_branch: "main".into(),
+                    head_sha: change.clone(),
+                    from_fork: fork,
+                },
+                "{what}"
+            );
+        }
     }
 }
