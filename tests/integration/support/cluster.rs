@@ -11,8 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{DeleteParams, PostParams};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
@@ -150,7 +150,7 @@ impl TestNamespace {
     /// Deletes the namespace and waits until the API server no longer has it.
     pub async fn cleanup(mut self) {
         self.cleaned = true;
-        delete_namespace_and_wait(&self.client, &self.name, Duration::from_secs(60)).await;
+        delete_namespace_and_wait(&self.client, &self.name, NAMESPACE_GONE_WITHIN).await;
     }
 }
 
@@ -180,7 +180,16 @@ impl Drop for TestNamespace {
     }
 }
 
+/// How long a test namespace may take to go. On the node cluster a loaded kubelet has taken
+/// over 60 s to stop a pod's containers.
+const NAMESPACE_GONE_WITHIN: Duration = Duration::from_secs(180);
+
 /// Deletes a namespace and polls until it is gone; panics after `timeout`.
+///
+/// Its pods are then deleted with no grace period (again every few seconds while it goes):
+/// the namespace controller otherwise waits for the kubelet to stop every container, 30 s of
+/// grace for a process that ignores SIGTERM and more on a loaded machine. Test pods hold
+/// nothing worth a graceful stop. The namespace goes first so no controller can make new pods.
 pub async fn delete_namespace_and_wait(client: &Client, name: &str, timeout: Duration) {
     let api = Api::<Namespace>::all(client.clone());
     match api.delete(name, &DeleteParams::foreground()).await {
@@ -189,7 +198,12 @@ pub async fn delete_namespace_and_wait(client: &Client, name: &str, timeout: Dur
         Err(e) => panic!("deleting namespace {name}: {e}"),
     }
     let started = Instant::now();
+    let mut forced = None::<Instant>;
     loop {
+        if forced.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
+            force_delete_pods(client, name).await;
+            forced = Some(Instant::now());
+        }
         match api.get_opt(name).await {
             Ok(None) => return,
             Ok(Some(ns)) => {
@@ -203,5 +217,19 @@ pub async fn delete_namespace_and_wait(client: &Client, name: &str, timeout: Dur
             Err(e) => panic!("reading namespace {name}: {e}"),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletes every pod of a namespace at once, without waiting for its containers to stop.
+async fn force_delete_pods(client: &Client, namespace: &str) {
+    let now = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::background()
+    };
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    match pods.delete_collection(&now, &ListParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("deleting the pods of namespace {namespace}: {e}"),
     }
 }
