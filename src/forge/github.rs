@@ -643,6 +643,21 @@ impl Forge for GithubForge {
         })
     }
 
+    /// GitHub compares from the merge base only (`from...to`): exact when `from` is `to`'s
+    /// ancestor, which the merge base it names tells.
+    async fn changed_since(
+        &self,
+        repo: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<ChangedPaths, ForgeError> {
+        let mut changed = self.changed_paths(repo, from, to).await?;
+        if changed.merge_base.as_deref() != Some(from) {
+            changed.complete = false;
+        }
+        Ok(changed)
+    }
+
     async fn list_comments(&self, repo: &str, number: u64) -> Result<Vec<Comment>, ForgeError> {
         let request = format!("comments of {repo}#{number}");
         let first = self.url(repo, &format!("issues/{number}/comments?per_page=100"));

@@ -62,6 +62,44 @@ fn invalid(request: &str, message: impl Into<String>) -> ForgeError {
 }
 
 impl GitlabForge {
+    /// The paths a repository compare lists (both names of a rename).
+    async fn compare_paths(
+        &self,
+        repo: &str,
+        from: &str,
+        to: &str,
+        straight: bool,
+    ) -> Result<ChangedPaths, ForgeError> {
+        let sep = if straight { ".." } else { "..." };
+        let request = format!("compare {from}{sep}{to} of {repo}");
+        let c: GlCompare = self
+            .get(
+                &request,
+                &self.project_url(
+                    repo,
+                    &format!(
+                        "repository/compare?from={}&to={}&straight={straight}",
+                        enc(from),
+                        enc(to)
+                    ),
+                ),
+            )
+            .await?
+            .json(FORGE, &request)?;
+        let mut paths = Vec::with_capacity(c.diffs.len());
+        for d in c.diffs {
+            if d.old_path != d.new_path {
+                paths.push(d.old_path);
+            }
+            paths.push(d.new_path);
+        }
+        Ok(ChangedPaths {
+            merge_base: None,
+            paths,
+            complete: !c.overflow,
+        })
+    }
+
     pub fn new(settings: &GitlabSettings, fetch: &FetchSettings) -> Result<Self, SettingsError> {
         let http = reqwest::Client::builder()
             .timeout(fetch.request_timeout)
@@ -441,33 +479,17 @@ impl Forge for GitlabForge {
     ) -> Result<ChangedPaths, ForgeError> {
         // `straight=false` compares from the merge base of the two (`from...to`): the
         // request's own diff, whatever the base branch did since.
-        let request = format!("compare {base}...{head} of {repo}");
-        let c: GlCompare = self
-            .get(
-                &request,
-                &self.project_url(
-                    repo,
-                    &format!(
-                        "repository/compare?from={}&to={}&straight=false",
-                        enc(base),
-                        enc(head)
-                    ),
-                ),
-            )
-            .await?
-            .json(FORGE, &request)?;
-        let mut paths = Vec::with_capacity(c.diffs.len());
-        for d in c.diffs {
-            if d.old_path != d.new_path {
-                paths.push(d.old_path);
-            }
-            paths.push(d.new_path);
-        }
-        Ok(ChangedPaths {
-            merge_base: None,
-            paths,
-            complete: !c.overflow,
-        })
+        self.compare_paths(repo, base, head, false).await
+    }
+
+    /// `straight=true`: the diff from `from` to `to` themselves, exact whatever their history.
+    async fn changed_since(
+        &self,
+        repo: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<ChangedPaths, ForgeError> {
+        self.compare_paths(repo, from, to, true).await
     }
 
     async fn list_comments(&self, repo: &str, number: u64) -> Result<Vec<Comment>, ForgeError> {

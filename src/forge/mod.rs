@@ -226,6 +226,16 @@ pub trait Forge: Send + Sync {
         base: &str,
         head: &str,
     ) -> Result<ChangedPaths, ForgeError>;
+    /// The paths that differ between commit `from` (an earlier head of a branch) and commit
+    /// `to`, in one request. `complete` is false when the list may miss a path: the forge cut
+    /// it short, or `from` is not an ancestor of `to` (the branch was force-pushed), where a
+    /// merge-base diff would hide what `from` has and `to` lost.
+    async fn changed_since(
+        &self,
+        repo: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<ChangedPaths, ForgeError>;
     /// Every comment on pull/merge request `number`, all pages.
     async fn list_comments(&self, repo: &str, number: u64) -> Result<Vec<Comment>, ForgeError>;
     async fn create_comment(

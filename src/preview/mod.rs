@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::forge::{CommitStatus, Forge, ForgeError, Forges, StatusState};
+use crate::reconcile::state::AppState;
 use crate::reconcile::{dry_run, state, Engine};
 use crate::settings::{AppSettings, ForgeKind, Settings};
 use crate::webhook::{match_pull_request, PullRequestAction, PullRequestEvent};
@@ -27,6 +28,8 @@ use queue::PreviewQueue;
 use report::{AppOutcome, AppPreview, PullRequestPreview, RequestState};
 use store::PreviewStore;
 
+/// App states a preview reads at once to find the apps a request affects.
+const STATE_READS_IN_FLIGHT: usize = 8;
 /// Apps of one request previewed at once: each mostly waits on the forge and the API server.
 const APP_CONCURRENCY: usize = 4;
 
@@ -210,27 +213,25 @@ impl Previewer {
                 head: ev.head_sha.clone(),
                 source,
             })?;
-        let ns = self.settings.kubernetes.state_namespace.as_str();
-        let mut out = Vec::new();
-        for app in candidates {
-            let st = state::load(self.engine.client(), ns, &app.name)
-                .await
-                .map_err(|source| PreviewError::State {
-                    app: app.name.clone(),
-                    source,
-                })?;
-            let mut inputs = vec![app.path.as_str()];
-            inputs.extend(st.inputs.keys().map(String::as_str));
-            let hit = !changed.complete
-                || changed
-                    .paths
-                    .iter()
-                    .any(|p| inputs.iter().any(|dir| is_below(p, dir)));
-            if hit {
-                out.push(app);
-            }
+        if !changed.complete {
+            return Ok(candidates);
         }
-        Ok(out)
+        // An app whose own path changed needs no state; the others' recorded inputs are read
+        // a few at a time.
+        let ns = self.settings.kubernetes.state_namespace.as_str();
+        let client = self.engine.client();
+        let paths = &changed.paths;
+        // Boxed before they are streamed: a closure in the stream would make the task's
+        // future not `Send` for every lifetime (the compiler's higher-ranked limitation).
+        let reads: Vec<futures::future::BoxFuture<'_, _>> = candidates
+            .into_iter()
+            .map(|app| touched_app(client, ns, app, paths).boxed())
+            .collect();
+        let touched: Vec<Result<Option<&AppSettings>, PreviewError>> = futures::stream::iter(reads)
+            .buffered(STATE_READS_IN_FLIGHT)
+            .collect()
+            .await;
+        touched.into_iter().filter_map(Result::transpose).collect()
     }
 
     /// A status per previewed app on the head, context `driftless/preview/<app>`.
@@ -322,12 +323,24 @@ impl Previewer {
     }
 }
 
-/// Whether `path` (from the repository root) is `dir` or below it; `""` is the root.
-fn is_below(path: &str, dir: &str) -> bool {
-    dir.is_empty()
-        || path
-            .strip_prefix(dir)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+/// `Some(app)` when a path of `paths` lies in one of its inputs: its own path, else the
+/// inputs its last run recorded (read from its state).
+async fn touched_app<'a>(
+    client: &kube::Client,
+    ns: &str,
+    app: &'a AppSettings,
+    paths: &[String],
+) -> Result<Option<&'a AppSettings>, PreviewError> {
+    if AppState::default().inputs_touched(&app.path, paths) {
+        return Ok(Some(app));
+    }
+    let st = state::load(client, ns, &app.name)
+        .await
+        .map_err(|source| PreviewError::State {
+            app: app.name.clone(),
+            source,
+        })?;
+    Ok(st.inputs_touched(&app.path, paths).then_some(app))
 }
 
 /// The preview worker: takes request events from `queue` until `shutdown`, one at a time.
@@ -340,19 +353,5 @@ pub async fn run(queue: Arc<PreviewQueue>, previewer: Arc<Previewer>, shutdown: 
         if let Err(e) = previewer.handle(&ev).await {
             warn!(forge = %ev.forge, repo = %ev.repo, number = ev.number, error = %e, "preview failed");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_below;
-
-    #[test]
-    fn paths_below_a_directory() {
-        assert!(is_below("app/a.yaml", "app"));
-        assert!(is_below("app", "app"));
-        assert!(!is_below("apps/a.yaml", "app"));
-        assert!(is_below("anything", ""));
-        assert!(is_below("base/web/deploy.yaml", "base/web"));
     }
 }

@@ -3,13 +3,19 @@
 //! the head last seen. That head is kept in the cluster (a ConfigMap per branch beside the app
 //! states), so a fresh process asks conditionally too and GitHub answers an unmoved branch with
 //! a 304, which costs no rate limit.
+//!
+//! When a head moved, what changed since an app's applied revision is asked once per
+//! (branch, applied revision) with one compare, and kept beside the head: an app none of
+//! whose inputs changed is at the head already, so a commit to one app of a thousand costs
+//! the others nothing, in this sweep and every later one, in this process or the next.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::ListParams;
 use kube::{Api, Client};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
@@ -29,6 +35,34 @@ type HeadKey = (ForgeKind, String, String);
 /// the forge gave for it.
 type Resolved = Arc<OnceCell<Result<String, ForgeError>>>;
 
+/// The paths changed between an earlier commit and a branch's head, or `None` when the forge
+/// could not list them exactly (any path may have changed).
+pub(super) type Changes = Option<Arc<Vec<String>>>;
+
+/// `(branch, earlier commit, head)`: a compare asked in the current round.
+type CompareKey = (HeadKey, String, String);
+
+/// Data key of a head's ConfigMap holding [`Since`].
+const CHANGES_KEY: &str = "changes";
+/// Beyond this many bytes of changed paths kept per branch, the largest lists are not kept
+/// (their compare is asked again by the next process).
+const MAX_CHANGES_BYTES: usize = 256 * 1024;
+
+/// What changed up to a head, by earlier commit, as kept in the head's ConfigMap. It names
+/// the head it holds for: a record of another head is stale and ignored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Since {
+    head: String,
+    since: BTreeMap<String, Option<Vec<String>>>,
+}
+
+/// The head last seen of a branch, and what changed up to it since earlier commits.
+#[derive(Debug, Clone, Default)]
+struct Known {
+    sha: String,
+    since: HashMap<String, Changes>,
+}
+
 /// Branch heads of one engine: resolved at most once per round, asked from the head last seen.
 pub(super) struct BranchHeads {
     client: Client,
@@ -36,9 +70,18 @@ pub(super) struct BranchHeads {
     /// The heads resolved in the round in progress; `None` outside a round, when every
     /// request for a head asks the forge (conditionally: the drift timer's ticks, spread over
     /// the interval, each want the head of their moment).
-    round: Mutex<Option<HashMap<HeadKey, Resolved>>>,
+    round: Mutex<Option<Asked>>,
     /// The head last seen of each branch, read from the cluster once per process.
-    known: OnceCell<Mutex<HashMap<HeadKey, String>>>,
+    known: OnceCell<Mutex<HashMap<HeadKey, Known>>>,
+    /// Serialises this process's writes of the compares it keeps.
+    keeping: tokio::sync::Mutex<()>,
+}
+
+/// What a round asked the forge: each head and each compare once.
+#[derive(Default)]
+struct Asked {
+    heads: HashMap<HeadKey, Resolved>,
+    compares: HashMap<CompareKey, Arc<OnceCell<Changes>>>,
 }
 
 /// The name of the ConfigMap keeping a branch's head: a hash, since repos and branches may hold
@@ -59,12 +102,13 @@ impl BranchHeads {
             namespace: namespace.to_string(),
             round: Mutex::new(None),
             known: OnceCell::new(),
+            keeping: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Starts a round, which lasts until the returned guard is dropped.
     pub(super) fn begin_round(&self) -> Round<'_> {
-        *self.round.lock().expect("round") = Some(HashMap::new());
+        *self.round.lock().expect("round") = Some(Asked::default());
         Round(self)
     }
 
@@ -82,10 +126,81 @@ impl BranchHeads {
             .lock()
             .expect("round")
             .as_mut()
-            .map(|resolved| resolved.entry(key.clone()).or_default().clone());
+            .map(|asked| asked.heads.entry(key.clone()).or_default().clone());
         match cell {
             Some(cell) => cell.get_or_init(|| self.ask(forge, &key)).await.clone(),
             None => self.ask(forge, &key).await,
+        }
+    }
+
+    /// The paths changed on `branch` of `repo` between commit `from` and its head `to`: kept
+    /// beside the head when an earlier round (of any process) asked, else one compare, asked
+    /// once per round and kept. A compare the forge refuses counts as "anything changed".
+    pub(super) async fn changes_since(
+        &self,
+        forge: &dyn Forge,
+        repo: &str,
+        branch: &str,
+        from: &str,
+        to: &str,
+    ) -> Changes {
+        let key = (forge.kind(), repo.to_string(), branch.to_string());
+        if let Some(kept) = self.kept_changes(&key, from, to).await {
+            return kept;
+        }
+        let compare = (key.clone(), from.to_string(), to.to_string());
+        let cell = self
+            .round
+            .lock()
+            .expect("round")
+            .as_mut()
+            .map(|asked| asked.compares.entry(compare).or_default().clone());
+        let ask = || self.compare(forge, &key, from, to);
+        match cell {
+            Some(cell) => cell.get_or_init(ask).await.clone(),
+            None => ask().await,
+        }
+    }
+
+    /// What changed between `from` and head `to`, if kept.
+    async fn kept_changes(&self, key: &HeadKey, from: &str, to: &str) -> Option<Changes> {
+        let known = self.known_heads().await.lock().expect("known heads");
+        let k = known.get(key).filter(|k| k.sha == to)?;
+        k.since.get(from).cloned()
+    }
+
+    /// Asks the forge what changed between `from` and head `to`, and keeps the answer.
+    async fn compare(&self, forge: &dyn Forge, key: &HeadKey, from: &str, to: &str) -> Changes {
+        let changes = match forge.changed_since(&key.1, from, to).await {
+            Ok(c) if c.complete => Some(Arc::new(c.paths)),
+            Ok(_) => None,
+            Err(e) => {
+                warn!(repo = %key.1, from, to, error = %e, "cannot compare the applied revision with the branch head; reading the app from the forge");
+                return None;
+            }
+        };
+        self.keep_changes(key, from, to, changes.clone()).await;
+        changes
+    }
+
+    /// Adds a compare to what is kept beside head `to` (in memory and in the cluster), when
+    /// `to` is still the head last seen.
+    async fn keep_changes(&self, key: &HeadKey, from: &str, to: &str, changes: Changes) {
+        let _one_at_a_time = self.keeping.lock().await;
+        let record = {
+            let mut known = self.known_heads().await.lock().expect("known heads");
+            let Some(k) = known.get_mut(key).filter(|k| k.sha == to) else {
+                return;
+            };
+            k.since.insert(from.to_string(), changes);
+            since_record(k)
+        };
+        let data = json!({ "data": { CHANGES_KEY: record } });
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
+        let patch = kube::api::Patch::Merge(&data);
+        let name = object_name(key);
+        if let Err(e) = api.patch(&name, &Default::default(), &patch).await {
+            warn!(repo = %key.1, branch = %key.2, error = %e, "cannot keep what changed up to the branch head in the cluster");
         }
     }
 
@@ -103,16 +218,20 @@ impl BranchHeads {
 
     /// The head last seen of a branch, as kept in the cluster (read once per process).
     async fn known(&self, key: &HeadKey) -> Option<String> {
-        let known = self
-            .known
+        let known = self.known_heads().await.lock().expect("known heads");
+        known.get(key).map(|k| k.sha.clone())
+    }
+
+    /// The heads last seen, read from the cluster on first use.
+    async fn known_heads(&self) -> &Mutex<HashMap<HeadKey, Known>> {
+        self.known
             .get_or_init(|| async { Mutex::new(self.load().await) })
-            .await;
-        known.lock().expect("known heads").get(key).cloned()
+            .await
     }
 
     /// Every branch head kept in the state namespace: one LIST. A failure only costs the
     /// conditional requests of this process (logged).
-    async fn load(&self) -> HashMap<HeadKey, String> {
+    async fn load(&self) -> HashMap<HeadKey, Known> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         let params = ListParams::default().labels(LABEL_BRANCH_HEAD);
         let list = match state::list_all(&api, params).await {
@@ -131,7 +250,20 @@ impl BranchHeads {
                     _ => return None,
                 };
                 let key = (forge, d.get("repo")?.clone(), d.get("branch")?.clone());
-                Some((key, d.get("sha")?.clone()))
+                let sha = d.get("sha")?.clone();
+                // A record of another head, or one that does not parse, is only stale.
+                let since = d
+                    .get(CHANGES_KEY)
+                    .and_then(|s| serde_json::from_str::<Since>(s).ok())
+                    .filter(|s| s.head == sha)
+                    .map(|s| {
+                        s.since
+                            .into_iter()
+                            .map(|(from, paths)| (from, paths.map(Arc::new)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some((key, Known { sha, since }))
             })
             .collect()
     }
@@ -140,10 +272,11 @@ impl BranchHeads {
     /// it costs the next process one counted request, nothing else.
     async fn remember(&self, key: &HeadKey, sha: &str) {
         if let Some(known) = self.known.get() {
-            known
-                .lock()
-                .expect("known heads")
-                .insert(key.clone(), sha.to_string());
+            let head = Known {
+                sha: sha.to_string(),
+                since: HashMap::new(),
+            };
+            known.lock().expect("known heads").insert(key.clone(), head);
         }
         let name = object_name(key);
         let cm = json!({
@@ -156,7 +289,10 @@ impl BranchHeads {
                     LABEL_BRANCH_HEAD: key.0.as_str(),
                 },
             },
-            "data": {"forge": key.0.as_str(), "repo": key.1, "branch": key.2, "sha": sha},
+            "data": {
+                "forge": key.0.as_str(), "repo": key.1, "branch": key.2, "sha": sha,
+                CHANGES_KEY: since_record(&Known { sha: sha.to_string(), since: HashMap::new() }),
+            },
         });
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);
         match state::merge_or_create(&api, &name, &cm).await {
@@ -166,6 +302,32 @@ impl BranchHeads {
             }
         }
     }
+}
+
+/// The record of what changed up to a head, as kept in its ConfigMap: the largest lists of
+/// changed paths are left out past [`MAX_CHANGES_BYTES`].
+fn since_record(k: &Known) -> String {
+    let mut by_size: Vec<(&String, &Changes)> = k.since.iter().collect();
+    by_size.sort_by_key(|(from, c)| (c.as_ref().map_or(0, |p| p.len()), *from));
+    let mut record = Since {
+        head: k.sha.clone(),
+        since: BTreeMap::new(),
+    };
+    let mut bytes = 0;
+    for (from, changes) in by_size {
+        let size = from.len()
+            + changes
+                .as_ref()
+                .map_or(0, |p| p.iter().map(|p| p.len() + 3).sum());
+        if bytes + size > MAX_CHANGES_BYTES {
+            break;
+        }
+        bytes += size;
+        record
+            .since
+            .insert(from.clone(), changes.as_ref().map(|p| p.to_vec()));
+    }
+    serde_json::to_string(&record).expect("a changes record")
 }
 
 /// A round of [`BranchHeads`]: each head is asked once while it lives.

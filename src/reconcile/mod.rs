@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use kube::core::ApiResource;
 use kube::Client;
-use tracing::info;
+use tracing::{debug, info};
 
 use crate::forge::{BlobCache, Forge, ForgeError, Forges};
 use crate::manifest::{ManifestError, ObjectRef};
@@ -357,9 +357,11 @@ impl Engine {
         r
     }
 
-    /// A catch-up's report when the app's applied revision is its branch head, rendered from
-    /// recorded inputs, and its last run was not interrupted: nothing to do, so no Lease is
-    /// taken and nothing is written (a restart with every app in sync writes nothing).
+    /// A catch-up's report when the app's applied revision is its branch head, or no input of
+    /// the app changed between the two (one compare per branch and applied revision, kept
+    /// beside the head), rendered from recorded inputs, and its last run was not interrupted:
+    /// nothing to do, so no Lease is taken and nothing is written (a restart with every app in
+    /// sync writes nothing, and a commit to one app costs the others nothing).
     async fn at_branch_head(&self, app: &AppSettings) -> Result<Option<RunReport>, ReconcileError> {
         let started = Instant::now();
         let prefetched = self
@@ -391,7 +393,16 @@ impl Engine {
             .head(forge.as_ref(), &app.repo, &app.branch)
             .await?;
         if head != applied {
-            return Ok(None);
+            let changes = self
+                .heads
+                .changes_since(forge.as_ref(), &app.repo, &app.branch, applied, &head)
+                .await;
+            match changes {
+                Some(paths) if !st.inputs_touched(&app.path, &paths) => {
+                    debug!(app = %app.name, applied, %head, "no input of the app changed since its applied revision");
+                }
+                _ => return Ok(None),
+            }
         }
         let mut report = RunReport::new(&app.name);
         report.revision = Some(head);

@@ -66,6 +66,9 @@ impl Engine {
         }
         match forge.compare(&app.repo, applied, revision).await {
             Ok(Comparison::Identical | Comparison::Ahead) => Ok(None),
+            // A run without a revision (the timer, the catch-up) runs the head it just read: a
+            // branch moved back to an ancestor (a force push undoing commits) is what Git says.
+            Ok(Comparison::Behind) if job.revision.is_none() => Ok(None),
             Ok(Comparison::Behind) => Ok(Some(format!(
                 "revision {} is behind the applied {}",
                 short(revision),

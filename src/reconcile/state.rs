@@ -124,6 +124,18 @@ impl AppState {
         self.inputs = inputs;
     }
 
+    /// Whether any of `paths` (from the repository root) lies in an input of the app at
+    /// `app_path` as last applied: its path, and for a Kustomize app every directory its
+    /// render read.
+    pub fn inputs_touched(&self, app_path: &str, paths: &[String]) -> bool {
+        let inputs: Vec<&str> = std::iter::once(app_path)
+            .chain(self.inputs.keys().map(String::as_str))
+            .collect();
+        paths
+            .iter()
+            .any(|p| inputs.iter().any(|dir| is_below(p, dir)))
+    }
+
     /// Records a run, its message cut to [`MAX_MESSAGE_CHARS`].
     pub fn record(&mut self, mut run: RunRecord) {
         run.message = clip(&run.message, MAX_MESSAGE_CHARS);
@@ -140,6 +152,14 @@ pub fn clip(text: &str, max: usize) -> String {
     }
     let kept: String = text.chars().take(max.saturating_sub(1)).collect();
     format!("{kept}…")
+}
+
+/// Whether `path` (from the repository root) is `dir` or below it; `""` is the root.
+fn is_below(path: &str, dir: &str) -> bool {
+    dir.is_empty()
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 pub fn object_name(app: &str) -> String {
@@ -601,6 +621,21 @@ pub async fn ensure_namespace(client: &Client, namespace: &str) -> Result<(), ku
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inputs_are_touched_by_paths_in_or_below_them() {
+        let paths = |ps: &[&str]| ps.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let plain = AppState::default();
+        assert!(plain.inputs_touched("app", &paths(&["app/a.yaml"])));
+        assert!(plain.inputs_touched("app", &paths(&["app"])));
+        assert!(!plain.inputs_touched("app", &paths(&["apps/a.yaml", "ap"])));
+        assert!(plain.inputs_touched("", &paths(&["anything"])));
+        assert!(!plain.inputs_touched("app", &[]));
+        let mut kustomize = AppState::default();
+        kustomize.inputs.insert("base/web".into(), "sha".into());
+        assert!(kustomize.inputs_touched("overlays/prod", &paths(&["base/web/deploy.yaml"])));
+        assert!(!kustomize.inputs_touched("overlays/prod", &paths(&["base/webs/x.yaml"])));
+    }
 
     fn sample(n: usize) -> AppState {
         AppState {

@@ -131,7 +131,9 @@ async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_wr
         "a sweep with everything in sync wrote something"
     );
 
-    // A commit to one app: the sweep applies it (reading that app only) and is in sync.
+    // A commit to one app: the sweep applies it (reading that app only) and is in sync. The
+    // other apps cost one compare between them and write nothing: no Lease, no state, no
+    // object.
     env.repo
         .write("apps/b/all.yaml", &env.cm("b-one", "changed"));
     env.repo.commit("b changes");
@@ -140,17 +142,79 @@ async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_wr
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(env.cm_value("b-one").await.as_deref(), Some("changed"));
     assert!(env.cm_value("b-two").await.is_none(), "b-two not pruned");
-    let blobs = env
+    let requests = env.sim.requests();
+    let count = |route: &str| requests.iter().filter(|r| r.route.contains(route)).count();
+    assert_eq!(count("git/blobs"), 1, "only the changed app's file is read");
+    // One for the branch (what changed since the applied revision), one of b's run (whether
+    // the head moves forward); not one per app.
+    assert_eq!(count("/compare/"), 2, "compares");
+    let after = versions(&env).await;
+    let written: Vec<&String> = after
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .collect();
+    let of_a_or_c = |k: &str| {
+        ["a", "c"].iter().any(|a| {
+            k.ends_with(&format!("driftless-app-{a}"))
+                || k.contains(&format!("driftless-app-{a}-"))
+                || k.contains(&format!("ConfigMap {a}-"))
+        })
+    };
+    assert!(
+        !written.iter().any(|k| of_a_or_c(k)),
+        "the sweep wrote to apps the commit did not touch: {written:?}"
+    );
+
+    // The next process knows what changed up to the head: one 304, nothing written.
+    env.sim.clear_requests();
+    let (code, out) = drift_once(&env).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(out.matches(": in sync").count(), 3, "{out}");
+    let seen: Vec<(String, u16)> = env
         .sim
         .requests()
         .iter()
-        .filter(|r| r.route.contains("git/blobs"))
-        .count();
-    assert_eq!(blobs, 1, "only the changed app's file is read");
+        .map(|r| (r.route.clone(), r.status))
+        .collect();
+    assert_eq!(
+        seen,
+        [("/repos/{owner}/{repo}/commits/{ref}".to_string(), 304)],
+        "one conditional head request after the commit, nothing else"
+    );
+    assert_eq!(
+        versions(&env).await,
+        after,
+        "a steady sweep wrote something"
+    );
     env.cleanup().await;
 }
 
 /// The desired-state copy of app `a` beside its state, made unusable in the way `how` says.
+/// The forge compares from the merge base: after a force push back to an older commit, the
+/// compare of the applied revision with the head lists nothing, yet the app must go back.
+#[tokio::test]
+async fn a_force_push_behind_the_applied_revision_is_applied_not_taken_as_unchanged() {
+    let env = three_apps().await;
+    let first = env.repo.head();
+    env.repo.write("apps/a/all.yaml", &env.cm("a-one", "later"));
+    env.repo.commit("a changes");
+    let (code, out) = drift_once(&env).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(env.cm_value("a-one").await.as_deref(), Some("later"));
+
+    env.repo.git(&["reset", "--hard", &first]);
+    let (code, out) = drift_once(&env).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(
+        env.cm_value("a-one").await.as_deref(),
+        Some("1"),
+        "the force push was taken for no change: {out}"
+    );
+    assert_eq!(env.cm_value("a-two").await.as_deref(), Some("2"), "{out}");
+    env.cleanup().await;
+}
+
 async fn spoil_kept_desired(env: &Env, how: &str) {
     let cms: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
     let name = "driftless-app-a";

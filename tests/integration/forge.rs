@@ -665,6 +665,48 @@ async fn compare_tells_ahead_behind_identical_and_diverged() {
     assert_github_requests_exist(&sim.requests());
 }
 
+#[tokio::test]
+async fn changed_since_is_exact_or_says_it_may_miss_paths() {
+    let repo = GitRepo::new();
+    repo.write("a/x.yaml", "kind: ConfigMap\n");
+    repo.write("b/x.yaml", "kind: ConfigMap\n");
+    let c1 = repo.commit("one");
+    repo.write("b/x.yaml", "kind: Secret\n");
+    let c2 = repo.commit("two");
+    repo.git(&["checkout", "-q", "-b", "side", &c1]);
+    repo.write("a/x.yaml", "kind: Secret\n");
+    let side = repo.commit("side");
+    repo.git(&["checkout", "-q", "main"]);
+    let sim = simulator().await;
+    sim.add_repo("acme/deploy", repo.path());
+    let c = clients(&sim, GH_TOKEN, "");
+    let name = "acme/deploy";
+    for forge in [&c.github as &dyn Forge, &c.gitlab as &dyn Forge] {
+        let kind = forge.kind();
+        let ahead = forge.changed_since(name, &c1, &c2).await.unwrap();
+        assert_eq!(
+            (ahead.paths, ahead.complete),
+            (vec!["b/x.yaml".to_string()], true),
+            "{kind}"
+        );
+        // Back to an ancestor: a merge-base diff lists nothing, yet b/x.yaml differs.
+        let behind = forge.changed_since(name, &c2, &c1).await.unwrap();
+        assert!(
+            !behind.complete || behind.paths == ["b/x.yaml"],
+            "{kind}: {behind:?}"
+        );
+        // A force push to another line: a/x.yaml and b/x.yaml both differ.
+        let diverged = forge.changed_since(name, &c2, &side).await.unwrap();
+        let mut paths = diverged.paths.clone();
+        paths.sort();
+        assert!(
+            !diverged.complete || paths == ["a/x.yaml", "b/x.yaml"],
+            "{kind}: {diverged:?}"
+        );
+    }
+    assert_github_requests_exist(&sim.requests());
+}
+
 /// The simulator serving one empty repository as `acme/deploy` (GitHub) and
 /// `acme/platform/deploy` (GitLab), for the hook tests.
 async fn hook_repos() -> (GitRepo, ForgeSimulator) {
