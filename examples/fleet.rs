@@ -204,6 +204,7 @@ async fn run_measured(
         .arg(program)
         .args(args)
         .env("KUBECONFIG", kubeconfig)
+        .env("DRIFTLESS_LOG_FORMAT", "json")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log)?)
@@ -427,7 +428,7 @@ impl Fleet {
             ));
         }
         let config = self.work.join("driftless.toml");
-        std::fs::write(&config, settings)?;
+        std::fs::write(&config, &settings)?;
         let config = config.to_str().context("temporary path")?.to_string();
         // The app namespaces exist beforehand, as they would in a cluster driftless is given;
         // the state namespace is driftless's to create.
@@ -480,12 +481,7 @@ impl Fleet {
             ours_count == expected,
             "driftless: {ours_count} of {expected} objects in the cluster after `drift --once`"
         );
-        let in_sync = |m: &Measured| {
-            m.stdout
-                .lines()
-                .filter(|l| l.ends_with(": in sync"))
-                .count()
-        };
+        let in_sync = in_sync_count;
         ensure!(
             in_sync(&cold) == apps,
             "driftless: {} of {apps} apps in sync after the cold reconcile",
@@ -493,6 +489,8 @@ impl Fleet {
         );
 
         let cold_forge = ForgeUse::take(sim);
+        let cold_phases = phase_times(&std::fs::read_to_string(self.work.join("cold.log"))?)
+            .context("the cold reconcile logged no time by phase")?;
         eprintln!(
             "fleet: cold reconcile forge requests: {:?}",
             sim.request_counts()
@@ -526,6 +524,22 @@ impl Fleet {
             floor_read.secs()
         );
 
+        let (one_commit, one_commit_forge) = self.one_commit_sweep(sim, &repo, &drift_args).await?;
+        eprintln!(
+            "fleet: sweep after a commit to one app {:.1} s; forge requests: {:?}",
+            one_commit.secs(),
+            sim.request_counts()
+        );
+        sim.clear_requests();
+        let restart = self.restart(&settings).await?;
+        let restart_forge = ForgeUse::take(sim);
+        eprintln!(
+            "fleet: serve restart caught up in {:.2} s, {} objects written; forge requests: {:?}",
+            restart.caught_up.as_secs_f64(),
+            restart.written,
+            sim.request_counts()
+        );
+
         let size = format!(
             "{} apps × {OBJECTS_PER_APP} objects ({} objects)",
             thousands(apps),
@@ -538,10 +552,11 @@ impl Fleet {
         );
         Ok(vec![
             format!(
-                "| fleet: cold reconcile, {size}, `driftless drift --once` | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state): {:.1} s | {:.2}× floor | {layout}; driftless fetches from the forge simulator ({cold_forge}), dry-runs then applies each app, records state and posts 2 statuses per app; all {} objects counted afterwards |",
+                "| fleet: cold reconcile, {size}, `driftless drift --once` | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state): {:.1} s | {:.2}× floor | {layout}; driftless fetches from the forge simulator ({cold_forge}), dry-runs then applies each app, records state and posts 2 statuses per app; time by phase, summed over the runs ({} at a time): {cold_phases}; all {} objects counted afterwards |",
                 cold.secs(),
                 floor_apply.secs(),
                 cold.secs() / floor_apply.secs(),
+                driftless::worker::WORKERS,
                 thousands(expected),
             ),
             format!(
@@ -552,12 +567,215 @@ impl Fleet {
                 steady.mib(),
             ),
             format!(
-                "| fleet: steady-state drift sweep, {size}, nothing changed | {:.1} s | floor (read every object once: one LIST per kind and namespace): {:.2} s | {:.1}× floor | second `drift --once`: per app a branch-head check and the app's file read again (a new process has no blob cache; {steady_forge}), a LIST per kind with the app's label, {} apps at a time |",
+                "| fleet: steady-state drift sweep, {size}, nothing changed | {:.2} s | floor (read every object once: one LIST per kind and namespace): {:.2} s | {:.2}× floor | second `drift --once`, a new process: every app state in one paged LIST, one conditional branch-head request ({steady_forge}), the desired objects from the copies kept in the cluster (no file read), one LIST per kind and namespace; peak RSS {:.0} MiB |",
                 steady.secs(),
                 floor_read.secs(),
                 steady.secs() / floor_read.secs(),
-                driftless::worker::WORKERS,
+                steady.mib(),
+            ),
+            format!(
+                "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s | floor read above: {:.2} s | {:.2}× floor | `drift --once`, a new process: the head moved, so one compare of the applied revision with it, kept beside the head, tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses); {one_commit_forge} |",
+                one_commit.secs(),
+                floor_read.secs(),
+                one_commit.secs() / floor_read.secs(),
+                thousands(apps - 1),
+            ),
+            format!(
+                "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above: {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written (resourceVersions compared); {restart_forge} |",
+                restart.caught_up.as_secs_f64(),
+                floor_read.secs(),
+                restart.caught_up.as_secs_f64() / floor_read.secs(),
+                thousands(restart.in_sync),
+                thousands(apps),
+                restart.written,
+                thousands(restart.objects),
             ),
         ])
     }
+
+    /// A commit changing one value of app a0, then a `drift --once`: it must apply it and
+    /// find every app in sync.
+    async fn one_commit_sweep(
+        &self,
+        sim: &ForgeSimulator,
+        repo: &Path,
+        drift_args: &[&str],
+    ) -> anyhow::Result<(Measured, ForgeUse)> {
+        let file = repo.join("apps/a0/all.yaml");
+        let text = std::fs::read_to_string(&file)?;
+        let changed = text.replacen("key: \"value-0\"", "key: \"value-0-changed\"", 1);
+        ensure!(changed != text, "app a0 has no value to change");
+        std::fs::write(&file, changed)?;
+        git(repo, &["commit", "-q", "-am", "a0 changes one value"]);
+        sim.clear_requests();
+        let m = self
+            .run_measured(&self.driftless_bin, drift_args, "one-commit.log")
+            .await?;
+        let in_sync = in_sync_count(&m);
+        ensure!(
+            in_sync == self.apps,
+            "{in_sync} of {} apps in sync after the one-commit sweep",
+            self.apps
+        );
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &app_namespace(&self.ours, 0),
+            &kind_resource("ConfigMap"),
+        );
+        let cm = api.get("a0-cm0").await?;
+        ensure!(
+            cm.data["data"]["key"] == "value-0-changed",
+            "the one-commit sweep did not apply the commit: {:?}",
+            cm.data["data"]
+        );
+        Ok((m, ForgeUse::take(sim)))
+    }
+
+    /// `driftless serve` started with every app in sync, until its start-up catch-up says how
+    /// many apps are at their branch head; then stopped (SIGTERM). What it wrote is found by
+    /// comparing every resourceVersion in the app and state namespaces before and after.
+    async fn restart(&self, settings: &str) -> anyhow::Result<Restart> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let config = self.work.join("serve.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{settings}[server]\nlisten = \"127.0.0.1:{port}\"\n[drift]\ninterval = \"0s\"\n"
+            ),
+        )?;
+        let before = self.versions().await?;
+        let log = self.work.join("serve.log");
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(&self.driftless_bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("DRIFTLESS_LOG_FORMAT", "json")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::null())
+            .spawn()?;
+        let found = loop {
+            if let Some(in_sync) = caught_up_in_sync(&std::fs::read_to_string(&log)?) {
+                break Ok((started.elapsed(), in_sync));
+            }
+            if let Some(status) = child.try_wait()? {
+                break Err(anyhow::anyhow!(
+                    "serve exited early ({status}); see {}",
+                    log.display()
+                ));
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                break Err(anyhow::anyhow!(
+                    "serve did not finish its catch-up in 600 s; see {}",
+                    log.display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        if let Some(pid) = child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), child.wait()).await;
+        let _ = child.kill().await;
+        let (caught_up, in_sync) = found?;
+        let after = self.versions().await?;
+        let written = after
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .count();
+        Ok(Restart {
+            caught_up,
+            in_sync,
+            written,
+            objects: after.len(),
+        })
+    }
+
+    /// The resourceVersion of every app object and every ConfigMap and Lease of the state
+    /// namespace, by kind, namespace and name.
+    async fn versions(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+        let mut all = std::collections::BTreeMap::new();
+        let mut lists: Vec<(String, &str)> = namespaces(&self.ours, self.apps)
+            .into_iter()
+            .flat_map(|ns| KINDS.iter().map(move |(kind, _, _)| (ns.clone(), *kind)))
+            .collect();
+        lists.push((self.state_ns.clone(), "ConfigMap"));
+        let leases = ApiResource::erase::<k8s_openapi::api::coordination::v1::Lease>(&());
+        for (ns, kind) in lists {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), &ns, &kind_resource(kind));
+            for o in api.list(&ListParams::default()).await?.items {
+                let (name, rv) = (o.metadata.name, o.metadata.resource_version);
+                all.insert(
+                    format!("{kind} {ns}/{}", name.unwrap_or_default()),
+                    rv.unwrap_or_default(),
+                );
+            }
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), &self.state_ns, &leases);
+        for o in api.list(&ListParams::default()).await?.items {
+            let (name, rv) = (o.metadata.name, o.metadata.resource_version);
+            all.insert(
+                format!("Lease {}", name.unwrap_or_default()),
+                rv.unwrap_or_default(),
+            );
+        }
+        Ok(all)
+    }
+}
+
+/// What a `serve` restart did.
+struct Restart {
+    /// From the process start to the end of its start-up catch-up.
+    caught_up: Duration,
+    /// Apps the catch-up found at their branch head.
+    in_sync: usize,
+    /// Objects whose resourceVersion moved (or that came or went).
+    written: usize,
+    /// Objects compared.
+    objects: usize,
+}
+
+/// The apps a `drift --once` reported in sync.
+fn in_sync_count(m: &Measured) -> usize {
+    m.stdout
+        .lines()
+        .filter(|l| l.ends_with(": in sync"))
+        .count()
+}
+
+/// The `in_sync` count of the start-up catch-up's JSON log line, once it is written.
+fn caught_up_in_sync(log: &str) -> Option<usize> {
+    log.lines()
+        .filter(|l| l.contains("apps already at their branch head"))
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+        .and_then(|v| v["fields"]["in_sync"].as_u64())
+        .map(|n| n as usize)
+}
+
+/// The time by phase a `drift --once` logged (JSON), as "fetch 1.2 s, dry-run 3.4 s, ...".
+fn phase_times(log: &str) -> Option<String> {
+    let line = log
+        .lines()
+        .filter(|l| l.contains("time by phase"))
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())?;
+    let f = &line["fields"];
+    let parts: Vec<String> = [
+        ("fetch", "fetch_s"),
+        ("dry-run", "dry_run_s"),
+        ("apply", "apply_s"),
+        ("state writes", "state_s"),
+        ("statuses", "status_s"),
+    ]
+    .iter()
+    .map(|(name, key)| format!("{name} {:.1} s", f[*key].as_f64().unwrap_or(f64::NAN)))
+    .collect();
+    Some(parts.join(", "))
 }

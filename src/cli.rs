@@ -165,6 +165,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let results =
                 crate::worker::sweep(&engine, &metrics, names, crate::worker::WORKERS).await;
             engine.settle().await;
+            log_phase_times(engine.phase_times());
             for (app, result) in results {
                 match result {
                     Ok(false) => println!("{app}: in sync"),
@@ -387,4 +388,18 @@ pub fn check_config_report(settings: &Settings) -> String {
         let _ = writeln!(out, "secret {secret}: {state}");
     }
     out
+}
+
+/// Logs where the runs of a sweep spent their time, summed over runs (they overlap).
+fn log_phase_times(t: &crate::reconcile::phases::PhaseTimes) {
+    use crate::reconcile::phases::Phase;
+    let s = |p: Phase| t.get(p).as_secs_f64();
+    tracing::info!(
+        fetch_s = s(Phase::Fetch),
+        dry_run_s = s(Phase::DryRun),
+        apply_s = s(Phase::Apply),
+        state_s = s(Phase::State),
+        status_s = s(Phase::Status),
+        "time by phase, summed over the runs"
+    );
 }

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::health::{self, Health};
+use super::phases::Phase;
 use super::plan::{Desired, Prepared, Wanted};
 use super::record::check_state_fits;
 use super::state::{self, AppState, InventoryItem};
@@ -79,7 +80,8 @@ impl Engine {
         let writes = self.writes(job, st, &wanted, after_crds.len()).await?;
         // A single write validates itself.
         if writes.total > 1 || opts.dry_run {
-            self.dry_run_all(&writes.now, app).await?;
+            let dry_run = self.dry_run_all(&writes.now, app);
+            self.phases.time(Phase::DryRun, dry_run).await?;
         }
         if opts.dry_run {
             report.applied = writes.all.iter().map(|p| p.id.clone()).collect();
@@ -106,7 +108,8 @@ impl Engine {
                 .chain(late_refs.iter().copied())
                 .filter(|p| p.stage == stage)
                 .collect();
-            self.apply_all(&batch, app, report).await?;
+            let apply = self.apply_all(&batch, app, report);
+            self.phases.time(Phase::Apply, apply).await?;
         }
 
         let mut desired = wanted;
@@ -311,7 +314,8 @@ impl Engine {
             ..st.clone()
         };
         let ns = &self.settings.kubernetes.state_namespace;
-        state::save_intent(&self.client, ns, &app.name, &ahead).await?;
+        let intent = state::save_intent(&self.client, ns, &app.name, &ahead);
+        self.phases.time(Phase::State, intent).await?;
         Ok(())
     }
 

@@ -14,6 +14,7 @@ pub mod dry_run;
 pub mod heads;
 pub mod health;
 pub mod lease;
+pub mod phases;
 mod plan;
 pub mod prune;
 mod record;
@@ -211,6 +212,8 @@ pub struct Engine {
     run_leases: Mutex<HashMap<String, lease::LeaseWatch>>,
     /// Branch heads, resolved once per branch in a round, conditionally.
     heads: heads::BranchHeads,
+    /// Time by phase over every run of this engine.
+    phases: phases::PhaseTimes,
     /// App states (with their kept desired manifests) read in bulk for a sweep; an entry is
     /// dropped once a run of the app may have changed it.
     prefetched: Mutex<HashMap<String, (AppState, Option<desired::Stored>)>>,
@@ -259,6 +262,7 @@ impl Engine {
             lease_timing,
             run_leases: Mutex::new(HashMap::new()),
             heads: heads::BranchHeads::new(client_for_heads, &state_ns),
+            phases: phases::PhaseTimes::default(),
             prefetched: Mutex::new(HashMap::new()),
             prefetch_requests: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -419,6 +423,11 @@ impl Engine {
         !matches!(self.at_branch_head(app).await, Ok(Some(_)))
     }
 
+    /// Time by phase over every run of this engine so far.
+    pub fn phase_times(&self) -> &phases::PhaseTimes {
+        &self.phases
+    }
+
     /// Starts a round: until it is dropped, each branch head is asked once, whatever the
     /// number of apps on it (`drift --once`, the start-up catch-up).
     pub fn begin_round(&self) -> heads::Round<'_> {
@@ -490,8 +499,9 @@ impl Engine {
         }
         let known = if job.full { None } else { st.version() };
         // Nothing is written before the lease is held.
+        let fetch = self.fetch(forge.as_ref(), app, &revision, known.as_ref());
         let (fetched, held) = tokio::join!(
-            self.fetch(forge.as_ref(), app, &revision, known.as_ref()),
+            self.phases.time(phases::Phase::Fetch, fetch),
             run_lease.held()
         );
         held?;

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
+use super::phases::Phase;
 use super::plan::Wanted;
 use super::revision;
 use super::state::{self, AppState, InventoryItem, RunRecord};
@@ -172,8 +173,10 @@ impl Engine {
             applied: changed,
             pruned: report.pruned.len(),
         });
+        let save =
+            state::save_with_desired(&self.client, at.state_ns, &app.name, st, packed.as_deref());
         let (saved, ()) = tokio::join!(
-            state::save_with_desired(&self.client, at.state_ns, &app.name, st, packed.as_deref()),
+            self.phases.time(Phase::State, save),
             self.post_status(forge, app, revision, StatusState::Success, &message)
         );
         saved?;
@@ -241,7 +244,8 @@ impl Engine {
             applied: report.applied.len(),
             pruned: report.pruned.len(),
         });
-        state::save(&self.client, state_ns, &app.name, st).await?;
+        let save = state::save(&self.client, state_ns, &app.name, st);
+        self.phases.time(Phase::State, save).await?;
         if let Ok(forge) = self.forge(app) {
             // An interrupted run is not a verdict on the commit: it stays pending until the
             // next start finishes it.
@@ -310,7 +314,8 @@ impl Engine {
                 pruned: 0,
             });
         }
-        state::save(&self.client, at.state_ns, &app.name, st).await?;
+        let save = state::save(&self.client, at.state_ns, &app.name, st);
+        self.phases.time(Phase::State, save).await?;
         if touched {
             self.post_status(forge, app, revision, StatusState::Success, &message)
                 .await;
@@ -349,7 +354,8 @@ impl Engine {
             description: description.to_string(),
             target_url: self.status_url(&app.name),
         };
-        if let Err(e) = forge.set_status(&app.repo, revision, &status).await {
+        let post = forge.set_status(&app.repo, revision, &status);
+        if let Err(e) = self.phases.time(Phase::Status, post).await {
             warn!(app = %app.name, ?state, error = %e, "cannot post the commit status");
         }
     }
