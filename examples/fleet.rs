@@ -655,8 +655,8 @@ impl Fleet {
             .env("KUBECONFIG", &self.kubeconfig)
             .env("DRIFTLESS_LOG_FORMAT", "json")
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()?;
         let found = loop {
             if let Some(in_sync) = caught_up_in_sync(&std::fs::read_to_string(&log)?) {
