@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::forge::{CommitStatus, Forge, ForgeError, Forges, StatusState};
-use crate::reconcile::state::AppState;
 use crate::reconcile::{dry_run, state, Engine};
 use crate::settings::{AppSettings, ForgeKind, Settings};
 use crate::webhook::{match_pull_request, PullRequestAction, PullRequestEvent};
@@ -331,7 +330,7 @@ async fn touched_app<'a>(
     app: &'a AppSettings,
     paths: &[String],
 ) -> Result<Option<&'a AppSettings>, PreviewError> {
-    if AppState::default().inputs_touched(&app.path, paths) {
+    if state::touches(paths, &app.path) {
         return Ok(Some(app));
     }
     let st = state::load(client, ns, &app.name)

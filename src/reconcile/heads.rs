@@ -121,12 +121,7 @@ impl BranchHeads {
         branch: &str,
     ) -> Result<String, ForgeError> {
         let key = (forge.kind(), repo.to_string(), branch.to_string());
-        let cell = self
-            .round
-            .lock()
-            .expect("round")
-            .as_mut()
-            .map(|asked| asked.heads.entry(key.clone()).or_default().clone());
+        let cell = self.in_round(|asked| asked.heads.entry(key.clone()).or_default().clone());
         match cell {
             Some(cell) => cell.get_or_init(|| self.ask(forge, &key)).await.clone(),
             None => self.ask(forge, &key).await,
@@ -149,17 +144,20 @@ impl BranchHeads {
             return kept;
         }
         let compare = (key.clone(), from.to_string(), to.to_string());
-        let cell = self
-            .round
-            .lock()
-            .expect("round")
-            .as_mut()
-            .map(|asked| asked.compares.entry(compare).or_default().clone());
+        let cell = self.in_round(|asked| asked.compares.entry(compare).or_default().clone());
         let ask = || self.compare(forge, &key, from, to);
         match cell {
             Some(cell) => cell.get_or_init(ask).await.clone(),
             None => ask().await,
         }
+    }
+
+    /// The round's cell for one question (`pick` finds or adds it); `None` outside a round.
+    fn in_round<T>(
+        &self,
+        pick: impl FnOnce(&mut Asked) -> Arc<OnceCell<T>>,
+    ) -> Option<Arc<OnceCell<T>>> {
+        self.round.lock().expect("round").as_mut().map(pick)
     }
 
     /// What changed between `from` and head `to`, if kept.
@@ -271,11 +269,12 @@ impl BranchHeads {
     /// Keeps a branch's new head in the cluster (only when it moved). A failure is logged:
     /// it costs the next process one counted request, nothing else.
     async fn remember(&self, key: &HeadKey, sha: &str) {
+        let head = Known {
+            sha: sha.to_string(),
+            since: HashMap::new(),
+        };
+        let changes = since_record(&head);
         if let Some(known) = self.known.get() {
-            let head = Known {
-                sha: sha.to_string(),
-                since: HashMap::new(),
-            };
             known.lock().expect("known heads").insert(key.clone(), head);
         }
         let name = object_name(key);
@@ -291,7 +290,7 @@ impl BranchHeads {
             },
             "data": {
                 "forge": key.0.as_str(), "repo": key.1, "branch": key.2, "sha": sha,
-                CHANGES_KEY: since_record(&Known { sha: sha.to_string(), since: HashMap::new() }),
+                CHANGES_KEY: changes,
             },
         });
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.namespace);

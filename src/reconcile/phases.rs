@@ -30,16 +30,6 @@ impl Phase {
         Phase::State,
         Phase::Status,
     ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Phase::Fetch => "fetch",
-            Phase::DryRun => "dry_run",
-            Phase::Apply => "apply",
-            Phase::State => "state",
-            Phase::Status => "status",
-        }
-    }
 }
 
 /// Time spent per [`Phase`], summed over runs.

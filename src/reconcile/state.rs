@@ -128,12 +128,9 @@ impl AppState {
     /// `app_path` as last applied: its path, and for a Kustomize app every directory its
     /// render read.
     pub fn inputs_touched(&self, app_path: &str, paths: &[String]) -> bool {
-        let inputs: Vec<&str> = std::iter::once(app_path)
+        std::iter::once(app_path)
             .chain(self.inputs.keys().map(String::as_str))
-            .collect();
-        paths
-            .iter()
-            .any(|p| inputs.iter().any(|dir| is_below(p, dir)))
+            .any(|dir| touches(paths, dir))
     }
 
     /// Records a run, its message cut to [`MAX_MESSAGE_CHARS`].
@@ -154,12 +151,14 @@ pub fn clip(text: &str, max: usize) -> String {
     format!("{kept}…")
 }
 
-/// Whether `path` (from the repository root) is `dir` or below it; `""` is the root.
-fn is_below(path: &str, dir: &str) -> bool {
-    dir.is_empty()
-        || path
-            .strip_prefix(dir)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+/// Whether any of `paths` (from the repository root) is `dir` or below it; `""` is the root.
+pub fn touches(paths: &[String], dir: &str) -> bool {
+    paths.iter().any(|path| {
+        dir.is_empty()
+            || path
+                .strip_prefix(dir)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 pub fn object_name(app: &str) -> String {

@@ -103,6 +103,15 @@ async fn versions(env: &Env) -> BTreeMap<String, String> {
     all
 }
 
+/// Each forge request since the requests were last cleared: its route and status.
+fn routes(env: &Env) -> Vec<(String, u16)> {
+    env.sim
+        .requests()
+        .iter()
+        .map(|r| (r.route.clone(), r.status))
+        .collect()
+}
+
 #[tokio::test]
 async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_writes_nothing() {
     let env = three_apps().await;
@@ -115,13 +124,8 @@ async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_wr
     let (code, out) = drift_once(&env).await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(out.matches(": in sync").count(), 3, "{out}");
-    let requests = env.sim.requests();
-    let seen: Vec<(String, u16)> = requests
-        .iter()
-        .map(|r| (r.route.clone(), r.status))
-        .collect();
     assert_eq!(
-        seen,
+        routes(&env),
         [("/repos/{owner}/{repo}/commits/{ref}".to_string(), 304)],
         "one conditional head request for the one branch, nothing else"
     );
@@ -171,14 +175,8 @@ async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_wr
     let (code, out) = drift_once(&env).await;
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(out.matches(": in sync").count(), 3, "{out}");
-    let seen: Vec<(String, u16)> = env
-        .sim
-        .requests()
-        .iter()
-        .map(|r| (r.route.clone(), r.status))
-        .collect();
     assert_eq!(
-        seen,
+        routes(&env),
         [("/repos/{owner}/{repo}/commits/{ref}".to_string(), 304)],
         "one conditional head request after the commit, nothing else"
     );
