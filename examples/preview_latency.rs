@@ -324,14 +324,16 @@ async fn main() {
             } else {
                 SMALL_OBJECTS
             };
+        let log = std::fs::read_to_string(bench.dir.path().join("serve.log")).unwrap_or_default();
         println!(
-            "| pull request preview, {what}: webhook to last preview status, median of {rounds} heads | {} (p90 {}) | `kubectl diff --server-side` of the {} app director{} in sequence: {} | {:.1}× faster | the real `serve`; each head renders all {objects} objects of the affected apps and dry-runs those the merge would write (the changed ConfigMap of each app: the others are what was applied) against the live cluster, posts one status per app, then the comment; kubectl diffs every object; the first round opens the request, the others push to it |",
+            "| pull request preview, {what}: webhook to last preview status, median of {rounds} heads | {} (p90 {}) | `kubectl diff --server-side` of the {} app director{} in sequence: {} | {:.1}× faster | the real `serve`; each head renders all {objects} objects of the affected apps and dry-runs those the merge would write (the changed ConfigMap of each app: the others are what was applied) against the live cluster, posts one status per app, then the comment; kubectl diffs every object; the first round opens the request, the others push to it; median by step: {} |",
             ms(p50),
             ms(p90),
             req.apps.len(),
             if req.apps.len() == 1 { "y" } else { "ies" },
             ms(k50),
             k50.as_secs_f64() / p50.as_secs_f64(),
+            step_medians(&log, req.number),
         );
     }
     serve.kill().await.expect("stopping serve");
@@ -340,4 +342,35 @@ async fn main() {
     for n in [&ns, &state_ns] {
         let _ = nsapi.delete(n, &Default::default()).await;
     }
+}
+
+/// The median of each step of the request's previews, from serve's "preview steps" lines.
+fn step_medians(log: &str, number: u64) -> String {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.contains("preview steps"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["number"].as_u64() == Some(number))
+        .collect();
+    if lines.is_empty() {
+        return "not logged".into();
+    }
+    [
+        ("compare and states", "affected_ms"),
+        ("fetch, render and dry-run", "dry_run_ms"),
+        ("keeping the preview", "store_ms"),
+        ("statuses", "statuses_ms"),
+        ("comment (after the last status)", "comment_ms"),
+    ]
+    .iter()
+    .map(|(name, key)| {
+        let mut v: Vec<Duration> = lines
+            .iter()
+            .filter_map(|l| l["fields"][*key].as_f64())
+            .map(|m| Duration::from_secs_f64(m / 1e3))
+            .collect();
+        format!("{name} {}", ms(percentile(&mut v, 0.5)))
+    })
+    .collect::<Vec<_>>()
+    .join(", ")
 }

@@ -101,6 +101,7 @@ pub async fn serve(
         .arg(config)
         .env("KUBECONFIG", kubeconfig)
         .env("RUST_LOG", "info")
+        .env("DRIFTLESS_LOG_FORMAT", "json")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(log))
         .kill_on_drop(true)

@@ -14,6 +14,7 @@ pub mod store;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,30 @@ pub enum PreviewError {
         #[source]
         source: ForgeError,
     },
+}
+
+/// Where one preview's time went, logged once it is posted ("preview steps").
+#[derive(Debug, Default)]
+pub struct Steps {
+    /// The compare and the candidate apps' states.
+    affected: Duration,
+    /// Fetching, rendering and dry-running the affected apps.
+    dry_run: Duration,
+    /// Keeping the preview for its page.
+    store: Duration,
+    /// Posting the statuses.
+    statuses: Duration,
+    /// Finding and writing the comment.
+    comment: Duration,
+}
+
+impl Steps {
+    fn log(&self, ev: &PullRequestEvent) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        info!(forge = %ev.forge, repo = %ev.repo, number = ev.number,
+            affected_ms = ms(self.affected), dry_run_ms = ms(self.dry_run), store_ms = ms(self.store),
+            statuses_ms = ms(self.statuses), comment_ms = ms(self.comment), "preview steps");
+    }
 }
 
 /// Makes and posts previews; one per process, fed by [`run`].
@@ -113,15 +138,23 @@ impl Previewer {
             self.comments.lock().expect("comments").remove(&key);
             return Ok(());
         }
-        let preview = self.preview(forge.as_ref(), ev).await?;
+        let mut steps = Steps::default();
+        let preview = self.preview(forge.as_ref(), ev, &mut steps).await?;
         // Stored first: the statuses and the comment link to its page.
+        let at = Instant::now();
         self.store.put(key.clone(), preview.clone()).await;
+        steps.store = at.elapsed();
+        let at = Instant::now();
         self.post_statuses(forge.as_ref(), ev, &preview).await;
+        steps.statuses = at.elapsed();
+        let at = Instant::now();
         let had_comment = self.find_comment(forge.as_ref(), ev, &key).await?;
         if !preview.apps.is_empty() || had_comment.is_some() {
             self.upsert_comment(forge.as_ref(), ev, &key, had_comment, &preview)
                 .await?;
         }
+        steps.comment = at.elapsed();
+        steps.log(ev);
         Ok(())
     }
 
@@ -149,9 +182,13 @@ impl Previewer {
         &self,
         forge: &dyn Forge,
         ev: &PullRequestEvent,
+        steps: &mut Steps,
     ) -> Result<PullRequestPreview, PreviewError> {
         let mut p = self.empty(ev);
+        let at = Instant::now();
         let mut affected = self.affected(forge, ev).await?;
+        steps.affected = at.elapsed();
+        let at = Instant::now();
         let max = self.settings.previews.max_apps;
         if affected.len() > max {
             p.not_previewed = affected
@@ -183,6 +220,7 @@ impl Previewer {
             .buffered(APP_CONCURRENCY)
             .collect()
             .await;
+        steps.dry_run = at.elapsed();
         info!(forge = %ev.forge, repo = %ev.repo, number = ev.number, head = %ev.head_sha,
             apps = p.apps.len(), not_previewed = p.not_previewed.len(), "pull request previewed");
         Ok(p)

@@ -109,12 +109,7 @@ impl Engine {
             .cloned()
             .ok_or_else(|| ReconcileError::UnknownApp(app_name.to_string()))?;
         let ns = self.settings.kubernetes.state_namespace.clone();
-        let kept = self
-            .prefetched
-            .lock()
-            .expect("prefetched states")
-            .remove(&app.name);
-        let (st, stored) = match kept {
+        let (st, stored) = match self.take_prefetched(&app.name) {
             Some(kept) => kept,
             None => state::load_with_desired(&self.client, &ns, &app.name).await?,
         };

@@ -214,13 +214,17 @@ pub struct Engine {
     heads: heads::BranchHeads,
     /// Time by phase over every run of this engine.
     phases: phases::PhaseTimes,
-    /// App states (with their kept desired manifests) read in bulk for a sweep; an entry is
-    /// dropped once a run of the app may have changed it.
-    prefetched: Mutex<HashMap<String, (AppState, Option<desired::Stored>)>>,
+    /// App states (with their kept desired manifests) read in bulk for a sweep (`None` when
+    /// no sweep is on); an entry is dropped once a run of the app may have changed it, and
+    /// put back by a run that applied (what it wrote), so its check shares the sweep's LISTs.
+    prefetched: Mutex<Option<Prefetched>>,
     /// API requests the bulk read of [`Self::prefetched`] took, not yet counted in a drift
     /// report (the first batch of the sweep's checks counts them).
     prefetch_requests: std::sync::atomic::AtomicUsize,
 }
+
+/// App states by name, each with its kept desired manifests, as a sweep reads them in bulk.
+type Prefetched = HashMap<String, (AppState, Option<desired::Stored>)>;
 
 fn kube_message(e: &kube::Error) -> String {
     match e {
@@ -263,7 +267,7 @@ impl Engine {
             run_leases: Mutex::new(HashMap::new()),
             heads: heads::BranchHeads::new(client_for_heads, &state_ns),
             phases: phases::PhaseTimes::default(),
-            prefetched: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(None),
             prefetch_requests: std::sync::atomic::AtomicUsize::new(0),
         }
     }
@@ -314,11 +318,8 @@ impl Engine {
                 return Ok(report);
             }
         }
-        // The run may change the state: a sweep reads it again.
-        self.prefetched
-            .lock()
-            .expect("prefetched states")
-            .remove(&app.name);
+        // The run may change the state: a sweep takes what the run saved, or reads it again.
+        self.take_prefetched(&app.name);
         self.ensure_state_namespace(&ns).await?;
         let mut slot_guard = self.slot(&app.name).lock_owned().await;
         let slot = &mut *slot_guard;
@@ -372,10 +373,12 @@ impl Engine {
             .prefetched
             .lock()
             .expect("prefetched states")
-            .get(&app.name)
-            .map(|(st, _)| st.clone());
+            .as_ref()
+            .map(|all| all.get(&app.name).map(|(st, _)| st.clone()));
         let st = match prefetched {
-            Some(st) => st,
+            Some(Some(st)) => st,
+            // Not in the sweep's bulk read: no state then (or a run took it since), so a run.
+            Some(None) => return Ok(None),
             None => {
                 let ns = &self.settings.kubernetes.state_namespace;
                 state::load(&self.client, ns, &app.name).await?
@@ -439,7 +442,7 @@ impl Engine {
         let (all, requests) =
             state::load_all(&self.client, &self.settings.kubernetes.state_namespace).await?;
         let n = all.len();
-        *self.prefetched.lock().expect("prefetched states") = all;
+        *self.prefetched.lock().expect("prefetched states") = Some(all);
         self.prefetch_requests
             .store(requests, std::sync::atomic::Ordering::Relaxed);
         Ok(n)
@@ -447,9 +450,36 @@ impl Engine {
 
     /// Drops what [`Self::prefetch_states`] read: past its sweep it may be stale.
     pub fn forget_prefetched(&self) {
-        self.prefetched.lock().expect("prefetched states").clear();
+        *self.prefetched.lock().expect("prefetched states") = None;
         self.prefetch_requests
             .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The app's state read in bulk by the sweep on, taken out (a run or check uses it once).
+    fn take_prefetched(&self, app: &str) -> Option<(AppState, Option<desired::Stored>)> {
+        self.prefetched
+            .lock()
+            .expect("prefetched states")
+            .as_mut()
+            .and_then(|all| all.remove(app))
+    }
+
+    /// Whether the sweep on read the app's state in bulk (and no run took it since).
+    fn is_prefetched(&self, app: &str) -> bool {
+        self.prefetched
+            .lock()
+            .expect("prefetched states")
+            .as_ref()
+            .is_some_and(|all| all.contains_key(app))
+    }
+
+    /// What a run just saved for the app, for the sweep on (if any) to check it with the
+    /// others instead of reading it back one app at a time.
+    fn remember_saved(&self, app: &str, st: &AppState, packed: Option<&[u8]>) {
+        if let Some(all) = self.prefetched.lock().expect("prefetched states").as_mut() {
+            let stored = packed.map(|p| desired::Stored::Inline(bytes::Bytes::copy_from_slice(p)));
+            all.insert(app.to_string(), (st.clone(), stored));
+        }
     }
 
     /// Creates the state namespace once per engine, before its first write.

@@ -22,24 +22,21 @@ const CHECKS_IN_FLIGHT: usize = 4;
 impl Engine {
     /// Checks every app of `apps` (name, heal) for drift, as [`Self::check_drift`] would, in
     /// the order given. Apps whose state was read in bulk (see [`Self::prefetch_states`]) and
-    /// not changed by a run since are checked in batches sharing their LISTs; the others one
-    /// by one.
+    /// not changed by a run since, or saved by a run that applied since (a cold start), are
+    /// checked in batches sharing their LISTs; the others one by one.
     pub async fn check_drift_all(
         &self,
         apps: &[(String, bool)],
     ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
         let mut batches: BTreeMap<Option<String>, Vec<(AppSettings, bool)>> = BTreeMap::new();
         let mut alone = Vec::new();
-        {
-            let prefetched = self.prefetched.lock().expect("prefetched states");
-            for (name, heal) in apps {
-                match self.settings.app(name) {
-                    Some(app) if prefetched.contains_key(name) => batches
-                        .entry(app.namespace.clone())
-                        .or_default()
-                        .push((app.clone(), *heal)),
-                    _ => alone.push((name.clone(), *heal)),
-                }
+        for (name, heal) in apps {
+            match self.settings.app(name) {
+                Some(app) if self.is_prefetched(name) => batches
+                    .entry(app.namespace.clone())
+                    .or_default()
+                    .push((app.clone(), *heal)),
+                _ => alone.push((name.clone(), *heal)),
             }
         }
         let mut results = std::collections::HashMap::new();
@@ -73,12 +70,7 @@ impl Engine {
         let mut results = Vec::new();
         let mut ready = Vec::new();
         for (app, heal) in batch {
-            let kept = self
-                .prefetched
-                .lock()
-                .expect("prefetched states")
-                .remove(&app.name);
-            let Some((st, stored)) = kept else {
+            let Some((st, stored)) = self.take_prefetched(&app.name) else {
                 results.push((app.name.clone(), self.check_drift(&app.name, *heal).await));
                 continue;
             };

@@ -17,24 +17,7 @@ use crate::reconcile::{Env, REPO};
 
 /// Three apps on one branch of one repository, each two ConfigMaps, applied by pushes.
 async fn three_apps() -> Env {
-    let mut apps = String::new();
-    for a in ["a", "b", "c"] {
-        apps.push_str(&format!(
-            "[[apps]]\nname = \"{a}\"\nforge = \"github\"\nrepo = \"{REPO}\"\npath = \"apps/{a}\"\nnamespace = \"{{ns}}\"\ndrift = \"alert\"\n"
-        ));
-    }
-    let env = Env::with_apps(&apps).await;
-    for a in ["a", "b", "c"] {
-        env.repo.write(
-            &format!("apps/{a}/all.yaml"),
-            &format!(
-                "{}---\n{}",
-                env.cm(&format!("{a}-one"), "1"),
-                env.cm(&format!("{a}-two"), "2")
-            ),
-        );
-    }
-    let head = env.repo.commit("three apps");
+    let (env, head) = three_apps_committed().await;
     let engine = env.engine();
     for a in ["a", "b", "c"] {
         let job = driftless::queue::Job::new(
@@ -53,6 +36,29 @@ async fn three_apps() -> Env {
     }
     engine.settle().await;
     env
+}
+
+/// The three apps of [`three_apps`] in Git (and the head), none applied yet.
+async fn three_apps_committed() -> (Env, String) {
+    let mut apps = String::new();
+    for a in ["a", "b", "c"] {
+        apps.push_str(&format!(
+            "[[apps]]\nname = \"{a}\"\nforge = \"github\"\nrepo = \"{REPO}\"\npath = \"apps/{a}\"\nnamespace = \"{{ns}}\"\ndrift = \"alert\"\n"
+        ));
+    }
+    let env = Env::with_apps(&apps).await;
+    for a in ["a", "b", "c"] {
+        env.repo.write(
+            &format!("apps/{a}/all.yaml"),
+            &format!(
+                "{}---\n{}",
+                env.cm(&format!("{a}-one"), "1"),
+                env.cm(&format!("{a}-two"), "2")
+            ),
+        );
+    }
+    let head = env.repo.commit("three apps");
+    (env, head)
 }
 
 /// `driftless drift --once` in a process of its own; its exit code and stdout.
@@ -490,5 +496,51 @@ async fn a_sweeps_reports_count_every_api_request_it_made_bulk_lists_included() 
         "{made:#?}"
     );
     assert_eq!(counted, made.len(), "{made:#?}");
+    env.cleanup().await;
+}
+
+/// A cold start: the sweep's catch-ups apply every app, then its drift checks take what each
+/// run saved and share one LIST per kind and namespace, instead of reading each state back
+/// and listing each app's objects on its own (which made a 1,000-app cold start mostly
+/// one-by-one checks).
+#[tokio::test]
+async fn a_cold_sweep_checks_the_apps_it_applied_with_shared_lists() {
+    let (env, _) = three_apps_committed().await;
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let forges = driftless::forge::from_settings(&env.settings).unwrap();
+    let engine = driftless::reconcile::Engine::new(
+        client,
+        forges,
+        std::sync::Arc::new(env.settings.clone()),
+    );
+    let metrics = driftless::metrics::Metrics::new();
+    let apps: Vec<String> = ["a", "b", "c"].map(String::from).into();
+    let verdicts = driftless::worker::sweep(&engine, &metrics, apps, 4).await;
+    for (app, v) in &verdicts {
+        assert_eq!(v, &Ok(false), "{app}: applied and in sync");
+    }
+    engine.settle().await;
+    let made = calls.take();
+    let app_lists: Vec<&String> = made
+        .iter()
+        .filter(|c| {
+            c.starts_with("GET ")
+                && c.contains(&format!("/namespaces/{}/configmaps?", env.ns.name))
+                && c.contains("labelSelector")
+        })
+        .collect();
+    assert_eq!(app_lists.len(), 1, "one shared LIST: {app_lists:#?}");
+    let state_reads: Vec<&String> = made
+        .iter()
+        .filter(|c| {
+            c.starts_with("GET ")
+                && c.contains(&format!("/namespaces/{}/configmaps/", env.state_ns.name))
+        })
+        .collect();
+    assert_eq!(
+        state_reads.len(),
+        3,
+        "each state read once, by its run under the app's Lease: {state_reads:#?}"
+    );
     env.cleanup().await;
 }
