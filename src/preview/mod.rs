@@ -52,6 +52,11 @@ pub enum PreviewError {
         #[source]
         source: state::StateError,
     },
+    #[error("listing the app states' recorded inputs: {source}")]
+    States {
+        #[source]
+        source: state::StateError,
+    },
     #[error("commenting on {repo} #{number}: {source}")]
     Comment {
         repo: String,
@@ -253,22 +258,48 @@ impl Previewer {
         if !changed.complete {
             return Ok(candidates);
         }
-        // An app whose own path changed needs no state; the others' recorded inputs are read
-        // a few at a time.
+        // An app whose own path changed needs no state; the others' recorded inputs come from
+        // one metadata-only LIST of the states, and a state written before its inputs were
+        // annotated is read whole, a few at a time.
+        let paths = &changed.paths;
+        let (mut touched, rest): (Vec<&AppSettings>, Vec<&AppSettings>) = candidates
+            .into_iter()
+            .partition(|app| state::touches(paths, &app.path));
+        if rest.is_empty() {
+            return Ok(touched);
+        }
         let ns = self.settings.kubernetes.state_namespace.as_str();
         let client = self.engine.client();
-        let paths = &changed.paths;
+        let recorded = state::recorded_inputs(client, ns)
+            .await
+            .map_err(|source| PreviewError::States { source })?;
+        let mut unannotated = Vec::new();
+        for app in rest {
+            match recorded.get(&app.name) {
+                // No state: never applied, its only input is its path.
+                None => {}
+                Some(Some(dirs)) if dirs.iter().any(|d| state::touches(paths, d)) => {
+                    touched.push(app)
+                }
+                Some(Some(_)) => {}
+                Some(None) => unannotated.push(app),
+            }
+        }
         // Boxed before they are streamed: a closure in the stream would make the task's
         // future not `Send` for every lifetime (the compiler's higher-ranked limitation).
-        let reads: Vec<futures::future::BoxFuture<'_, _>> = candidates
+        let reads: Vec<futures::future::BoxFuture<'_, _>> = unannotated
             .into_iter()
             .map(|app| touched_app(client, ns, app, paths).boxed())
             .collect();
-        let touched: Vec<Result<Option<&AppSettings>, PreviewError>> = futures::stream::iter(reads)
+        let read: Vec<Result<Option<&AppSettings>, PreviewError>> = futures::stream::iter(reads)
             .buffered(STATE_READS_IN_FLIGHT)
             .collect()
             .await;
-        touched.into_iter().filter_map(Result::transpose).collect()
+        for app in read {
+            touched.extend(app?);
+        }
+        touched.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(touched)
     }
 
     /// A status per previewed app on the head, context `driftless/preview/<app>`.
@@ -360,17 +391,14 @@ impl Previewer {
     }
 }
 
-/// `Some(app)` when a path of `paths` lies in one of its inputs: its own path, else the
-/// inputs its last run recorded (read from its state).
+/// `Some(app)` when a path of `paths` lies in one of the inputs its last run recorded, read
+/// from its state.
 async fn touched_app<'a>(
     client: &kube::Client,
     ns: &str,
     app: &'a AppSettings,
     paths: &[String],
 ) -> Result<Option<&'a AppSettings>, PreviewError> {
-    if state::touches(paths, &app.path) {
-        return Ok(Some(app));
-    }
     let st = state::load(client, ns, &app.name)
         .await
         .map_err(|source| PreviewError::State {

@@ -62,8 +62,10 @@ pub(super) struct LiveIndex(pub(super) HashMap<GroupKey, HashMap<String, Value>>
 pub(super) fn by_name(items: Vec<DynamicObject>) -> HashMap<String, Value> {
     items
         .into_iter()
-        .filter_map(|o| {
+        .filter_map(|mut o| {
             let name = o.metadata.name.clone()?;
+            // Never compared (see `drift::normalized`), and often half of a small object.
+            o.metadata.managed_fields = None;
             Some((name, serde_json::to_value(&o).unwrap_or(Value::Null)))
         })
         .collect()

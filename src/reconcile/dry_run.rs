@@ -204,15 +204,17 @@ impl Engine {
             .map(|p| {
                 let (api, params) = (self.api(p), params.clone());
                 async move {
-                    let live =
-                        api.get_opt(&p.id.name)
-                            .await
-                            .map_err(|e| ReconcileError::Discovery {
-                                what: p.id.to_string(),
-                                message: kube_message(&e),
-                            })?;
-                    let outcome = match api.patch(&p.id.name, &params, &Patch::Apply(&p.body)).await
-                    {
+                    // Both read the live object; neither writes: at once.
+                    let patch = Patch::Apply(&p.body);
+                    let (live, after) = tokio::join!(
+                        api.get_opt(&p.id.name),
+                        api.patch(&p.id.name, &params, &patch)
+                    );
+                    let live = live.map_err(|e| ReconcileError::Discovery {
+                        what: p.id.to_string(),
+                        message: kube_message(&e),
+                    })?;
+                    let outcome = match after {
                         Ok(after) => DryRunOutcome::Accepted(to_value(&after)),
                         Err(e) => DryRunOutcome::Rejected(kube_message(&e)),
                     };

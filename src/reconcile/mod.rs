@@ -478,7 +478,7 @@ impl Engine {
     fn remember_saved(&self, app: &str, st: &AppState, packed: Option<&[u8]>) {
         if let Some(all) = self.prefetched.lock().expect("prefetched states").as_mut() {
             let stored = packed.map(|p| desired::Stored::Inline(bytes::Bytes::copy_from_slice(p)));
-            all.insert(app.to_string(), (st.clone(), stored));
+            all.insert(app.to_string(), (st.clone().without_history(), stored));
         }
     }
 

@@ -140,6 +140,15 @@ impl AppState {
         self.runs.truncate(RUNS_KEPT);
         self.last_result = Some(run);
     }
+
+    /// The state without its run history, as a sweep keeps it for every app: its catch-up
+    /// and drift check read the revision, inputs, inventory and last result (a run or heal
+    /// reads the whole state again under the app's Lease, and a check writes only its own
+    /// key), and the history is most of a state's size.
+    pub fn without_history(mut self) -> AppState {
+        self.runs = Vec::new();
+        self
+    }
 }
 
 /// `text` cut to `max` characters, marked with an ellipsis when cut.
@@ -273,28 +282,29 @@ pub async fn load_all(
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let params = ListParams::default().labels(LABEL_STATE_OF);
     let mut requests = 0;
-    let list = list_all_counted(&api, params, &mut requests)
-        .await
-        .map_err(|e| StateError {
-            app: "*".into(),
-            step: "read",
-            message: e.to_string(),
-        })?;
     let mut all = std::collections::HashMap::new();
-    for cm in list {
-        let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
-            continue;
-        };
-        match from_config_map(&app, &cm) {
-            Ok(st) => {
-                let stored = desired::from_config_map(&cm);
-                all.insert(app, (st, stored));
-            }
-            Err(e) => {
-                tracing::warn!(%app, error = %e, "unreadable state left out of the bulk read")
+    // Page by page: only one page of ConfigMaps is held beside what was taken from them.
+    let read = for_each_page(&api, params, &mut requests, |page: Vec<ConfigMap>| {
+        for cm in page {
+            let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
+                continue;
+            };
+            match from_config_map(&app, &cm) {
+                Ok(st) => {
+                    let stored = desired::from_config_map(&cm);
+                    all.insert(app, (st.without_history(), stored));
+                }
+                Err(e) => {
+                    tracing::warn!(%app, error = %e, "unreadable state left out of the bulk read")
+                }
             }
         }
-    }
+    });
+    read.await.map_err(|e| StateError {
+        app: "*".into(),
+        step: "read",
+        message: e.to_string(),
+    })?;
     Ok((all, requests))
 }
 
@@ -316,15 +326,30 @@ pub async fn list_all_counted<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let mut params = params.limit(LIST_PAGE);
     let mut all = Vec::new();
+    for_each_page(api, params, requests, |page| all.extend(page)).await?;
+    Ok(all)
+}
+
+/// A LIST page by page, each page's objects handed to `take`; each request made (one per
+/// page, a failed one too) is added to `requests`.
+async fn for_each_page<K>(
+    api: &Api<K>,
+    params: ListParams,
+    requests: &mut usize,
+    mut take: impl FnMut(Vec<K>),
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut params = params.limit(LIST_PAGE);
     loop {
         *requests += 1;
         let page = api.list(&params).await?;
-        all.extend(page.items);
+        take(page.items);
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => return Ok(all),
+            _ => return Ok(()),
         }
     }
 }
@@ -415,16 +440,72 @@ pub async fn save_intent(
     app: &str,
     state: &AppState,
 ) -> Result<(), StateError> {
-    let record = AppState {
+    let mut patch = json!({});
+    add_record(&mut patch, app, state)?;
+    write_keys(client, namespace, app, patch).await
+}
+
+/// Annotation of an app's state ConfigMap: the directories its last render read (JSON array;
+/// empty for a plain app, whose only input is its path), so a preview tells the apps a
+/// change touches from one metadata-only LIST of the states.
+pub const ANNOTATION_INPUTS: &str = "driftless.dev/inputs";
+
+/// Adds the state's run record (everything but the drift finding) and its inputs annotation
+/// to the merge patch `patch`.
+fn add_record(
+    patch: &mut serde_json::Value,
+    app: &str,
+    state: &AppState,
+) -> Result<(), StateError> {
+    let text = encode(&AppState {
         drift: None,
         ..state.clone()
-    };
-    let text = encode(&record).map_err(|e| StateError {
+    })
+    .map_err(|e| StateError {
         app: app.to_string(),
         step: "encode",
         message: e.to_string(),
     })?;
-    write_keys(client, namespace, app, json!({"data": {KEY: text}})).await
+    let dirs: Vec<&String> = state.inputs.keys().collect();
+    patch["data"][KEY] = json!(text);
+    patch["metadata"]["annotations"][ANNOTATION_INPUTS] =
+        json!(serde_json::to_string(&dirs).unwrap_or_default());
+    Ok(())
+}
+
+/// Each app's recorded input directories, from one metadata-only LIST (paged) of the state
+/// ConfigMaps: `Some(dirs)` from [`ANNOTATION_INPUTS`], `None` for a state written before it
+/// (whose record must be read). An app with no state is not in the map.
+pub async fn recorded_inputs(
+    client: &Client,
+    namespace: &str,
+) -> Result<std::collections::HashMap<String, Option<Vec<String>>>, StateError> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let mut params = ListParams::default()
+        .labels(LABEL_STATE_OF)
+        .limit(LIST_PAGE);
+    let mut all = std::collections::HashMap::new();
+    loop {
+        let page = api.list_metadata(&params).await.map_err(|e| StateError {
+            app: "*".into(),
+            step: "read",
+            message: e.to_string(),
+        })?;
+        for cm in page.items {
+            let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
+                continue;
+            };
+            let dirs = cm
+                .annotations()
+                .get(ANNOTATION_INPUTS)
+                .and_then(|a| serde_json::from_str::<Vec<String>>(a).ok());
+            all.insert(app, dirs);
+        }
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(all),
+        }
+    }
 }
 
 /// Writes an app's run record and the desired manifests it was applied from (`packed`, see
@@ -450,15 +531,10 @@ pub async fn save_with_desired(
         step,
         message,
     };
-    let text = encode(&AppState {
-        drift: None,
-        ..state.clone()
-    })
-    .map_err(|e| err("encode", e.to_string()))?;
     let mut patch = desired::state_patch(client, namespace, app, packed)
         .await
         .map_err(|e| err("write desired parts", e.to_string()))?;
-    patch["data"][KEY] = json!(text);
+    add_record(&mut patch, app, state)?;
     write_keys(client, namespace, app, patch).await?;
     let parts = desired::parts_needed(packed);
     desired::delete_parts(client, namespace, app, parts..state.desired_parts).await;
@@ -551,6 +627,9 @@ async fn write_keys(
         if let Some(v) = keys.get(part) {
             cm[part] = v.clone();
         }
+    }
+    if let Some(a) = keys.pointer("/metadata/annotations") {
+        cm["metadata"]["annotations"] = a.clone();
     }
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     merge_or_create(&api, &object_name(app), &cm)

@@ -667,52 +667,66 @@ async fn compare(api: &Api<'_>, basehead: &str) -> Result<Reply, Reply> {
             .map_err(server_error)?
             .ok_or_else(not_found)
     };
-    let base_sha = resolve(base.clone()).await?;
-    let head_sha = resolve(head.clone()).await?;
-    let merge_base = git
-        .merge_base(&[&base_sha, &head_sha])
-        .await
-        .map_err(server_error)?
-        .ok_or_else(|| {
-            error(
-                StatusCode::NOT_FOUND,
-                &format!("No common ancestor between {base} and {head}."),
-            )
-        })?;
-    let ahead_by = git
-        .count(&format!("{base_sha}..{head_sha}"))
-        .await
-        .map_err(server_error)?;
-    let behind_by = git
-        .count(&format!("{head_sha}..{base_sha}"))
-        .await
-        .map_err(server_error)?;
+    // Independent git calls at once: the simulator's own latency is not driftless's.
+    let (base_sha, head_sha) = tokio::try_join!(resolve(base.clone()), resolve(head.clone()))?;
+    let git_err = |e| server_error(e);
+    let (merge_base, ahead_by, behind_by, commits, base_commit) = tokio::try_join!(
+        async {
+            git.merge_base(&[&base_sha, &head_sha])
+                .await
+                .map_err(git_err)?
+                .ok_or_else(|| {
+                    error(
+                        StatusCode::NOT_FOUND,
+                        &format!("No common ancestor between {base} and {head}."),
+                    )
+                })
+        },
+        async {
+            git.count(&format!("{base_sha}..{head_sha}"))
+                .await
+                .map_err(git_err)
+        },
+        async {
+            git.count(&format!("{head_sha}..{base_sha}"))
+                .await
+                .map_err(git_err)
+        },
+        async {
+            git.log(&[
+                "--reverse",
+                &format!("--max-count={COMPARE_COMMIT_LIMIT}"),
+                &format!("{base_sha}..{head_sha}"),
+            ])
+            .await
+            .map_err(git_err)
+        },
+        async {
+            git.commit(&base_sha)
+                .await
+                .map_err(git_err)?
+                .ok_or_else(not_found)
+        },
+    )?;
     let status = match (ahead_by, behind_by) {
         (0, 0) => "identical",
         (_, 0) => "ahead",
         (0, _) => "behind",
         _ => "diverged",
     };
-    let commits = git
-        .log(&[
-            "--reverse",
-            &format!("--max-count={COMPARE_COMMIT_LIMIT}"),
-            &format!("{base_sha}..{head_sha}"),
-        ])
-        .await
-        .map_err(server_error)?;
-    let commit = |sha: String| async move {
-        git.commit(&sha)
-            .await
-            .map_err(server_error)?
-            .ok_or_else(not_found)
-    };
-    let base_commit = commit(base_sha.clone()).await?;
-    let merge_base_commit = commit(merge_base.clone()).await?;
-    let mut files = git
-        .diff(Some(&merge_base), &head_sha)
-        .await
-        .map_err(server_error)?;
+    let (merge_base_commit, mut files) = tokio::try_join!(
+        async {
+            git.commit(&merge_base)
+                .await
+                .map_err(git_err)?
+                .ok_or_else(not_found)
+        },
+        async {
+            git.diff(Some(&merge_base), &head_sha)
+                .await
+                .map_err(git_err)
+        },
+    )?;
     files.truncate(COMPARE_FILE_LIMIT);
     let owner = api.repo.full_name.split('/').next().unwrap_or_default();
     let html_url = format!("{}/compare/{}", api.html, encode_path(basehead));

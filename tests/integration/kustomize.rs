@@ -518,3 +518,94 @@ async fn a_bad_kustomization_fails_naming_the_file_and_changes_nothing() {
     }
     env.cleanup().await;
 }
+
+/// A pull request that changes only the shared base previews both overlays (their inputs
+/// reach it), a docs-only one neither. The recorded inputs come from the states'
+/// annotations in one metadata-only LIST; a state an older driftless wrote (no annotation)
+/// is read whole, and only that one.
+#[tokio::test]
+async fn a_request_changing_only_the_base_previews_both_overlays() {
+    use driftless::preview::{Previewer, Steps};
+    use driftless::settings::ForgeKind;
+    use driftless::webhook::{PullRequestAction, PullRequestEvent};
+    use std::sync::Arc;
+
+    let env = Env::with_apps(&apps()).await;
+    let _controller = driftless::story::play_deployment_controller(deployments(&env));
+    let c1 = write_repo(&env);
+    let engine = env.engine();
+    for app in ["prod", "staging"] {
+        let r = push(&env, &engine, app, &c1).await.unwrap();
+        assert_eq!(r.outcome, Outcome::Applied, "{app}");
+    }
+    engine.settle().await;
+    // staging's state as an older driftless left it: no inputs annotation.
+    let states: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let unannotate = serde_json::json!({"metadata": {"annotations": {
+        driftless::reconcile::state::ANNOTATION_INPUTS: null}}});
+    states
+        .patch(
+            "driftless-app-staging",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&unannotate),
+        )
+        .await
+        .unwrap();
+
+    let request = |branch: &str, file: &str, text: &str| {
+        env.repo.git(&["checkout", "-q", "-b", branch]);
+        env.repo.write(file, text);
+        let head = env.repo.commit(branch);
+        env.repo.git(&["checkout", "-q", "main"]);
+        PullRequestEvent {
+            forge: ForgeKind::Github,
+            repo: REPO.into(),
+            number: 1,
+            action: PullRequestAction::Updated,
+            base_branch: "main".into(),
+            head_sha: head,
+            from_fork: false,
+        }
+    };
+    let base_change = request("base-green", "base/web/app.conf", "color = green\n");
+    let docs_change = request("docs", "docs/README.md", "Pictures.\n");
+
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let forges = driftless::forge::from_settings(&env.settings).unwrap();
+    let settings = Arc::new(env.settings.clone());
+    let engine = Arc::new(Engine::new(client, forges.clone(), settings.clone()));
+    let previewer = Previewer::new(engine, forges.clone(), settings, Default::default());
+    let github = forges.get(ForgeKind::Github).unwrap().as_ref();
+
+    let p = previewer
+        .preview(github, &base_change, &mut Steps::default())
+        .await
+        .unwrap();
+    let previewed: Vec<&str> = p.apps.iter().map(|a| a.app.as_str()).collect();
+    assert_eq!(previewed, ["prod", "staging"]);
+    let mut state_reads: BTreeMap<String, usize> = BTreeMap::new();
+    let prefix = format!("GET /api/v1/namespaces/{}/configmaps/", env.state_ns.name);
+    for call in calls.take() {
+        if let Some(name) = call.strip_prefix(&prefix) {
+            *state_reads.entry(name.to_string()).or_default() += 1;
+        }
+    }
+    // Each previewed app's dry-run reads its state (the hashes it applied); finding the
+    // affected apps reads only the unannotated one.
+    assert_eq!(
+        state_reads,
+        BTreeMap::from([
+            ("driftless-app-prod".to_string(), 1),
+            ("driftless-app-staging".to_string(), 2)
+        ]),
+        "only the unannotated state is read to find the affected apps"
+    );
+
+    let p = previewer
+        .preview(github, &docs_change, &mut Steps::default())
+        .await
+        .unwrap();
+    assert!(p.apps.is_empty(), "{:?}", p.apps);
+    env.cleanup().await;
+}
