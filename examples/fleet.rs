@@ -37,6 +37,21 @@ use driftless::simulator::{ForgeSimulator, SimConfig};
 
 /// Apps that share one namespace (the drift sweep benchmark's density: 2,000 objects each).
 const APPS_PER_NAMESPACE: usize = 100;
+/// The phases of runs `drift --once` logs: name, field.
+const RUN_PHASES: [(&str, &str); 5] = [
+    ("fetch", "fetch_s"),
+    ("dry-run", "dry_run_s"),
+    ("apply", "apply_s"),
+    ("state writes", "state_s"),
+    ("statuses", "status_s"),
+];
+/// The steps of a sweep's drift checks `drift --once` logs: name, field.
+const CHECK_PHASES: [(&str, &str); 4] = [
+    ("bulk state read", "states_s"),
+    ("desired objects from the kept manifests", "check_desired_s"),
+    ("LISTs", "check_list_s"),
+    ("comparisons", "check_compare_s"),
+];
 /// Objects per app: 12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts.
 const OBJECTS_PER_APP: usize = 20;
 /// Applies the floor keeps in flight: driftless's own bound, `drift --once` checking
@@ -489,8 +504,11 @@ impl Fleet {
         );
 
         let cold_forge = ForgeUse::take(sim);
-        let cold_phases = phase_times(&std::fs::read_to_string(self.work.join("cold.log"))?)
-            .context("the cold reconcile logged no time by phase")?;
+        let cold_phases = phase_times(
+            &std::fs::read_to_string(self.work.join("cold.log"))?,
+            &RUN_PHASES,
+        )
+        .context("the cold reconcile logged no time by phase")?;
         eprintln!(
             "fleet: cold reconcile forge requests: {:?}",
             sim.request_counts()
@@ -567,11 +585,16 @@ impl Fleet {
                 steady.mib(),
             ),
             format!(
-                "| fleet: steady-state drift sweep, {size}, nothing changed | {:.2} s | floor (read every object once: one LIST per kind and namespace): {:.2} s | {:.2}× floor | second `drift --once`, a new process: every app state in one paged LIST, one conditional branch-head request ({steady_forge}), the desired objects from the copies kept in the cluster (no file read), one LIST per kind and namespace; peak RSS {:.0} MiB |",
+                "| fleet: steady-state drift sweep, {size}, nothing changed | {:.2} s | floor (read every object once: one LIST per kind and namespace): {:.2} s | {:.2}× floor | second `drift --once`, a new process: every app state in one paged LIST, one conditional branch-head request ({steady_forge}), the desired objects from the copies kept in the cluster (no file read), one LIST per kind and namespace; peak RSS {:.0} MiB; time by step: {} |",
                 steady.secs(),
                 floor_read.secs(),
                 steady.secs() / floor_read.secs(),
                 steady.mib(),
+                phase_times(
+                    &std::fs::read_to_string(self.work.join("steady.log"))?,
+                    &CHECK_PHASES,
+                )
+                .context("the steady sweep logged no time by phase")?,
             ),
             format!(
                 "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s | floor read above: {:.2} s | {:.2}× floor | `drift --once`, a new process: the head moved, so one compare of the applied revision with it, kept beside the head, tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses); {one_commit_forge} |",
@@ -761,21 +784,15 @@ fn caught_up_in_sync(log: &str) -> Option<usize> {
 }
 
 /// The time by phase a `drift --once` logged (JSON), as "fetch 1.2 s, dry-run 3.4 s, ...".
-fn phase_times(log: &str) -> Option<String> {
+fn phase_times(log: &str, phases: &[(&str, &str)]) -> Option<String> {
     let line = log
         .lines()
         .filter(|l| l.contains("time by phase"))
         .find_map(|l| serde_json::from_str::<Value>(l).ok())?;
     let f = &line["fields"];
-    let parts: Vec<String> = [
-        ("fetch", "fetch_s"),
-        ("dry-run", "dry_run_s"),
-        ("apply", "apply_s"),
-        ("state writes", "state_s"),
-        ("statuses", "status_s"),
-    ]
-    .iter()
-    .map(|(name, key)| format!("{name} {:.1} s", f[*key].as_f64().unwrap_or(f64::NAN)))
-    .collect();
+    let parts: Vec<String> = phases
+        .iter()
+        .map(|(name, key)| format!("{name} {:.2} s", f[*key].as_f64().unwrap_or(f64::NAN)))
+        .collect();
     Some(parts.join(", "))
 }

@@ -400,6 +400,10 @@ fn log_phase_times(t: &crate::reconcile::phases::PhaseTimes) {
         apply_s = s(Phase::Apply),
         state_s = s(Phase::State),
         status_s = s(Phase::Status),
+        states_s = s(Phase::States),
+        check_desired_s = s(Phase::CheckDesired),
+        check_list_s = s(Phase::CheckList),
+        check_compare_s = s(Phase::CheckCompare),
         "time by phase, summed over the runs"
     );
 }

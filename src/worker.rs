@@ -106,19 +106,27 @@ pub async fn sweep(
     if let Err(e) = engine.prefetch_states().await {
         warn!(error = %e, "cannot read the app states in bulk; reading them one by one");
     }
-    let caught_up: Vec<Result<(), ReconcileError>> = futures::stream::iter(&apps)
+    let caught_up: Vec<Result<bool, ReconcileError>> = futures::stream::iter(&apps)
         .map(|app| async move {
             let job = Job::new(app.clone(), None, JobReason::MissedPush);
-            engine.run(&job, RunOptions::default()).await.map(|_| ())
+            let report = engine.run(&job, RunOptions::default()).await?;
+            Ok(report.outcome == crate::reconcile::Outcome::Applied)
         })
         .buffered(in_flight.max(1))
         .collect()
         .await;
+    // Runs that applied wrote new states: read them all again in one LIST, so their checks
+    // share the batch LISTs too (a cold start) instead of each reading its own back.
+    if caught_up.iter().any(|r| matches!(r, Ok(true))) {
+        if let Err(e) = engine.prefetch_states().await {
+            warn!(error = %e, "cannot read the app states in bulk again; checking the applied apps one by one");
+        }
+    }
+    let caught_up = caught_up.into_iter().map(|r| r.map(|_| ()));
     let checks: Vec<(String, bool)> = apps.iter().map(|a| (a.clone(), heals(engine, a))).collect();
     let reports = engine.check_drift_all(&checks).await;
     engine.forget_prefetched();
     caught_up
-        .into_iter()
         .zip(reports)
         .map(|(caught_up, (app, report))| {
             let verdict = drift_verdict(metrics, &app, caught_up, report);

@@ -215,8 +215,8 @@ pub struct Engine {
     /// Time by phase over every run of this engine.
     phases: phases::PhaseTimes,
     /// App states (with their kept desired manifests) read in bulk for a sweep (`None` when
-    /// no sweep is on); an entry is dropped once a run of the app may have changed it, and
-    /// put back by a run that applied (what it wrote), so its check shares the sweep's LISTs.
+    /// no sweep is on); an entry is dropped once a run of the app may have changed it (the
+    /// sweep reads them all again after runs that applied).
     prefetched: Mutex<Option<Prefetched>>,
     /// API requests the bulk read of [`Self::prefetched`] took, not yet counted in a drift
     /// report (the first batch of the sweep's checks counts them).
@@ -318,7 +318,7 @@ impl Engine {
                 return Ok(report);
             }
         }
-        // The run may change the state: a sweep takes what the run saved, or reads it again.
+        // The run may change the state: a sweep reads it again.
         self.take_prefetched(&app.name);
         self.ensure_state_namespace(&ns).await?;
         let mut slot_guard = self.slot(&app.name).lock_owned().await;
@@ -439,8 +439,8 @@ impl Engine {
 
     /// Reads every app's state in one paged LIST, for the runs and drift checks of a sweep.
     pub async fn prefetch_states(&self) -> Result<usize, ReconcileError> {
-        let (all, requests) =
-            state::load_all(&self.client, &self.settings.kubernetes.state_namespace).await?;
+        let read = state::load_all(&self.client, &self.settings.kubernetes.state_namespace);
+        let (all, requests) = self.phases.time(phases::Phase::States, read).await?;
         let n = all.len();
         *self.prefetched.lock().expect("prefetched states") = Some(all);
         self.prefetch_requests
@@ -471,15 +471,6 @@ impl Engine {
             .expect("prefetched states")
             .as_ref()
             .is_some_and(|all| all.contains_key(app))
-    }
-
-    /// What a run just saved for the app, for the sweep on (if any) to check it with the
-    /// others instead of reading it back one app at a time.
-    fn remember_saved(&self, app: &str, st: &AppState, packed: Option<&[u8]>) {
-        if let Some(all) = self.prefetched.lock().expect("prefetched states").as_mut() {
-            let stored = packed.map(|p| desired::Stored::Inline(bytes::Bytes::copy_from_slice(p)));
-            all.insert(app.to_string(), (st.clone().without_history(), stored));
-        }
     }
 
     /// Creates the state namespace once per engine, before its first write.

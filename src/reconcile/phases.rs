@@ -1,5 +1,7 @@
 //! Where the runs of a process spend their time, by phase, summed over every run: fetching
-//! from the forge, validating with a dry-run, applying, writing states and posting statuses.
+//! from the forge, validating with a dry-run, applying, writing states and posting statuses;
+//! and where a sweep's drift checks spend theirs (bulk state reads, desired objects, LISTs,
+//! comparisons).
 //! Runs overlap (a sweep runs several at once), so the sums can exceed the wall time; their
 //! shares say where the time goes. `drift --once` logs them at the end ("time by phase").
 
@@ -20,15 +22,27 @@ pub enum Phase {
     State,
     /// Posting commit statuses.
     Status,
+    /// A sweep's bulk reads of the app states.
+    States,
+    /// Drift checks: the desired objects from the kept manifests (inflated, parsed, prepared).
+    CheckDesired,
+    /// Drift checks: listing the live objects.
+    CheckList,
+    /// Drift checks: comparing (suspects confirmed by a dry-run included).
+    CheckCompare,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Fetch,
         Phase::DryRun,
         Phase::Apply,
         Phase::State,
         Phase::Status,
+        Phase::States,
+        Phase::CheckDesired,
+        Phase::CheckList,
+        Phase::CheckCompare,
     ];
 }
 

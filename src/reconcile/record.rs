@@ -180,7 +180,6 @@ impl Engine {
             self.post_status(forge, app, revision, StatusState::Success, &message)
         );
         saved?;
-        self.remember_saved(&app.name, st, packed.as_deref());
         info!(app = %app.name, revision = short(revision), %message, "applied");
         Ok(report)
     }

@@ -10,6 +10,7 @@ use kube::api::{DynamicObject, ListParams};
 use kube::Api;
 
 use super::drift_check::{by_name, group_key, DriftReport, LiveIndex};
+use super::phases::Phase;
 use super::{kube_message, state, Engine, ReconcileError, LABEL_APP};
 use crate::settings::AppSettings;
 
@@ -22,8 +23,8 @@ const CHECKS_IN_FLIGHT: usize = 4;
 impl Engine {
     /// Checks every app of `apps` (name, heal) for drift, as [`Self::check_drift`] would, in
     /// the order given. Apps whose state was read in bulk (see [`Self::prefetch_states`]) and
-    /// not changed by a run since, or saved by a run that applied since (a cold start), are
-    /// checked in batches sharing their LISTs; the others one by one.
+    /// not changed by a run since (the sweep reads them again after its runs that applied),
+    /// are checked in batches sharing their LISTs; the others one by one.
     pub async fn check_drift_all(
         &self,
         apps: &[(String, bool)],
@@ -83,7 +84,8 @@ impl Engine {
                 results.push((app.name.clone(), Ok(report)));
                 continue;
             }
-            match self.desired_objects(app, &st, stored).await {
+            let desired = self.desired_objects(app, &st, stored);
+            match self.phases.time(Phase::CheckDesired, desired).await {
                 Ok(desired) => ready.push((app, *heal, st, desired, report)),
                 Err(e) => results.push((app.name.clone(), Err(e))),
             }
@@ -96,7 +98,8 @@ impl Engine {
             self.prefetch_requests
                 .swap(0, std::sync::atomic::Ordering::Relaxed)
         };
-        let index = match self.list_live(&ready, &names, &mut shared).await {
+        let listed = self.list_live(&ready, &names, &mut shared);
+        let index = match self.phases.time(Phase::CheckList, listed).await {
             Ok(index) => index,
             Err(e) => {
                 // Each app lists for itself instead, and meets the error on its own.
@@ -109,6 +112,7 @@ impl Engine {
             report.api_requests += share;
         }
         let index = &index;
+        let compared = std::time::Instant::now();
         let checked: Vec<_> = futures::stream::iter(ready)
             .map(|(app, heal, st, desired, report)| async move {
                 let r = self
@@ -119,6 +123,7 @@ impl Engine {
             .buffered(CHECKS_IN_FLIGHT)
             .collect()
             .await;
+        self.phases.add(Phase::CheckCompare, compared.elapsed());
         results.extend(checked);
         results
     }
