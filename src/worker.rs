@@ -92,7 +92,7 @@ fn drift_verdict(
     Ok(!report.drifted.is_empty() && !report.healed)
 }
 
-/// One sweep of every app (`drift --once`): the drift tick of each, with every app state read
+/// One sweep of every app (`drift --once`, a process of its own): the drift tick of each, with every app state read
 /// in one LIST, each branch head asked once (conditionally), the catch-ups `in_flight` at a
 /// time (an app at its head costs nothing), then the drift checks in batches sharing their
 /// LISTs. Returns each app's verdict as [`drift_tick`] would, in the order given.
@@ -116,7 +116,9 @@ pub async fn sweep(
         .collect()
         .await;
     // Runs that applied wrote new states: read them all again in one LIST, so their checks
-    // share the batch LISTs too (a cold start) instead of each reading its own back.
+    // share the batch LISTs too (a cold start) instead of each reading its own back. What
+    // the runs kept for a next push goes first: a sweep makes no next push.
+    engine.forget_run_memory();
     if caught_up.iter().any(|r| matches!(r, Ok(true))) {
         if let Err(e) = engine.prefetch_states().await {
             warn!(error = %e, "cannot read the app states in bulk again; checking the applied apps one by one");

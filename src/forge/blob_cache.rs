@@ -28,6 +28,11 @@ impl BlobCache {
         }
     }
 
+    /// Drops every blob.
+    pub fn clear(&self) {
+        *self.inner.lock().expect("blob cache lock poisoned") = Inner::default();
+    }
+
     pub fn get(&self, sha: &str) -> Option<Bytes> {
         let mut inner = self.inner.lock().expect("blob cache lock poisoned");
         inner.tick += 1;
@@ -85,6 +90,17 @@ impl BlobCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clear_drops_every_blob_and_the_cache_fills_again() {
+        let cache = BlobCache::new(10);
+        cache.insert("a", Bytes::from_static(b"1234"));
+        cache.clear();
+        assert!(cache.get("a").is_none());
+        assert_eq!((cache.size(), cache.len()), (0, 0));
+        cache.insert("b", Bytes::from_static(b"1234567890"));
+        assert!(cache.get("b").is_some(), "the whole capacity is free again");
+    }
 
     #[test]
     fn bounded_and_least_recently_used_goes_first() {

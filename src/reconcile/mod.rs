@@ -448,6 +448,14 @@ impl Engine {
         Ok(n)
     }
 
+    /// Drops what this engine keeps for the next run of each app (the blob cache, each app's
+    /// remembered Lease, state and file digests): a one-shot sweep (`drift --once`) has no
+    /// next run, and its drift checks should not hold it all through their own peak.
+    pub fn forget_run_memory(&self) {
+        self.blobs.clear();
+        self.slots.lock().expect("app slots").clear();
+    }
+
     /// Drops what [`Self::prefetch_states`] read: past its sweep it may be stale.
     pub fn forget_prefetched(&self) {
         *self.prefetched.lock().expect("prefetched states") = None;

@@ -331,8 +331,9 @@ where
     Ok(all)
 }
 
-/// A LIST page by page, each page's objects handed to `take`; each request made (one per
-/// page, a failed one too) is added to `requests`.
+/// A LIST page by page (pages of `params.limit` objects, else 250), each page's objects
+/// handed to `take`; each request made (one per page, a failed one too) is added to
+/// `requests`.
 async fn for_each_page<K>(
     api: &Api<K>,
     params: ListParams,
@@ -342,7 +343,11 @@ async fn for_each_page<K>(
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let mut params = params.limit(LIST_PAGE);
+    // A page size the caller chose stands.
+    let mut params = match params.limit {
+        Some(_) => params,
+        None => params.limit(LIST_PAGE),
+    };
     loop {
         *requests += 1;
         let page = api.list(&params).await?;

@@ -17,6 +17,12 @@ use crate::settings::AppSettings;
 /// Apps checked together: their live objects are held at once (a namespace of the fleet
 /// benchmark, 2,000 objects, is a few MiB).
 const APPS_PER_BATCH: usize = 100;
+/// Objects per page of a batch's LIST of live objects: a whole batch of the fleet benchmark
+/// (100 apps, 1,200 ConfigMaps) in one page: the API server answers a page of 250 in about as
+/// long as all 1,200 (measured on the test control plane: ~100 ms against ~120 ms).
+const LIVE_LIST_PAGE: u32 = 2_000;
+/// LISTs of one batch in flight at once (one per kind and namespace).
+const LISTS_IN_FLIGHT: usize = 4;
 /// Checks in flight within a batch: each mostly waits on the API server (suspects only).
 const CHECKS_IN_FLIGHT: usize = 4;
 
@@ -146,25 +152,47 @@ impl Engine {
         if names.is_empty() {
             return Ok(index);
         }
-        let selector =
-            ListParams::default().labels(&format!("{LABEL_APP} in ({})", names.join(",")));
+        let selector = ListParams::default()
+            .labels(&format!("{LABEL_APP} in ({})", names.join(",")))
+            .limit(LIVE_LIST_PAGE);
         let mut seen = HashSet::new();
+        let mut groups = Vec::new();
         for (_, _, _, desired, _) in ready {
             for p in desired {
                 let key = group_key(p);
-                if !seen.insert(key.clone()) {
-                    continue;
+                if seen.insert(key.clone()) {
+                    groups.push((key, p));
                 }
-                let api: Api<DynamicObject> = self.api(p);
-                let listed = state::list_all_counted(&api, selector.clone(), requests).await;
+            }
+        }
+        // A few kinds at once: the API server encodes one while this process decodes another.
+        let lists = groups.into_iter().map(|(key, p)| {
+            let (api, selector): (Api<DynamicObject>, _) = (self.api(p), selector.clone());
+            async move {
+                let mut made = 0;
+                let listed = state::list_all_counted(&api, selector, &mut made).await;
                 let items = listed.map_err(|e| ReconcileError::Discovery {
                     what: format!("live {}", p.id.kind),
                     message: kube_message(&e),
-                })?;
-                index.0.insert(key, by_name(items));
+                });
+                (key, items.map(by_name), made)
+            }
+        });
+        let listed: Vec<_> = futures::stream::iter(lists)
+            .buffer_unordered(LISTS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut failed = None;
+        for (key, items, made) in listed {
+            *requests += made;
+            match items {
+                Ok(items) => {
+                    index.0.insert(key, items);
+                }
+                Err(e) => failed = failed.or(Some(e)),
             }
         }
-        Ok(index)
+        failed.map_or(Ok(index), Err)
     }
 }
 
