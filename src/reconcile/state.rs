@@ -284,7 +284,11 @@ pub async fn load_all(
     let mut requests = 0;
     let mut all = std::collections::HashMap::new();
     // Page by page: only one page of ConfigMaps is held beside what was taken from them.
-    let read = for_each_page(&api, params, &mut requests, |page: Vec<ConfigMap>| {
+    let list = |p: ListParams| {
+        let api = &api;
+        async move { api.list(&p).await }
+    };
+    let read = for_each_page(params, &mut requests, list, |page: Vec<ConfigMap>| {
         for cm in page {
             let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
                 continue;
@@ -327,21 +331,23 @@ where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     let mut all = Vec::new();
-    for_each_page(api, params, requests, |page| all.extend(page)).await?;
+    let list = |p: ListParams| async move { api.list(&p).await };
+    for_each_page(params, requests, list, |page| all.extend(page)).await?;
     Ok(all)
 }
 
-/// A LIST page by page (pages of `params.limit` objects, else 250), each page's objects
-/// handed to `take`; each request made (one per page, a failed one too) is added to
-/// `requests`.
-async fn for_each_page<K>(
-    api: &Api<K>,
+/// A LIST page by page (pages of `params.limit` objects, else 250): `list` asks for one page,
+/// each page's objects are handed to `take`; each request made (one per page, a failed one
+/// too) is added to `requests`.
+async fn for_each_page<T, Page>(
     params: ListParams,
     requests: &mut usize,
-    mut take: impl FnMut(Vec<K>),
+    mut list: impl FnMut(ListParams) -> Page,
+    mut take: impl FnMut(Vec<T>),
 ) -> Result<(), kube::Error>
 where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    T: Clone,
+    Page: std::future::Future<Output = Result<kube::core::ObjectList<T>, kube::Error>>,
 {
     // A page size the caller chose stands.
     let mut params = match params.limit {
@@ -350,7 +356,7 @@ where
     };
     loop {
         *requests += 1;
-        let page = api.list(&params).await?;
+        let page = list(params.clone()).await?;
         take(page.items);
         match page.metadata.continue_ {
             Some(token) if !token.is_empty() => params = params.continue_token(&token),
@@ -486,31 +492,34 @@ pub async fn recorded_inputs(
     namespace: &str,
 ) -> Result<std::collections::HashMap<String, Option<Vec<String>>>, StateError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let mut params = ListParams::default()
-        .labels(LABEL_STATE_OF)
-        .limit(LIST_PAGE);
-    let mut all = std::collections::HashMap::new();
-    loop {
-        let page = api.list_metadata(&params).await.map_err(|e| StateError {
-            app: "*".into(),
-            step: "read",
-            message: e.to_string(),
-        })?;
-        for cm in page.items {
-            let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
-                continue;
-            };
-            let dirs = cm
-                .annotations()
-                .get(ANNOTATION_INPUTS)
-                .and_then(|a| serde_json::from_str::<Vec<String>>(a).ok());
-            all.insert(app, dirs);
-        }
-        match page.metadata.continue_ {
-            Some(token) if !token.is_empty() => params = params.continue_token(&token),
-            _ => return Ok(all),
-        }
-    }
+    let (mut all, mut requests) = (std::collections::HashMap::new(), 0);
+    let list = |p: ListParams| {
+        let api = &api;
+        async move { api.list_metadata(&p).await }
+    };
+    let read = for_each_page(
+        ListParams::default().labels(LABEL_STATE_OF),
+        &mut requests,
+        list,
+        |page| {
+            for cm in page {
+                let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
+                    continue;
+                };
+                let dirs = cm
+                    .annotations()
+                    .get(ANNOTATION_INPUTS)
+                    .and_then(|a| serde_json::from_str::<Vec<String>>(a).ok());
+                all.insert(app, dirs);
+            }
+        },
+    );
+    read.await.map_err(|e| StateError {
+        app: "*".into(),
+        step: "read",
+        message: e.to_string(),
+    })?;
+    Ok(all)
 }
 
 /// Writes an app's run record and the desired manifests it was applied from (`packed`, see

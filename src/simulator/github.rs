@@ -669,12 +669,11 @@ async fn compare(api: &Api<'_>, basehead: &str) -> Result<Reply, Reply> {
     };
     // Independent git calls at once: the simulator's own latency is not driftless's.
     let (base_sha, head_sha) = tokio::try_join!(resolve(base.clone()), resolve(head.clone()))?;
-    let git_err = |e| server_error(e);
     let (merge_base, ahead_by, behind_by, commits, base_commit) = tokio::try_join!(
         async {
             git.merge_base(&[&base_sha, &head_sha])
                 .await
-                .map_err(git_err)?
+                .map_err(server_error)?
                 .ok_or_else(|| {
                     error(
                         StatusCode::NOT_FOUND,
@@ -685,12 +684,12 @@ async fn compare(api: &Api<'_>, basehead: &str) -> Result<Reply, Reply> {
         async {
             git.count(&format!("{base_sha}..{head_sha}"))
                 .await
-                .map_err(git_err)
+                .map_err(server_error)
         },
         async {
             git.count(&format!("{head_sha}..{base_sha}"))
                 .await
-                .map_err(git_err)
+                .map_err(server_error)
         },
         async {
             git.log(&[
@@ -699,12 +698,12 @@ async fn compare(api: &Api<'_>, basehead: &str) -> Result<Reply, Reply> {
                 &format!("{base_sha}..{head_sha}"),
             ])
             .await
-            .map_err(git_err)
+            .map_err(server_error)
         },
         async {
             git.commit(&base_sha)
                 .await
-                .map_err(git_err)?
+                .map_err(server_error)?
                 .ok_or_else(not_found)
         },
     )?;
@@ -718,13 +717,13 @@ async fn compare(api: &Api<'_>, basehead: &str) -> Result<Reply, Reply> {
         async {
             git.commit(&merge_base)
                 .await
-                .map_err(git_err)?
+                .map_err(server_error)?
                 .ok_or_else(not_found)
         },
         async {
             git.diff(Some(&merge_base), &head_sha)
                 .await
-                .map_err(git_err)
+                .map_err(server_error)
         },
     )?;
     files.truncate(COMPARE_FILE_LIMIT);

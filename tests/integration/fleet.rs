@@ -468,16 +468,26 @@ async fn parts_of_the_kept_desired_state_go_when_the_render_shrinks() {
     env.cleanup().await;
 }
 
+/// An engine for the env's settings whose every API request is recorded.
+async fn counting_engine(
+    env: &Env,
+) -> (
+    driftless::reconcile::Engine,
+    crate::support::api_calls::ApiCalls,
+) {
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let forges = driftless::forge::from_settings(&env.settings).unwrap();
+    let settings = std::sync::Arc::new(env.settings.clone());
+    (
+        driftless::reconcile::Engine::new(client, forges, settings),
+        calls,
+    )
+}
+
 #[tokio::test]
 async fn a_sweeps_reports_count_every_api_request_it_made_bulk_lists_included() {
     let env = three_apps().await;
-    let (client, calls) = crate::support::api_calls::counting_client().await;
-    let forges = driftless::forge::from_settings(&env.settings).unwrap();
-    let engine = driftless::reconcile::Engine::new(
-        client,
-        forges,
-        std::sync::Arc::new(env.settings.clone()),
-    );
+    let (engine, calls) = counting_engine(&env).await;
     // Kinds are looked up once per process, not by a check: out of the count.
     engine.check_drift("a", false).await.unwrap();
     calls.take();
@@ -499,20 +509,14 @@ async fn a_sweeps_reports_count_every_api_request_it_made_bulk_lists_included() 
     env.cleanup().await;
 }
 
-/// A cold start: the sweep's catch-ups apply every app, then its drift checks take what each
-/// run saved and share one LIST per kind and namespace, instead of reading each state back
-/// and listing each app's objects on its own (which made a 1,000-app cold start mostly
+/// A cold start: the sweep's catch-ups apply every app, then it reads the states again in
+/// bulk and its drift checks share one LIST per kind and namespace, instead of reading each
+/// state back and listing each app's objects on its own (which made a 1,000-app cold start mostly
 /// one-by-one checks).
 #[tokio::test]
 async fn a_cold_sweep_checks_the_apps_it_applied_with_shared_lists() {
     let (env, _) = three_apps_committed().await;
-    let (client, calls) = crate::support::api_calls::counting_client().await;
-    let forges = driftless::forge::from_settings(&env.settings).unwrap();
-    let engine = driftless::reconcile::Engine::new(
-        client,
-        forges,
-        std::sync::Arc::new(env.settings.clone()),
-    );
+    let (engine, calls) = counting_engine(&env).await;
     let metrics = driftless::metrics::Metrics::new();
     let apps: Vec<String> = ["a", "b", "c"].map(String::from).into();
     let verdicts = driftless::worker::sweep(&engine, &metrics, apps, 4).await;
