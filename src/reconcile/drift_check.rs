@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use kube::api::{DynamicObject, ListParams, PostParams};
+use kube::api::{ApiResource, ListParams, PostParams};
 use kube::Api;
 use serde_json::{json, Value};
 use tracing::{info, warn};
@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::desired::{self, DesiredError};
 use super::plan::Prepared;
 use super::state::{self, AppState, DriftRecord, DriftedObject};
-use super::{kube_message, now_rfc3339, short, Engine, ReconcileError, LABEL_APP};
+use super::{kube_message, live, now_rfc3339, short, Engine, ReconcileError, LABEL_APP};
 use crate::drift::{differing_fields, dotted, normalized};
 use crate::forge::AppFile;
 use crate::forge::StatusState;
@@ -47,29 +47,21 @@ type Suspect<'p> = (&'p Prepared, Option<Value>, Vec<String>);
 pub(super) type GroupKey = (String, Option<String>);
 
 pub(super) fn group_key(p: &Prepared) -> GroupKey {
+    group_key_of(&p.resource, p.id.namespace.clone())
+}
+
+/// The [`GroupKey`] of objects of `resource` in `namespace` (none: cluster-scoped).
+pub(super) fn group_key_of(resource: &ApiResource, namespace: Option<String>) -> GroupKey {
     (
-        format!("{}/{}", p.resource.api_version, p.resource.plural),
-        p.id.namespace.clone(),
+        format!("{}/{}", resource.api_version, resource.plural),
+        namespace,
     )
 }
 
 /// Live objects listed once for many apps' drift checks: by [`GroupKey`], each object by
 /// name. A group not in it is listed by the check itself.
 #[derive(Default)]
-pub(super) struct LiveIndex(pub(super) HashMap<GroupKey, HashMap<String, Value>>);
-
-/// Objects of a LIST by name, as JSON.
-pub(super) fn by_name(items: Vec<DynamicObject>) -> HashMap<String, Value> {
-    items
-        .into_iter()
-        .filter_map(|mut o| {
-            let name = o.metadata.name.clone()?;
-            // Never compared (see `drift::normalized`), and often half of a small object.
-            o.metadata.managed_fields = None;
-            Some((name, serde_json::to_value(&o).unwrap_or(Value::Null)))
-        })
-        .collect()
-}
+pub(super) struct LiveIndex(pub(super) HashMap<GroupKey, live::ByName>);
 
 impl DriftReport {
     /// A one-line summary: `Drifted: 2 objects (apps/v1 Deployment demo/web: spec.replicas; ...)`.
@@ -459,18 +451,14 @@ impl Engine {
         for (key, members) in &groups {
             let api = self.api(members[0]);
             let listed;
-            let live: &HashMap<String, Value> = match index.0.get(key) {
+            let live: &live::ByName = match index.0.get(key) {
                 Some(listed) => listed,
                 None => {
-                    let list =
-                        api.list(&selector)
-                            .await
-                            .map_err(|e| ReconcileError::Discovery {
-                                what: format!("live {}", members[0].id.kind),
-                                message: kube_message(&e),
-                            })?;
-                    report.api_requests += 1;
-                    listed = by_name(list.items);
+                    let list = live::list(&api, selector.clone(), &mut report.api_requests);
+                    listed = list.await.map_err(|e| ReconcileError::Discovery {
+                        what: format!("live {}", members[0].id.kind),
+                        message: kube_message(&e),
+                    })?;
                     &listed
                 }
             };

@@ -14,6 +14,7 @@ pub mod dry_run;
 pub mod heads;
 pub mod health;
 pub mod lease;
+mod live;
 pub mod phases;
 mod plan;
 pub mod prune;

@@ -339,7 +339,7 @@ where
 /// A LIST page by page (pages of `params.limit` objects, else 250): `list` asks for one page,
 /// each page's objects are handed to `take`; each request made (one per page, a failed one
 /// too) is added to `requests`.
-async fn for_each_page<T, Page>(
+pub(super) async fn for_each_page<T, Page>(
     params: ListParams,
     requests: &mut usize,
     mut list: impl FnMut(ListParams) -> Page,

@@ -9,9 +9,9 @@ use futures::StreamExt;
 use kube::api::{DynamicObject, ListParams};
 use kube::Api;
 
-use super::drift_check::{by_name, group_key, DriftReport, LiveIndex};
+use super::drift_check::{group_key_of, DriftReport, LiveIndex};
 use super::phases::Phase;
-use super::{kube_message, state, Engine, ReconcileError, LABEL_APP};
+use super::{kube_message, live, state, Engine, ReconcileError, LABEL_APP};
 use crate::settings::AppSettings;
 
 /// Apps checked together: their live objects are held at once (a namespace of the fleet
@@ -68,8 +68,10 @@ impl Engine {
             .collect()
     }
 
-    /// One batch: each app's desired objects (kept beside its state, or from the forge), the
-    /// live objects of all of them with one LIST per kind and namespace, then each check.
+    /// One batch: the live objects of all its apps with one LIST per kind and namespace their
+    /// inventories name, then each check, a few at a time, with the app's desired objects
+    /// (kept beside its state, or from the forge) made only for the checks in flight: a
+    /// batch holds its live objects, never all its desired ones too.
     async fn check_batch(
         &self,
         batch: &[(AppSettings, bool)],
@@ -90,13 +92,8 @@ impl Engine {
                 results.push((app.name.clone(), Ok(report)));
                 continue;
             }
-            let desired = self.desired_objects(app, &st, stored);
-            match self.phases.time(Phase::CheckDesired, desired).await {
-                Ok(desired) => ready.push((app, *heal, st, desired, report)),
-                Err(e) => results.push((app.name.clone(), Err(e))),
-            }
+            ready.push((app, *heal, st, stored, report));
         }
-        let names: Vec<&str> = ready.iter().map(|r| r.0.name.as_str()).collect();
         // The sweep's bulk read of the states counts with its first batch that checks an app.
         let mut shared = if ready.is_empty() {
             0
@@ -104,7 +101,8 @@ impl Engine {
             self.prefetch_requests
                 .swap(0, std::sync::atomic::Ordering::Relaxed)
         };
-        let listed = self.list_live(&ready, &names, &mut shared);
+        let inventories: Vec<_> = ready.iter().map(|r| (r.0.name.as_str(), &r.2)).collect();
+        let listed = self.list_live(&inventories, &mut shared);
         let index = match self.phases.time(Phase::CheckList, listed).await {
             Ok(index) => index,
             Err(e) => {
@@ -120,10 +118,15 @@ impl Engine {
         let index = &index;
         let compared = std::time::Instant::now();
         let checked: Vec<_> = futures::stream::iter(ready)
-            .map(|(app, heal, st, desired, report)| async move {
-                let r = self
-                    .check_against(app, &st, desired, heal, index, report)
-                    .await;
+            .map(|(app, heal, st, stored, report)| async move {
+                let desired = self.desired_objects(app, &st, stored);
+                let r = match self.phases.time(Phase::CheckDesired, desired).await {
+                    Ok(desired) => {
+                        self.check_against(app, &st, desired, heal, index, report)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
                 (app.name.clone(), r)
             })
             .buffered(CHECKS_IN_FLIGHT)
@@ -134,48 +137,55 @@ impl Engine {
         results
     }
 
-    /// One LIST (paged) per kind and namespace the batch's desired objects are in, selecting
-    /// the batch's apps by label; each request made is added to `requests`.
+    /// One LIST (paged) per kind and namespace of the objects the apps' states say were
+    /// applied, selecting the apps by label; each request made is added to `requests`. An
+    /// object of another kind or namespace (an inventory older than its desired set) is
+    /// listed by its app's check itself.
     async fn list_live(
         &self,
-        ready: &[(
-            &AppSettings,
-            bool,
-            state::AppState,
-            Vec<super::plan::Prepared>,
-            DriftReport,
-        )],
-        names: &[&str],
+        apps: &[(&str, &state::AppState)],
         requests: &mut usize,
     ) -> Result<LiveIndex, ReconcileError> {
         let mut index = LiveIndex::default();
-        if names.is_empty() {
+        if apps.is_empty() {
             return Ok(index);
         }
+        let names: Vec<&str> = apps.iter().map(|(name, _)| *name).collect();
         let selector = ListParams::default()
             .labels(&format!("{LABEL_APP} in ({})", names.join(",")))
             .limit(LIVE_LIST_PAGE);
         let mut seen = HashSet::new();
         let mut groups = Vec::new();
-        for (_, _, _, desired, _) in ready {
-            for p in desired {
-                let key = group_key(p);
-                if seen.insert(key.clone()) {
-                    groups.push((key, p));
-                }
+        for item in apps.iter().flat_map(|(_, st)| &st.inventory) {
+            let kind = (&item.id.api_version, &item.id.kind, &item.id.namespace);
+            if !seen.insert(kind) {
+                continue;
+            }
+            // A kind the API server no longer serves is its apps' checks to report.
+            if let Ok((resource, namespaced)) = self.resolve(&item.id).await {
+                let namespace = item.id.namespace.clone().filter(|_| namespaced);
+                groups.push((
+                    group_key_of(&resource, namespace.clone()),
+                    resource,
+                    namespace,
+                ));
             }
         }
         // A few kinds at once: the API server encodes one while this process decodes another.
-        let lists = groups.into_iter().map(|(key, p)| {
-            let (api, selector): (Api<DynamicObject>, _) = (self.api(p), selector.clone());
+        let lists = groups.into_iter().map(|(key, resource, namespace)| {
+            let api: Api<DynamicObject> = match &namespace {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+                None => Api::all_with(self.client.clone(), &resource),
+            };
+            let selector = selector.clone();
             async move {
                 let mut made = 0;
-                let listed = state::list_all_counted(&api, selector, &mut made).await;
+                let listed = live::list(&api, selector, &mut made).await;
                 let items = listed.map_err(|e| ReconcileError::Discovery {
-                    what: format!("live {}", p.id.kind),
+                    what: format!("live {}", resource.kind),
                     message: kube_message(&e),
                 });
-                (key, items.map(by_name), made)
+                (key, items, made)
             }
         });
         let listed: Vec<_> = futures::stream::iter(lists)
