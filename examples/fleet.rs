@@ -48,9 +48,15 @@ const RUN_PHASES: [(&str, &str); 5] = [
 /// The steps of a sweep's drift checks `drift --once` logs: name, field.
 const CHECK_PHASES: [(&str, &str); 4] = [
     ("bulk state read", "states_s"),
-    ("desired objects from the kept manifests", "check_desired_s"),
     ("LISTs", "check_list_s"),
-    ("comparisons", "check_compare_s"),
+    (
+        "checks (desired objects made and compared, 4 at a time)",
+        "check_compare_s",
+    ),
+    (
+        "of which making the desired objects from the kept manifests, summed",
+        "check_desired_s",
+    ),
 ];
 /// Objects per app: 12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts.
 const OBJECTS_PER_APP: usize = 20;

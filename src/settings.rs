@@ -227,6 +227,9 @@ pub struct DriftSettings {
     /// Post drift that remains after a check as `failure` on the applied commit, and
     /// `success` once it is gone (each when the finding changes).
     pub report_status: bool,
+    /// Apps a sweep (`drift --once`) checks together, sharing one LIST per kind and namespace:
+    /// fewer LISTs with more, less memory with fewer (two batches' live objects are held).
+    pub sweep_batch: usize,
 }
 
 /// Previews of pull and merge requests (`[previews]`).
@@ -730,6 +733,7 @@ struct RawDrift {
     interval: String,
     jitter: String,
     report_status: bool,
+    sweep_batch: usize,
 }
 
 impl Default for RawDrift {
@@ -738,9 +742,17 @@ impl Default for RawDrift {
             interval: "10m".into(),
             jitter: "1m".into(),
             report_status: false,
+            sweep_batch: DEFAULT_SWEEP_BATCH,
         }
     }
 }
+
+/// Apps a sweep checks together unless `drift.sweep_batch` says otherwise: a namespace of the
+/// fleet benchmark (100 apps, 2,000 objects) in one batch, its live objects about 1 MiB.
+const DEFAULT_SWEEP_BATCH: usize = 100;
+/// The largest `drift.sweep_batch` accepted: a LIST label-selects the batch's app names, and
+/// a thousand of them make a URL of tens of kilobytes.
+const MAX_SWEEP_BATCH: usize = 1000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1134,6 +1146,15 @@ impl RawSettings {
             max_apps: self.previews.max_apps,
         };
 
+        if !(1..=MAX_SWEEP_BATCH).contains(&self.drift.sweep_batch) {
+            p.push(
+                "drift.sweep_batch",
+                format!(
+                    "must be between 1 and {MAX_SWEEP_BATCH}, got {}",
+                    self.drift.sweep_batch
+                ),
+            );
+        }
         let interval = p.duration("drift.interval", &self.drift.interval);
         if interval < Duration::from_secs(10) && interval != Duration::ZERO {
             p.push("drift.interval", "must be at least 10s");
@@ -1281,6 +1302,7 @@ impl RawSettings {
                 interval,
                 jitter,
                 report_status: self.drift.report_status,
+                sweep_batch: self.drift.sweep_batch,
             },
             previews,
             apps,

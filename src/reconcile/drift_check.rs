@@ -463,11 +463,11 @@ impl Engine {
                 }
             };
             for p in members {
-                let ours = live.get(&p.id.name).filter(|o| {
+                let ours = live::get(live, &p.id.name).filter(|o| {
                     o["metadata"]["labels"][LABEL_APP].as_str() == Some(app.name.as_str())
                 });
                 let live_obj = match ours {
-                    Some(o) => Some(o.clone()),
+                    Some(o) => Some(o),
                     // Not selected: deleted, or our label was taken off.
                     None => {
                         report.api_requests += 1;

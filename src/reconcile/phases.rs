@@ -24,11 +24,13 @@ pub enum Phase {
     Status,
     /// A sweep's bulk reads of the app states.
     States,
-    /// Drift checks: the desired objects from the kept manifests (inflated, parsed, prepared).
+    /// Drift checks: the desired objects from the kept manifests (inflated, parsed, prepared),
+    /// summed over the checks in flight; a sweep makes them within [`Self::CheckCompare`].
     CheckDesired,
     /// Drift checks: listing the live objects.
     CheckList,
-    /// Drift checks: comparing (suspects confirmed by a dry-run included).
+    /// Drift checks: wall time of the checks after their LISTs (each app's desired objects
+    /// made, compared, suspects confirmed by a dry-run).
     CheckCompare,
 }
 

@@ -14,9 +14,6 @@ use super::phases::Phase;
 use super::{kube_message, live, state, Engine, ReconcileError, LABEL_APP};
 use crate::settings::AppSettings;
 
-/// Apps checked together: their live objects are held at once (a namespace of the fleet
-/// benchmark, 2,000 objects, is a few MiB).
-const APPS_PER_BATCH: usize = 100;
 /// Objects per page of a batch's LIST of live objects: a whole batch of the fleet benchmark
 /// (100 apps, 1,200 ConfigMaps) in one page: the API server answers a page of 250 in about as
 /// long as all 1,200 (measured on the test control plane: ~100 ms against ~120 ms).
@@ -47,12 +44,12 @@ impl Engine {
             }
         }
         let mut results = std::collections::HashMap::new();
-        for group in batches.into_values() {
-            for batch in group.chunks(APPS_PER_BATCH) {
-                for (name, r) in self.check_batch(batch).await {
-                    results.insert(name, r);
-                }
-            }
+        let all: Vec<&[(AppSettings, bool)]> = batches
+            .values()
+            .flat_map(|group| group.chunks(self.settings.drift.sweep_batch.max(1)))
+            .collect();
+        for (name, r) in self.check_batches(&all).await {
+            results.insert(name, r);
         }
         for (name, heal) in alone {
             let r = self.check_drift(&name, heal).await;
@@ -68,19 +65,52 @@ impl Engine {
             .collect()
     }
 
-    /// One batch: the live objects of all its apps with one LIST per kind and namespace their
-    /// inventories name, then each check, a few at a time, with the app's desired objects
-    /// (kept beside its state, or from the forge) made only for the checks in flight: a
-    /// batch holds its live objects, never all its desired ones too.
-    async fn check_batch(
+    /// The batches in turn, each listing the live objects of all its apps with one LIST per
+    /// kind and namespace their inventories name, then checking them a few at a time. The
+    /// next batch's LISTs run while this one's checks do (the API server encodes while this
+    /// process compares), so two batches' live objects are held at most. Each app's desired
+    /// objects (kept beside its state, or from the forge) are made only while its check is in
+    /// flight: a batch never holds all of them.
+    async fn check_batches(
         &self,
-        batch: &[(AppSettings, bool)],
+        batches: &[&[(AppSettings, bool)]],
     ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
         let mut results = Vec::new();
+        let mut listed: Option<(Vec<Ready<'_>>, Listed)> = None;
+        for batch in batches {
+            let (ready, done) = self.take_batch(batch).await;
+            results.extend(done);
+            let listing = self.list_batch(&ready);
+            let index = match listed.take() {
+                Some((before, index)) => {
+                    let (next, checked) = futures::join!(listing, self.check_ready(before, &index));
+                    results.extend(checked);
+                    next
+                }
+                None => listing.await,
+            };
+            listed = Some((ready, index));
+        }
+        if let Some((ready, index)) = listed {
+            results.extend(self.check_ready(ready, &index).await);
+        }
+        results
+    }
+
+    /// The apps of a batch whose states were read in bulk, ready for their checks; the
+    /// others' results (checked alone, or with no revision applied yet).
+    async fn take_batch<'a>(
+        &self,
+        batch: &'a [(AppSettings, bool)],
+    ) -> (
+        Vec<Ready<'a>>,
+        Vec<(String, Result<DriftReport, ReconcileError>)>,
+    ) {
+        let mut done = Vec::new();
         let mut ready = Vec::new();
         for (app, heal) in batch {
             let Some((st, stored)) = self.take_prefetched(&app.name) else {
-                results.push((app.name.clone(), self.check_drift(&app.name, *heal).await));
+                done.push((app.name.clone(), self.check_drift(&app.name, *heal).await));
                 continue;
             };
             let report = DriftReport {
@@ -89,12 +119,17 @@ impl Engine {
                 ..Default::default()
             };
             if st.revision.is_none() {
-                results.push((app.name.clone(), Ok(report)));
+                done.push((app.name.clone(), Ok(report)));
                 continue;
             }
             ready.push((app, *heal, st, stored, report));
         }
-        // The sweep's bulk read of the states counts with its first batch that checks an app.
+        (ready, done)
+    }
+
+    /// The live objects of a batch's apps; each app's report counts its share of the LISTs
+    /// (and of the sweep's bulk read of the states, with its first batch that checks an app).
+    async fn list_batch(&self, ready: &[Ready<'_>]) -> Listed {
         let mut shared = if ready.is_empty() {
             0
         } else {
@@ -111,14 +146,19 @@ impl Engine {
                 LiveIndex::default()
             }
         };
-        let shares = share_out(shared, ready.len());
-        for ((.., report), share) in ready.iter_mut().zip(shares) {
-            report.api_requests += share;
-        }
-        let index = &index;
+        (index, share_out(shared, ready.len()))
+    }
+
+    /// The checks of a listed batch, [`CHECKS_IN_FLIGHT`] at a time.
+    async fn check_ready(
+        &self,
+        ready: Vec<Ready<'_>>,
+        (index, shares): &Listed,
+    ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
         let compared = std::time::Instant::now();
-        let checked: Vec<_> = futures::stream::iter(ready)
-            .map(|(app, heal, st, stored, report)| async move {
+        let checked = futures::stream::iter(ready.into_iter().zip(shares))
+            .map(|((app, heal, st, stored, mut report), share)| async move {
+                report.api_requests += share;
                 let desired = self.desired_objects(app, &st, stored);
                 let r = match self.phases.time(Phase::CheckDesired, desired).await {
                     Ok(desired) => {
@@ -133,8 +173,7 @@ impl Engine {
             .collect()
             .await;
         self.phases.add(Phase::CheckCompare, compared.elapsed());
-        results.extend(checked);
-        results
+        checked
     }
 
     /// One LIST (paged) per kind and namespace of the objects the apps' states say were
@@ -205,6 +244,19 @@ impl Engine {
         failed.map_or(Ok(index), Err)
     }
 }
+
+/// An app of a batch ready for its check: settings, heal, the state read in bulk, its kept
+/// desired manifests, the report begun.
+type Ready<'a> = (
+    &'a AppSettings,
+    bool,
+    state::AppState,
+    Option<super::desired::Stored>,
+    DriftReport,
+);
+
+/// A batch's live objects, and each of its apps' share of the requests that read them.
+type Listed = (LiveIndex, Vec<usize>);
 
 /// `requests` shared out among `apps` as evenly as whole requests allow, the first apps taking
 /// one more: the shares add up to `requests` (all of them to nobody when there is no app).

@@ -509,6 +509,68 @@ async fn a_sweeps_reports_count_every_api_request_it_made_bulk_lists_included() 
     env.cleanup().await;
 }
 
+/// Batches of a sweep: each batch lists its own apps' objects once (the next batch's LISTs
+/// running beside the checks of the one before), and drift in any batch is found with the
+/// app that has it, none in the apps beside it.
+#[tokio::test]
+async fn a_sweep_in_batches_lists_once_per_batch_and_finds_drift_in_each() {
+    let mut env = three_apps().await;
+    let cms = env.configmaps();
+    for (name, value) in [("a-one", "by hand"), ("c-two", "also by hand")] {
+        cms.patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"value": value}})),
+        )
+        .await
+        .unwrap();
+    }
+    env.settings.drift.sweep_batch = 2;
+    let (engine, calls) = counting_engine(&env).await;
+    // Kinds are looked up once per process, not by a check: out of the count.
+    engine.check_drift("b", false).await.unwrap();
+    calls.take();
+
+    engine.prefetch_states().await.unwrap();
+    let apps: Vec<(String, bool)> = ["a", "b", "c"].map(|a| (a.to_string(), false)).into();
+    let reports = engine.check_drift_all(&apps).await;
+    let drifted: Vec<(String, Vec<String>)> = reports
+        .iter()
+        .map(|(app, r)| {
+            let r = r.as_ref().unwrap();
+            (
+                app.clone(),
+                r.drifted.iter().map(|d| d.id.name.clone()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        drifted,
+        [
+            ("a".to_string(), vec!["a-one".to_string()]),
+            ("b".to_string(), vec![]),
+            ("c".to_string(), vec!["c-two".to_string()]),
+        ]
+    );
+    let made = calls.take();
+    let lists: Vec<&String> = made
+        .iter()
+        .filter(|c| c.starts_with("GET ") && c.contains("labelSelector"))
+        .filter(|c| c.contains(&format!("/namespaces/{}/configmaps?", env.ns.name)))
+        .collect();
+    assert_eq!(
+        lists.len(),
+        2,
+        "one LIST per batch (a, b) and (c): {lists:#?}"
+    );
+    let counted: usize = reports
+        .iter()
+        .map(|(_, r)| r.as_ref().unwrap().api_requests)
+        .sum();
+    assert_eq!(counted, made.len(), "{made:#?}");
+    env.cleanup().await;
+}
+
 /// A cold start: the sweep's catch-ups apply every app, then it reads the states again in
 /// bulk and its drift checks share one LIST per kind and namespace, instead of reading each
 /// state back and listing each app's objects on its own (which made a 1,000-app cold start mostly
