@@ -48,7 +48,10 @@ const RUN_PHASES: [(&str, &str); 5] = [
 /// The steps of a sweep's drift checks `drift --once` logs: name, field.
 const CHECK_PHASES: [(&str, &str); 4] = [
     ("bulk state read", "states_s"),
-    ("LISTs", "check_list_s"),
+    (
+        "LISTs, summed (each batch's beside the checks of the batch before)",
+        "check_list_s",
+    ),
     (
         "checks (desired objects made and compared, 4 at a time)",
         "check_compare_s",
