@@ -22,7 +22,7 @@ use super::{
 const FORGE: &str = "github";
 const DOCS: &str = "https://docs.github.com/rest";
 /// GitHub's primary rate limit for a token, per hour.
-const RATE_LIMIT: u64 = 5000;
+pub(super) const RATE_LIMIT: u64 = 5000;
 const RATE_WINDOW_SECS: i64 = 3600;
 /// GitHub truncates recursive tree listings beyond 100,000 entries.
 const TREE_ENTRY_LIMIT: usize = 100_000;
@@ -143,8 +143,8 @@ async fn answer(
         return Err(error(StatusCode::UNAUTHORIZED, "Bad credentials"));
     };
     let window = rate_window(state, token, false);
-    if window.used >= RATE_LIMIT {
-        return Err(rate_limited(window.reset));
+    if window.used >= window.limit {
+        return Err(rate_limited(window.reset, window.limit));
     }
     let route = route.ok_or_else(not_found)?;
     let repo = state.repo(&route.repo).ok_or_else(not_found)?;
@@ -232,28 +232,29 @@ fn matches_etag(if_none_match: Option<&str>, etag: &str) -> bool {
 fn rate_window(state: &SimState, token: &str, spend: bool) -> RateWindow {
     let now = now_unix();
     let mut windows = lock(&state.rate);
-    let window = windows.entry(token.to_string()).or_insert(RateWindow {
+    let fresh = RateWindow {
         used: 0,
         reset: now + RATE_WINDOW_SECS,
-    });
+        limit: state
+            .github_rate_limit
+            .load(std::sync::atomic::Ordering::Relaxed),
+    };
+    let window = windows.entry(token.to_string()).or_insert(fresh);
     if now >= window.reset {
-        *window = RateWindow {
-            used: 0,
-            reset: now + RATE_WINDOW_SECS,
-        };
+        *window = fresh;
     }
     if spend {
-        window.used = (window.used + 1).min(RATE_LIMIT);
+        window.used = (window.used + 1).min(window.limit);
     }
     *window
 }
 
 fn rate_headers(reply: Reply, window: RateWindow) -> Reply {
     reply
-        .with_header("x-ratelimit-limit", RATE_LIMIT.to_string())
+        .with_header("x-ratelimit-limit", window.limit.to_string())
         .with_header(
             "x-ratelimit-remaining",
-            (RATE_LIMIT - window.used).to_string(),
+            (window.limit - window.used).to_string(),
         )
         .with_header("x-ratelimit-reset", window.reset.to_string())
         .with_header("x-ratelimit-used", window.used.to_string())
@@ -296,7 +297,7 @@ fn validation_failed(resource: &str, field: Option<&str>, message: &str) -> Repl
     )
 }
 
-fn rate_limited(reset: i64) -> Reply {
+fn rate_limited(reset: i64, limit: u64) -> Reply {
     let reply = error(
         StatusCode::FORBIDDEN,
         "API rate limit exceeded for user ID 1. If you reach out to GitHub Support for help, \
@@ -305,8 +306,9 @@ fn rate_limited(reset: i64) -> Reply {
     rate_headers(
         reply,
         RateWindow {
-            used: RATE_LIMIT,
+            used: limit,
             reset,
+            limit,
         },
     )
 }
@@ -319,7 +321,7 @@ pub(super) fn ceil_secs(d: std::time::Duration) -> u64 {
 fn fault_reply(kind: &FaultKind) -> Reply {
     match kind {
         FaultKind::RateLimited { reset_after } => {
-            rate_limited(now_unix() + ceil_secs(*reset_after) as i64)
+            rate_limited(now_unix() + ceil_secs(*reset_after) as i64, RATE_LIMIT)
         }
         FaultKind::SecondaryRateLimit { retry_after } => error(
             StatusCode::TOO_MANY_REQUESTS,

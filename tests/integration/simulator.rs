@@ -765,6 +765,31 @@ async fn github_statuses_and_hooks_round_trip() {
     assert_github_requests_exist(&sim.requests());
 }
 
+/// A benchmark may give the token a larger window (as a GitHub App installation has); the
+/// window still ends in GitHub's 403 once spent, and its headers say the limit set.
+#[tokio::test]
+async fn github_rate_limit_can_be_set_and_is_enforced_at_it() {
+    let (repo, _) = sample_repo();
+    let sim = simulator().await;
+    sim.set_github_rate_limit(3);
+    sim.add_repo("acme/deploy", repo.path());
+    let gh = GithubClient::new(&sim);
+    let path = "/repos/acme/deploy/git/ref/heads/main";
+    for used in 1..=3 {
+        let r = gh.get(path).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ratelimit-limit"), Some("3"));
+        assert_eq!(
+            r.header("x-ratelimit-used"),
+            Some(used.to_string().as_str())
+        );
+    }
+    let refused = gh.get(path).await;
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(refused.header("x-ratelimit-limit"), Some("3"));
+}
+
 #[tokio::test]
 async fn github_etag_gives_304_that_costs_no_rate_limit() {
     let (repo, head) = sample_repo();
