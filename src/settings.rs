@@ -815,6 +815,13 @@ impl Problems {
         self.0.push(SettingsError::new(key, message));
     }
 
+    /// An error naming `key` unless `value` is between 1 and `max`.
+    fn count(&mut self, key: &str, value: usize, max: usize) {
+        if !(1..=max).contains(&value) {
+            self.push(key, format!("must be between 1 and {max}, got {value}"));
+        }
+    }
+
     fn duration(&mut self, key: &str, text: &str) -> Duration {
         match parse_duration(text) {
             Ok(d) => d,
@@ -1131,30 +1138,18 @@ impl RawSettings {
         };
 
         let render = self.render.validate(&mut p);
-        if !(1..=MAX_PREVIEW_MAX_APPS).contains(&self.previews.max_apps) {
-            p.push(
-                "previews.max_apps",
-                format!(
-                    "must be between 1 and {MAX_PREVIEW_MAX_APPS}, got {}",
-                    self.previews.max_apps
-                ),
-            );
-        }
+        p.count(
+            "previews.max_apps",
+            self.previews.max_apps,
+            MAX_PREVIEW_MAX_APPS,
+        );
         let previews = PreviewSettings {
             enabled: self.previews.enabled,
             from_forks: self.previews.from_forks,
             max_apps: self.previews.max_apps,
         };
 
-        if !(1..=MAX_SWEEP_BATCH).contains(&self.drift.sweep_batch) {
-            p.push(
-                "drift.sweep_batch",
-                format!(
-                    "must be between 1 and {MAX_SWEEP_BATCH}, got {}",
-                    self.drift.sweep_batch
-                ),
-            );
-        }
+        p.count("drift.sweep_batch", self.drift.sweep_batch, MAX_SWEEP_BATCH);
         let interval = p.duration("drift.interval", &self.drift.interval);
         if interval < Duration::from_secs(10) && interval != Duration::ZERO {
             p.push("drift.interval", "must be at least 10s");

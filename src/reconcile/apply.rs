@@ -363,9 +363,19 @@ impl Engine {
     }
 
     pub(super) fn api(&self, p: &Prepared) -> Api<DynamicObject> {
-        match (&p.id.namespace, p.namespaced) {
-            (Some(ns), true) => Api::namespaced_with(self.client.clone(), ns, &p.resource),
-            _ => Api::all_with(self.client.clone(), &p.resource),
+        let namespace = p.id.namespace.as_deref().filter(|_| p.namespaced);
+        self.api_in(&p.resource, namespace)
+    }
+
+    /// Objects of `resource` in `namespace`, or cluster-wide (cluster-scoped) when none.
+    pub(super) fn api_in(
+        &self,
+        resource: &kube::api::ApiResource,
+        namespace: Option<&str>,
+    ) -> Api<DynamicObject> {
+        match namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, resource),
+            None => Api::all_with(self.client.clone(), resource),
         }
     }
 

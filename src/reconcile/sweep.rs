@@ -6,8 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use futures::StreamExt;
-use kube::api::{DynamicObject, ListParams};
-use kube::Api;
+use kube::api::ListParams;
 
 use super::drift_check::{group_key_of, DriftReport, LiveIndex};
 use super::phases::Phase;
@@ -122,7 +121,13 @@ impl Engine {
                 done.push((app.name.clone(), Ok(report)));
                 continue;
             }
-            ready.push((app, *heal, st, stored, report));
+            ready.push(Ready {
+                app,
+                heal: *heal,
+                st,
+                stored,
+                report,
+            });
         }
         (ready, done)
     }
@@ -136,7 +141,7 @@ impl Engine {
             self.prefetch_requests
                 .swap(0, std::sync::atomic::Ordering::Relaxed)
         };
-        let inventories: Vec<_> = ready.iter().map(|r| (r.0.name.as_str(), &r.2)).collect();
+        let inventories: Vec<_> = ready.iter().map(|r| (r.app.name.as_str(), &r.st)).collect();
         let listed = self.list_live(&inventories, &mut shared);
         let index = match self.phases.time(Phase::CheckList, listed).await {
             Ok(index) => index,
@@ -157,7 +162,14 @@ impl Engine {
     ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
         let compared = std::time::Instant::now();
         let checked = futures::stream::iter(ready.into_iter().zip(shares))
-            .map(|((app, heal, st, stored, mut report), share)| async move {
+            .map(|(r, share)| async move {
+                let Ready {
+                    app,
+                    heal,
+                    st,
+                    stored,
+                    mut report,
+                } = r;
                 report.api_requests += share;
                 let desired = self.desired_objects(app, &st, stored);
                 let r = match self.phases.time(Phase::CheckDesired, desired).await {
@@ -212,10 +224,7 @@ impl Engine {
         }
         // A few kinds at once: the API server encodes one while this process decodes another.
         let lists = groups.into_iter().map(|(key, resource, namespace)| {
-            let api: Api<DynamicObject> = match &namespace {
-                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
-                None => Api::all_with(self.client.clone(), &resource),
-            };
+            let api = self.api_in(&resource, namespace.as_deref());
             let selector = selector.clone();
             async move {
                 let mut made = 0;
@@ -245,15 +254,17 @@ impl Engine {
     }
 }
 
-/// An app of a batch ready for its check: settings, heal, the state read in bulk, its kept
-/// desired manifests, the report begun.
-type Ready<'a> = (
-    &'a AppSettings,
-    bool,
-    state::AppState,
-    Option<super::desired::Stored>,
-    DriftReport,
-);
+/// An app of a batch ready for its check.
+struct Ready<'a> {
+    app: &'a AppSettings,
+    heal: bool,
+    /// Its state, read in bulk.
+    st: state::AppState,
+    /// Its desired manifests, kept beside the state.
+    stored: Option<super::desired::Stored>,
+    /// Its report, begun.
+    report: DriftReport,
+}
 
 /// A batch's live objects, and each of its apps' share of the requests that read them.
 type Listed = (LiveIndex, Vec<usize>);
