@@ -32,7 +32,7 @@ pub const MAX_DRIFT_BYTES: usize = 64 * 1024;
 pub const MAX_STATE_BYTES: usize =
     1024 * 1024 - MAX_DRIFT_BYTES - super::desired::MAX_INLINE_BYTES * 4 / 3 - 1024;
 /// State ConfigMaps read per page of a bulk read: a page of small apps is a few MiB.
-const LIST_PAGE: u32 = 250;
+pub const LIST_PAGE: u32 = 250;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct AppState {

@@ -610,3 +610,38 @@ async fn a_cold_sweep_checks_the_apps_it_applied_with_shared_lists() {
     );
     env.cleanup().await;
 }
+
+/// A sweep after a commit to one app applies that app and checks it alone: reading every
+/// state again would cost more than the one app's own reads. The others are checked from the
+/// one bulk read, with shared LISTs, and the commit is found in sync.
+#[tokio::test]
+async fn a_sweep_that_applies_one_app_reads_the_states_in_bulk_only_once() {
+    let env = three_apps().await;
+    env.repo
+        .write("apps/b/all.yaml", &env.cm("b-one", "changed"));
+    env.repo.commit("b changes");
+    let (engine, calls) = counting_engine(&env).await;
+    let metrics = driftless::metrics::Metrics::new();
+    let apps: Vec<String> = ["a", "b", "c"].map(String::from).into();
+    let verdicts = driftless::worker::sweep(&engine, &metrics, apps, 4).await;
+    for (app, v) in &verdicts {
+        assert_eq!(v, &Ok(false), "{app}: in sync");
+    }
+    engine.settle().await;
+    assert_eq!(env.cm_value("b-one").await.as_deref(), Some("changed"));
+    let made = calls.take();
+    let bulk_reads: Vec<&String> = made
+        .iter()
+        .filter(|c| {
+            c.starts_with("GET ")
+                && c.contains(&format!("/namespaces/{}/configmaps?", env.state_ns.name))
+                && c.contains("labelSelector=driftless.dev%2Fstate-of")
+        })
+        .collect();
+    assert_eq!(
+        bulk_reads.len(),
+        1,
+        "one bulk read of the states: {bulk_reads:#?}"
+    );
+    env.cleanup().await;
+}
