@@ -4,16 +4,19 @@
 //! with driftless's overall parallelism in flight. Both are timed and their peak RSS is taken
 //! the same way (getrusage of a waiting parent that has no other child). A second
 //! `drift --once` (nothing changed) is set against the floor of reading every object once.
+//! A floor dry-run (the same objects server-side dry-run, each as a creation) and the control
+//! plane's CPU time and request count around each step say where a cold reconcile's time goes.
 //! Every object is counted in the cluster afterwards; a missing one fails the benchmark. The
 //! GitHub requests of each sweep are counted too: the simulator enforces a token's 5,000 an
 //! hour, as GitHub does.
 //! Needs the test control plane (DRIFTLESS_TEST_KUBECONFIG) and the release binary next to
 //! this example (`cargo build --release --bins --examples`). Prints Markdown table rows.
 //!
-//! Modes (the last three are how the example runs its own children):
+//! Modes (all but the first are how the example runs its own children):
 //!   fleet                                    the benchmark
 //!   fleet --measure OUT -- PROGRAM ARGS...   run PROGRAM, write "<wall µs> <peak RSS KiB>" to OUT
 //!   fleet --floor-apply REPO NS_PREFIX APPS  apply every object of REPO's apps
+//!   fleet --floor-dry-run REPO NS_PREFIX APPS  server-side dry-run every object of REPO's apps
 //!   fleet --floor-list NS_PREFIX APPS        LIST every app object, one request per kind and namespace
 
 mod support;
@@ -60,6 +63,16 @@ const CHECK_PHASES: [(&str, &str); 4] = [
         "of which making the desired objects from the kept manifests, summed",
         "check_desired_s",
     ),
+];
+/// The steps of a sweep after a commit to one app: name, field.
+const ONE_COMMIT_PHASES: [(&str, &str); 4] = [
+    (
+        "catch-ups (every head asked, the one app's run: its fetch, dry-run, apply, state, statuses)",
+        "catch_up_s",
+    ),
+    ("bulk state read", "states_s"),
+    ("LISTs, summed", "check_list_s"),
+    ("checks", "check_compare_s"),
 ];
 /// A GitHub token's requests an hour, as the simulator enforces them.
 const RATE_LIMIT: u64 = 5_000;
@@ -142,7 +155,10 @@ fn main() -> anyhow::Result<()> {
     match args.as_slice() {
         ["--measure", out, "--", program, rest @ ..] => measure(Path::new(out), program, rest),
         ["--floor-apply", repo, prefix, apps] => {
-            runtime()?.block_on(floor_apply(Path::new(repo), prefix, apps.parse()?))
+            runtime()?.block_on(floor_apply(Path::new(repo), prefix, apps.parse()?, false))
+        }
+        ["--floor-dry-run", repo, prefix, apps] => {
+            runtime()?.block_on(floor_apply(Path::new(repo), prefix, apps.parse()?, true))
         }
         ["--floor-list", prefix, apps] => runtime()?.block_on(floor_list(prefix, apps.parse()?)),
         [] => runtime()?.block_on(bench()),
@@ -276,10 +292,13 @@ async fn run_measured(
 }
 
 /// The floor of a cold reconcile: every object of every app, read from the checkout, given
-/// its namespace and driftless's two labels, and server-side applied; nothing else.
-async fn floor_apply(repo: &Path, prefix: &str, apps: usize) -> anyhow::Result<()> {
+/// its namespace and driftless's two labels, and server-side applied; nothing else. With
+/// `dry_run`, server-side dry-run instead (into namespaces where none of them exists yet, so
+/// each is the dry-run of a creation, as in a cold reconcile).
+async fn floor_apply(repo: &Path, prefix: &str, apps: usize, dry_run: bool) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
-    let params = PatchParams::apply("fleet-floor").force();
+    let mut params = PatchParams::apply("fleet-floor").force();
+    params.dry_run = dry_run;
     let objects = futures::stream::iter(0..apps).flat_map(|a| {
         let path = repo.join(format!("apps/a{a}/all.yaml"));
         let text = std::fs::read_to_string(&path).expect("reading the app's file");
@@ -319,6 +338,73 @@ async fn floor_apply(repo: &Path, prefix: &str, apps: usize) -> anyhow::Result<(
     println!("{applied}");
     Ok(())
 }
+
+/// CPU time the control plane has spent (the API server's and etcd's, when they run on this
+/// machine) and the requests the API server has served (its `apiserver_request_total`, every
+/// client's, the controllers' included), at one moment.
+#[derive(Clone, Copy)]
+struct ServerWork {
+    apiserver_cpu: Option<f64>,
+    etcd_cpu: Option<f64>,
+    requests: f64,
+}
+
+impl ServerWork {
+    async fn now(client: &Client) -> anyhow::Result<Self> {
+        let req = http::Request::get("/metrics").body(Vec::new())?;
+        let metrics = client.request_text(req).await?;
+        let requests = metrics
+            .lines()
+            .filter(|l| l.starts_with("apiserver_request_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        Ok(Self {
+            apiserver_cpu: process_cpu("kube-apiserver"),
+            etcd_cpu: process_cpu("etcd"),
+            requests,
+        })
+    }
+
+    /// What was spent from `self` to `later`, as "API server 12.3 s CPU, etcd 4.5 s CPU,
+    /// 20,000 requests".
+    fn spent(&self, later: &Self) -> (Option<f64>, String) {
+        let cpu = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
+        let api = cpu(self.apiserver_cpu, later.apiserver_cpu);
+        let etcd = cpu(self.etcd_cpu, later.etcd_cpu);
+        let show = |v: Option<f64>| {
+            v.map_or("not measured (not on this machine)".into(), |v| {
+                format!("{v:.1} s")
+            })
+        };
+        let text = format!(
+            "API server CPU {}, etcd CPU {}, {} API requests",
+            show(api),
+            show(etcd),
+            thousands((later.requests - self.requests).round() as usize)
+        );
+        (api, text)
+    }
+}
+
+/// User and system CPU seconds of the process named `comm` on this machine, if there is one.
+fn process_cpu(comm: &str) -> Option<f64> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let dir = entry.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == comm) {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+            // After the parenthesised name: state is field 3; utime and stime are 14 and 15.
+            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+            let ticks: f64 =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            return Some(ticks / CLOCK_TICKS);
+        }
+    }
+    None
+}
+
+/// The kernel's clock ticks per second (USER_HZ), which /proc reports CPU time in: 100 on
+/// every Linux architecture this runs on.
+const CLOCK_TICKS: f64 = 100.0;
 
 /// Counts the app objects in the namespaces: one LIST per kind and namespace.
 async fn count_objects(client: &Client, prefix: &str, apps: usize) -> anyhow::Result<usize> {
@@ -484,6 +570,7 @@ impl Fleet {
         let this = std::env::current_exe()?;
         let repo_arg = repo.to_str().context("temporary path")?;
         let apps_arg = apps.to_string();
+        let before_floor = ServerWork::now(&self.client).await?;
         let floor_apply = self
             .run_measured(
                 &this,
@@ -491,6 +578,7 @@ impl Fleet {
                 "floor-apply.log",
             )
             .await?;
+        let after_floor = ServerWork::now(&self.client).await?;
         eprintln!(
             "fleet: floor applied in {:.1} s, peak RSS {:.0} MiB",
             floor_apply.secs(),
@@ -502,11 +590,29 @@ impl Fleet {
             "floor: {floor_count} of {expected} objects in the cluster"
         );
 
+        // The dry-run half of a cold reconcile's floor: the same objects dry-run into
+        // driftless's namespaces, empty still, so each is the dry-run of a creation.
+        let floor_dry_run = self
+            .run_measured(
+                &this,
+                &["--floor-dry-run", repo_arg, ours, &apps_arg],
+                "floor-dry-run.log",
+            )
+            .await?;
+        let after_dry_run = ServerWork::now(&self.client).await?;
+        eprintln!("fleet: floor dry-run in {:.1} s", floor_dry_run.secs());
+        ensure!(
+            count_objects(&self.client, ours, apps).await? == 0,
+            "the floor's dry-run wrote objects"
+        );
+
         let drift_args = ["drift", "--once", "--config", &config];
         sim.clear_requests();
+        let before_cold = ServerWork::now(&self.client).await?;
         let cold = self
             .run_measured(&self.driftless_bin, &drift_args, "cold.log")
             .await?;
+        let after_cold = ServerWork::now(&self.client).await?;
         eprintln!(
             "fleet: driftless cold reconcile in {:.1} s, peak RSS {:.0} MiB",
             cold.secs(),
@@ -579,6 +685,11 @@ impl Fleet {
             sim.request_counts()
         );
 
+        let one_commit_log = std::fs::read_to_string(self.work.join("one-commit.log"))?;
+        let one_commit_steps = phase_times(&one_commit_log, &ONE_COMMIT_PHASES)
+            .context("the one-commit sweep logged no time by phase")?;
+        let one_commit_catch_up = phase_secs(&one_commit_log, "catch_up_s")
+            .context("the one-commit sweep logged no catch-up time")?;
         let size = format!(
             "{} apps × {OBJECTS_PER_APP} objects ({} objects)",
             thousands(apps),
@@ -598,7 +709,28 @@ impl Fleet {
             "up to {APPS_PER_NAMESPACE} apps to a namespace ({ns_count} namespace{} per side), one file per app (12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts)",
             if ns_count == 1 { "" } else { "s" }
         );
+        let (floor_api, floor_work) = before_floor.spent(&after_floor);
+        let (dry_api, dry_work) = after_floor.spent(&after_dry_run);
+        let (cold_api, cold_work) = before_cold.spent(&after_cold);
+        let secs = |v: Option<f64>| v.map_or("not measured".into(), |v| format!("{v:.1} s"));
+        let ratio = |v: Option<f64>| match (v, floor_api) {
+            (Some(v), Some(f)) => format!("{:.2}× floor", v / f),
+            _ => "not measured".into(),
+        };
+        let both_floors = floor_apply.secs() + floor_dry_run.secs();
         Ok(vec![
+            format!(
+                "| fleet: API server CPU of a cold reconcile, {size} | {} | floor apply above: {} | {} | where the cold reconcile's time goes: the control plane shares this machine's 2 cores, and the API server works through every request. Driftless cold: {:.1} s wall, {cold_work}. Floor apply: {:.1} s wall, {floor_work}. Floor dry-run (the floor's objects server-side dry-run into driftless's still empty namespaces, each a creation, {FLOOR_IN_FLIGHT} in flight): {:.1} s wall ({:.2}× the floor apply), {dry_work} ({}). A reconcile that dry-runs every object before it applies any cannot take less than the two floors together: {both_floors:.1} s, {:.2}× the floor apply |",
+                secs(cold_api),
+                secs(floor_api),
+                ratio(cold_api),
+                cold.secs(),
+                floor_apply.secs(),
+                floor_dry_run.secs(),
+                floor_dry_run.secs() / floor_apply.secs(),
+                ratio(dry_api),
+                both_floors / floor_apply.secs(),
+            ),
             format!(
                 "| fleet: cold reconcile, {size}, `driftless drift --once` | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state): {:.1} s | {:.2}× floor | {layout}; driftless fetches from the forge simulator ({cold_forge}; {budget}), dry-runs then applies each app, records state and posts 2 statuses per app; time by phase, summed over the runs ({} at a time): {cold_phases}; all {} objects counted afterwards |",
                 cold.secs(),
@@ -627,11 +759,12 @@ impl Fleet {
                 .context("the steady sweep logged no time by phase")?,
             ),
             format!(
-                "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s | floor read above: {:.2} s | {:.2}× floor | `drift --once`, a new process: the head moved, so one compare of the applied revision with it, kept beside the head, tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses); {one_commit_forge} |",
+                "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s | floor read above: {:.2} s | {:.2}× floor | `drift --once`, a new process: the head moved, so one compare of the applied revision with it, kept beside the head, tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses) and then checked alone; {one_commit_forge}; time by step: {one_commit_steps}; goal ≤ 2× the floor read plus the catch-ups: {:.2} s |",
                 one_commit.secs(),
                 floor_read.secs(),
                 one_commit.secs() / floor_read.secs(),
                 thousands(apps - 1),
+                2.0 * floor_read.secs() + one_commit_catch_up,
             ),
             format!(
                 "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above: {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written (resourceVersions compared); {restart_forge} |",
@@ -815,14 +948,18 @@ fn caught_up_in_sync(log: &str) -> Option<usize> {
 
 /// The time by phase a `drift --once` logged (JSON), as "fetch 1.2 s, dry-run 3.4 s, ...".
 fn phase_times(log: &str, phases: &[(&str, &str)]) -> Option<String> {
+    let parts: Vec<String> = phases
+        .iter()
+        .map(|(name, key)| Some(format!("{name} {:.2} s", phase_secs(log, key)?)))
+        .collect::<Option<_>>()?;
+    Some(parts.join(", "))
+}
+
+/// One field of the time by phase a `drift --once` logged (JSON).
+fn phase_secs(log: &str, key: &str) -> Option<f64> {
     let line = log
         .lines()
         .filter(|l| l.contains("time by phase"))
         .find_map(|l| serde_json::from_str::<Value>(l).ok())?;
-    let f = &line["fields"];
-    let parts: Vec<String> = phases
-        .iter()
-        .map(|(name, key)| format!("{name} {:.2} s", f[*key].as_f64().unwrap_or(f64::NAN)))
-        .collect();
-    Some(parts.join(", "))
+    line["fields"][key].as_f64()
 }

@@ -404,6 +404,7 @@ fn log_phase_times(t: &crate::reconcile::phases::PhaseTimes) {
         check_desired_s = s(Phase::CheckDesired),
         check_list_s = s(Phase::CheckList),
         check_compare_s = s(Phase::CheckCompare),
+        catch_up_s = s(Phase::CatchUp),
         "time by phase, summed over the runs"
     );
 }

@@ -110,14 +110,17 @@ pub async fn sweep(
             0
         }
     };
-    let caught_up: Vec<Result<bool, ReconcileError>> = futures::stream::iter(&apps)
+    let catch_ups = futures::stream::iter(&apps)
         .map(|app| async move {
             let job = Job::new(app.clone(), None, JobReason::MissedPush);
             let report = engine.run(&job, RunOptions::default()).await?;
             Ok(report.outcome == crate::reconcile::Outcome::Applied)
         })
         .buffered(in_flight.max(1))
-        .collect()
+        .collect::<Vec<Result<bool, ReconcileError>>>();
+    let caught_up = engine
+        .phase_times()
+        .time(crate::reconcile::phases::Phase::CatchUp, catch_ups)
         .await;
     // Runs that applied wrote new states. Many of them (a cold start): read every state
     // again in one paged LIST, so their checks share the batch LISTs too. A few (a commit to

@@ -32,10 +32,13 @@ pub enum Phase {
     /// Drift checks: wall time of the checks after their LISTs (each app's desired objects
     /// made, compared, suspects confirmed by a dry-run).
     CheckCompare,
+    /// A sweep's catch-ups, wall time: each app's branch head asked, and a run of each app
+    /// whose inputs changed since its applied revision.
+    CatchUp,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Fetch,
         Phase::DryRun,
         Phase::Apply,
@@ -45,6 +48,7 @@ impl Phase {
         Phase::CheckDesired,
         Phase::CheckList,
         Phase::CheckCompare,
+        Phase::CatchUp,
     ];
 }
 
