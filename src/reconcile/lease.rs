@@ -298,12 +298,28 @@ impl Leases {
     /// Takes the app's lease, waiting up to [`LeaseTiming::wait`] while another holder (or
     /// another guard of this process) has it.
     pub async fn acquire(&self, app: &str) -> Result<LeaseGuard, LeaseError> {
+        self.acquire_with(app, false).await
+    }
+
+    /// Takes the lease of an app that has likely never run (a sweep found no state for it),
+    /// as [`Self::acquire`] does, but creates the Lease before looking for one: a cold start
+    /// spends one request per app, not two. Should the Lease exist after all, the creation
+    /// fails with a conflict and the ordinary path follows.
+    pub async fn acquire_new(&self, app: &str) -> Result<LeaseGuard, LeaseError> {
+        self.acquire_with(app, true).await
+    }
+
+    async fn acquire_with(&self, app: &str, create_first: bool) -> Result<LeaseGuard, LeaseError> {
         let name = object_name(app);
         let started = Instant::now();
+        let mut create_first = create_first;
         loop {
             let holder = match Claim::take(&self.namespace, &name, &self.identity) {
                 None => format!("{} (another run in this process)", self.identity),
-                Some(claim) => match self.try_take(app, &name, claim).await? {
+                Some(claim) => match self
+                    .try_take(app, &name, claim, std::mem::take(&mut create_first))
+                    .await?
+                {
                     Ok(guard) => return Ok(guard),
                     Err(holder) => holder,
                 },
@@ -320,19 +336,24 @@ impl Leases {
     }
 
     /// One look at the lease with this process's claim on it: taken, or the holder to wait
-    /// for. A write that meets a conflict (someone else wrote first) reads again.
+    /// for. A write that meets a conflict (someone else wrote first) reads again. With
+    /// `create_first`, the first look assumes there is no Lease and creates it.
     async fn try_take(
         &self,
         app: &str,
         name: &str,
         claim: Claim,
+        mut create_first: bool,
     ) -> Result<Result<LeaseGuard, String>, LeaseError> {
         loop {
-            let current = self
-                .api
-                .get_opt(name)
-                .await
-                .map_err(|e| self.api_error(app, e))?;
+            let current = if std::mem::take(&mut create_first) {
+                None
+            } else {
+                self.api
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| self.api_error(app, e))?
+            };
             let sent = Instant::now();
             let attempt = match &current {
                 None => {

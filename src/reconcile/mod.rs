@@ -319,6 +319,13 @@ impl Engine {
                 return Ok(report);
             }
         }
+        // A sweep's bulk read found no state: the app has likely never run, nor had a Lease.
+        let likely_new = self
+            .prefetched
+            .lock()
+            .expect("prefetched states")
+            .as_ref()
+            .is_some_and(|all| !all.contains_key(&app.name));
         // The run may change the state: a sweep reads it again.
         self.take_prefetched(&app.name);
         self.ensure_state_namespace(&ns).await?;
@@ -346,7 +353,12 @@ impl Engine {
             }
         }
 
-        let guard = self.leases().acquire(&app.name).await?;
+        let leases = self.leases();
+        let guard = if likely_new {
+            leases.acquire_new(&app.name).await?
+        } else {
+            leases.acquire(&app.name).await?
+        };
         let mut run_lease = RunLease::Held(Box::new(guard));
         let mut st = match state::load(&self.client, &ns, &app.name).await {
             Ok(st) => st,

@@ -502,3 +502,45 @@ async fn after_kill_9_the_restarted_process_applies_the_push() {
     assert_eq!(code, 0, "{log}");
     env.cleanup().await;
 }
+
+/// The lease of an app that has likely never run is created without a look first (one
+/// request on a cold start); one that exists after all is taken the ordinary way, or waited
+/// for while someone holds it.
+#[tokio::test]
+async fn a_new_apps_lease_is_created_in_one_request_and_an_existing_one_still_respected() {
+    let ns = TestNamespace::new("it-lease").await;
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let first = leases_of(&client, &ns.name, "replica-a", Duration::from_secs(5))
+        .acquire_new("demo")
+        .await
+        .unwrap();
+    let made = calls.take();
+    let lease_calls: Vec<&String> = made.iter().filter(|c| c.contains("/leases")).collect();
+    assert_eq!(lease_calls.len(), 1, "one creation: {lease_calls:#?}");
+    assert!(lease_calls[0].starts_with("POST "), "{lease_calls:#?}");
+
+    // Held by replica-a: replica-b's guess is wrong, and it must wait, then give up.
+    let second = leases_of(&client, &ns.name, "replica-b", Duration::from_secs(1))
+        .acquire_new("demo")
+        .await;
+    assert!(
+        matches!(
+            second,
+            Err(driftless::reconcile::lease::LeaseError::Held { .. })
+        ),
+        "replica-b took a lease replica-a holds"
+    );
+    // Released: replica-b takes it, though its creation meets the Lease that exists.
+    first.release().await;
+    let second = leases_of(&client, &ns.name, "replica-b", Duration::from_secs(5))
+        .acquire_new("demo")
+        .await
+        .expect("a released lease is taken");
+    let leases: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(
+        holder(&leases.get(LEASE).await.unwrap()).as_deref(),
+        Some("replica-b")
+    );
+    second.release().await;
+    ns.cleanup().await;
+}
