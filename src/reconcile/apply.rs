@@ -316,6 +316,7 @@ impl Engine {
         let ns = &self.settings.kubernetes.state_namespace;
         let intent = state::save_intent(&self.client, ns, &app.name, &ahead);
         self.phases.time(Phase::State, intent).await?;
+        st.absent = false;
         Ok(())
     }
 

@@ -360,7 +360,17 @@ impl Engine {
             leases.acquire(&app.name).await?
         };
         let mut run_lease = RunLease::Held(Box::new(guard));
-        let mut st = match state::load(&self.client, &ns, &app.name).await {
+        // No state a moment ago: not read again (a cold start saves a request per app), and
+        // the first write creates it, or fails should one have appeared meanwhile.
+        let loaded = if likely_new {
+            Ok(AppState {
+                absent: true,
+                ..AppState::default()
+            })
+        } else {
+            state::load(&self.client, &ns, &app.name).await
+        };
+        let mut st = match loaded {
             Ok(st) => st,
             Err(e) => {
                 let r = Err(e.into());

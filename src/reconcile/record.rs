@@ -173,8 +173,27 @@ impl Engine {
             applied: changed,
             pruned: report.pruned.len(),
         });
-        let save =
-            state::save_with_desired(&self.client, at.state_ns, &app.name, st, packed.as_deref());
+        // Every object of the app was just written, so the cluster matches the revision: that
+        // is the drift finding until a check finds otherwise (the check that follows a cold
+        // start then writes nothing). A run that wrote some objects leaves the finding alone:
+        // the others may still differ.
+        let all_written = changed == report.objects && report.kept.is_empty();
+        if all_written {
+            st.drift = Some(state::DriftRecord {
+                checked_at: now_rfc3339(),
+                revision: Some(revision.to_string()),
+                objects: Vec::new(),
+                healed: false,
+            });
+        }
+        let save = state::save_with_desired(
+            &self.client,
+            at.state_ns,
+            &app.name,
+            st,
+            packed.as_deref(),
+            all_written,
+        );
         let (saved, ()) = tokio::join!(
             self.phases.time(Phase::State, save),
             self.post_status(forge, app, revision, StatusState::Success, &message)

@@ -62,6 +62,12 @@ pub struct AppState {
     /// it says so), only so that a write needing fewer parts deletes the rest.
     #[serde(skip)]
     pub desired_parts: usize,
+    /// There was no state when the run began: a sweep's bulk read found none, and the run did
+    /// not read it again under the Lease. The first write then creates the ConfigMap, and
+    /// fails rather than overwrite one that appeared since (written by a run this one knows
+    /// nothing of). Cleared by that first write.
+    #[serde(skip)]
+    pub absent: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -430,7 +436,7 @@ pub async fn save(
     client: &Client,
     namespace: &str,
     app: &str,
-    state: &AppState,
+    state: &mut AppState,
 ) -> Result<(), StateError> {
     if take_injected_failure(namespace, app) {
         return Err(StateError {
@@ -439,7 +445,9 @@ pub async fn save(
             message: "failure injected by a test".into(),
         });
     }
-    save_intent(client, namespace, app, state).await
+    save_intent(client, namespace, app, state).await?;
+    state.absent = false;
+    Ok(())
 }
 
 /// Writes an app's run record before a run applies objects the inventory does not know yet
@@ -453,7 +461,7 @@ pub async fn save_intent(
 ) -> Result<(), StateError> {
     let mut patch = json!({});
     add_record(&mut patch, app, state)?;
-    write_keys(client, namespace, app, patch).await
+    write_keys(client, namespace, app, patch, state.absent).await
 }
 
 /// Annotation of an app's state ConfigMap: the directories its last render read (JSON array;
@@ -523,15 +531,16 @@ pub async fn recorded_inputs(
 }
 
 /// Writes an app's run record and the desired manifests it was applied from (`packed`, see
-/// `desired`; `None` forgets any kept before), in one write when they fit inline; then
-/// deletes the parts kept before that the new copy no longer needs (`state.desired_parts`,
-/// updated).
+/// `desired`; `None` forgets any kept before), in one write when they fit inline, with the
+/// drift finding `state.drift` when `with_drift`; then deletes the parts kept before that the
+/// new copy no longer needs (`state.desired_parts`, updated).
 pub async fn save_with_desired(
     client: &Client,
     namespace: &str,
     app: &str,
     state: &mut AppState,
     packed: Option<&[u8]>,
+    with_drift: bool,
 ) -> Result<(), StateError> {
     if take_injected_failure(namespace, app) {
         return Err(StateError {
@@ -549,7 +558,12 @@ pub async fn save_with_desired(
         .await
         .map_err(|e| err("write desired parts", e.to_string()))?;
     add_record(&mut patch, app, state)?;
-    write_keys(client, namespace, app, patch).await?;
+    if let Some(drift) = state.drift.as_ref().filter(|_| with_drift) {
+        patch["data"][DRIFT_KEY] =
+            json!(bounded_drift(drift).map_err(|e| err("encode", e.to_string()))?);
+    }
+    write_keys(client, namespace, app, patch, state.absent).await?;
+    state.absent = false;
     let parts = desired::parts_needed(packed);
     desired::delete_parts(client, namespace, app, parts..state.desired_parts).await;
     state.desired_parts = parts;
@@ -573,7 +587,7 @@ pub async fn save_desired(
             step: "write desired parts",
             message: e.to_string(),
         })?;
-    write_keys(client, namespace, app, patch).await?;
+    write_keys(client, namespace, app, patch, false).await?;
     let parts = desired::parts_needed(Some(packed));
     desired::delete_parts(client, namespace, app, parts..previous_parts).await;
     Ok(())
@@ -591,7 +605,14 @@ pub async fn save_drift(
         step: "encode",
         message: e.to_string(),
     })?;
-    write_keys(client, namespace, app, json!({"data": {DRIFT_KEY: text}})).await
+    write_keys(
+        client,
+        namespace,
+        app,
+        json!({"data": {DRIFT_KEY: text}}),
+        false,
+    )
+    .await
 }
 
 /// The drift finding as stored: objects past [`MAX_DRIFT_BYTES`] are left out (the counts a
@@ -619,12 +640,15 @@ pub const LABEL_STATE_OF: &str = "driftless.dev/state-of";
 
 /// Merges `keys` (`data` and `binaryData` entries; `null` removes one) into the app's
 /// ConfigMap with a merge patch (cheap for the API server even with a large inventory, and
-/// leaving the other keys alone), creating the ConfigMap first when there is none.
+/// leaving the other keys alone), creating the ConfigMap first when there is none. With
+/// `create_only` (see [`AppState::absent`]), creates it in one request and fails when it
+/// exists.
 async fn write_keys(
     client: &Client,
     namespace: &str,
     app: &str,
     keys: serde_json::Value,
+    create_only: bool,
 ) -> Result<(), StateError> {
     let mut cm = json!({
         "apiVersion": "v1",
@@ -646,13 +670,41 @@ async fn write_keys(
         cm["metadata"]["annotations"] = a.clone();
     }
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let err = |message: String| StateError {
+        app: app.to_string(),
+        step: "write",
+        message,
+    };
+    if create_only {
+        let body = creation(&cm).map_err(|e| err(e.to_string()))?;
+        return match api.create(&PostParams::default(), &body).await {
+            Ok(_) => Ok(()),
+            // Unreadable (so left out of the bulk read): that is the fault to name.
+            Err(kube::Error::Api(e)) if e.code == 409 => match load(client, namespace, app).await {
+                Err(unreadable) => Err(unreadable),
+                Ok(_) => Err(err(format!(
+                    "ConfigMap {namespace}/{} appeared after this run found no state (another replica ran the app meanwhile?); left as it is, the app's next run reads it",
+                    object_name(app)
+                ))),
+            },
+            Err(e) => Err(err(e.to_string())),
+        };
+    }
     merge_or_create(&api, &object_name(app), &cm)
         .await
-        .map_err(|e| StateError {
-            app: app.to_string(),
-            step: "write",
-            message: e.to_string(),
-        })
+        .map_err(|e| err(e.to_string()))
+}
+
+/// The ConfigMap a merge patch `cm` creates when there is none: its `null` values, which only
+/// remove keys, left out.
+fn creation(cm: &serde_json::Value) -> Result<ConfigMap, kube::Error> {
+    let mut body = cm.clone();
+    for part in ["data", "binaryData"] {
+        if let Some(map) = body.get_mut(part).and_then(|v| v.as_object_mut()) {
+            map.retain(|_, v| !v.is_null());
+        }
+    }
+    serde_json::from_value(body).map_err(kube::Error::SerdeError)
 }
 
 /// Merge-patches the ConfigMap `name` with `cm`, creating it when there is none (`null`
@@ -669,15 +721,7 @@ pub async fn merge_or_create(
         {
             Ok(_) => return Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => {
-                let mut body = cm.clone();
-                for part in ["data", "binaryData"] {
-                    if let Some(map) = body.get_mut(part).and_then(|v| v.as_object_mut()) {
-                        map.retain(|_, v| !v.is_null());
-                    }
-                }
-                let body: ConfigMap =
-                    serde_json::from_value(body).map_err(kube::Error::SerdeError)?;
-                match api.create(&PostParams::default(), &body).await {
+                match api.create(&PostParams::default(), &creation(cm)?).await {
                     Ok(_) => return Ok(()),
                     // Created by another writer in between: patch it.
                     Err(kube::Error::Api(e)) if e.code == 409 => continue,

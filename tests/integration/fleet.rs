@@ -603,11 +603,76 @@ async fn a_cold_sweep_checks_the_apps_it_applied_with_shared_lists() {
                 && c.contains(&format!("/namespaces/{}/configmaps/", env.state_ns.name))
         })
         .collect();
-    assert_eq!(
-        state_reads.len(),
-        3,
-        "each state read once, by its run under the app's Lease: {state_reads:#?}"
+    assert!(
+        state_reads.is_empty(),
+        "the bulk read found no state, so no run reads one again: {state_reads:#?}"
     );
+    let state_creations = made
+        .iter()
+        .filter(|c| {
+            c.starts_with(&format!(
+                "POST /api/v1/namespaces/{}/configmaps",
+                env.state_ns.name
+            ))
+        })
+        .count();
+    // The three app states, each in one request, and the branch head's record.
+    assert_eq!(state_creations, 4, "each state created once: {made:#?}");
+    // Then one record of each run, which says the cluster matches (every object was just
+    // written): the checks after find that too and write nothing.
+    let state_writes = made
+        .iter()
+        .filter(|c| {
+            c.starts_with(&format!(
+                "PATCH /api/v1/namespaces/{}/configmaps/driftless-app-",
+                env.state_ns.name
+            ))
+        })
+        .count();
+    assert_eq!(state_writes, 3, "one record per app: {made:#?}");
+    env.cleanup().await;
+}
+
+/// A sweep found no state for an app, but another replica ran it before this one took its
+/// Lease: the run's first write meets the state that appeared and fails, leaving it as it
+/// is, instead of replacing it with a record that knows nothing of what that run applied.
+#[tokio::test]
+async fn a_state_that_appears_after_the_bulk_read_is_never_overwritten() {
+    let (env, head) = three_apps_committed().await;
+    let engine = env.engine();
+    engine.prefetch_states().await.unwrap();
+    // The other replica: applies app a and records it.
+    let other = env.engine();
+    let push = driftless::queue::Job::new(
+        "a",
+        Some(head),
+        driftless::queue::JobReason::Push {
+            delivery: None,
+            before: String::new(),
+        },
+    );
+    let r = other
+        .run(&push, driftless::reconcile::RunOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Applied);
+    other.settle().await;
+    let client = env.ns.client.clone();
+    let written = driftless::reconcile::state::load(&client, &env.state_ns.name, "a")
+        .await
+        .unwrap();
+
+    let job = driftless::queue::Job::new("a", None, driftless::queue::JobReason::MissedPush);
+    let err = engine
+        .run(&job, driftless::reconcile::RunOptions::default())
+        .await
+        .expect_err("a run that would overwrite a state it did not read");
+    assert!(err.to_string().contains("appeared"), "{err}");
+    engine.settle().await;
+    let after = driftless::reconcile::state::load(&client, &env.state_ns.name, "a")
+        .await
+        .unwrap();
+    assert_eq!(after, written, "the other replica's state was changed");
     env.cleanup().await;
 }
 
@@ -642,6 +707,42 @@ async fn a_sweep_that_applies_one_app_reads_the_states_in_bulk_only_once() {
         bulk_reads.len(),
         1,
         "one bulk read of the states: {bulk_reads:#?}"
+    );
+    env.cleanup().await;
+}
+
+/// A state the sweep's bulk read cannot parse is left out of it, yet never taken for no
+/// state: the app's run fails naming the parse error, and the ConfigMap is left as it is.
+#[tokio::test]
+async fn an_unreadable_state_fails_the_apps_run_by_name_and_is_left_alone() {
+    let (env, _) = three_apps_committed().await;
+    let states: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let spoiled: ConfigMap = serde_json::from_value(json!({
+        "metadata": {
+            "name": driftless::reconcile::state::object_name("a"),
+            "labels": {driftless::reconcile::state::LABEL_STATE_OF: "a"},
+        },
+        "data": {"state.json": "{not json"},
+    }))
+    .unwrap();
+    states.create(&Default::default(), &spoiled).await.unwrap();
+    let engine = env.engine();
+    let metrics = driftless::metrics::Metrics::new();
+    let apps: Vec<String> = ["a", "b", "c"].map(String::from).into();
+    let verdicts = driftless::worker::sweep(&engine, &metrics, apps, 4).await;
+    engine.settle().await;
+    let (_, a) = &verdicts[0];
+    let message = a.as_ref().expect_err("a run over an unreadable state");
+    assert!(message.contains("state of app a (parse)"), "{message}");
+    assert_eq!(verdicts[1].1, Ok(false), "b applied and in sync");
+    let kept = states
+        .get(&driftless::reconcile::state::object_name("a"))
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.data.unwrap()["state.json"],
+        "{not json",
+        "the unreadable state was overwritten"
     );
     env.cleanup().await;
 }

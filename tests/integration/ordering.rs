@@ -93,7 +93,7 @@ async fn play_replica_applying(env: &Env, revision: &str, value: &str) {
     let mut st = app_state(env).await;
     st.revision = Some(revision.to_string());
     st.tree_sha = None;
-    state::save(&env.ns.client, &env.state_ns.name, "demo", &st)
+    state::save(&env.ns.client, &env.state_ns.name, "demo", &mut st)
         .await
         .unwrap();
 }
