@@ -607,28 +607,14 @@ async fn a_cold_sweep_checks_the_apps_it_applied_with_shared_lists() {
         state_reads.is_empty(),
         "the bulk read found no state, so no run reads one again: {state_reads:#?}"
     );
-    let state_creations = made
-        .iter()
-        .filter(|c| {
-            c.starts_with(&format!(
-                "POST /api/v1/namespaces/{}/configmaps",
-                env.state_ns.name
-            ))
-        })
-        .count();
+    let state_cms = format!("/api/v1/namespaces/{}/configmaps", env.state_ns.name);
+    let calls_to = |start: String| made.iter().filter(|c| c.starts_with(&start)).count();
     // The three app states, each in one request, and the branch head's record.
+    let state_creations = calls_to(format!("POST {state_cms}"));
     assert_eq!(state_creations, 4, "each state created once: {made:#?}");
     // Then one record of each run, which says the cluster matches (every object was just
     // written): the checks after find that too and write nothing.
-    let state_writes = made
-        .iter()
-        .filter(|c| {
-            c.starts_with(&format!(
-                "PATCH /api/v1/namespaces/{}/configmaps/driftless-app-",
-                env.state_ns.name
-            ))
-        })
-        .count();
+    let state_writes = calls_to(format!("PATCH {state_cms}/driftless-app-"));
     assert_eq!(state_writes, 3, "one record per app: {made:#?}");
     env.cleanup().await;
 }
