@@ -948,18 +948,24 @@ fn caught_up_in_sync(log: &str) -> Option<usize> {
 
 /// The time by phase a `drift --once` logged (JSON), as "fetch 1.2 s, dry-run 3.4 s, ...".
 fn phase_times(log: &str, phases: &[(&str, &str)]) -> Option<String> {
+    let fields = phase_fields(log)?;
     let parts: Vec<String> = phases
         .iter()
-        .map(|(name, key)| Some(format!("{name} {:.2} s", phase_secs(log, key)?)))
+        .map(|(name, key)| Some(format!("{name} {:.2} s", fields[*key].as_f64()?)))
         .collect::<Option<_>>()?;
     Some(parts.join(", "))
 }
 
 /// One field of the time by phase a `drift --once` logged (JSON).
 fn phase_secs(log: &str, key: &str) -> Option<f64> {
+    phase_fields(log)?[key].as_f64()
+}
+
+/// The fields of the "time by phase" line a `drift --once` logged (JSON).
+fn phase_fields(log: &str) -> Option<Value> {
     let line = log
         .lines()
         .filter(|l| l.contains("time by phase"))
         .find_map(|l| serde_json::from_str::<Value>(l).ok())?;
-    line["fields"][key].as_f64()
+    Some(line["fields"].clone())
 }

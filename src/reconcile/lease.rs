@@ -309,10 +309,13 @@ impl Leases {
         self.acquire_with(app, true).await
     }
 
-    async fn acquire_with(&self, app: &str, create_first: bool) -> Result<LeaseGuard, LeaseError> {
+    async fn acquire_with(
+        &self,
+        app: &str,
+        mut create_first: bool,
+    ) -> Result<LeaseGuard, LeaseError> {
         let name = object_name(app);
         let started = Instant::now();
-        let mut create_first = create_first;
         loop {
             let holder = match Claim::take(&self.namespace, &name, &self.identity) {
                 None => format!("{} (another run in this process)", self.identity),

@@ -319,13 +319,8 @@ impl Engine {
                 return Ok(report);
             }
         }
-        // A sweep's bulk read found no state: the app has likely never run, nor had a Lease.
-        let likely_new = self
-            .prefetched
-            .lock()
-            .expect("prefetched states")
-            .as_ref()
-            .is_some_and(|all| !all.contains_key(&app.name));
+        // The app has likely never run, nor had a Lease.
+        let likely_new = self.found_no_state(&app.name);
         // The run may change the state: a sweep reads it again.
         self.take_prefetched(&app.name);
         self.ensure_state_namespace(&ns).await?;
@@ -502,6 +497,16 @@ impl Engine {
             .expect("prefetched states")
             .as_ref()
             .is_some_and(|all| all.contains_key(app))
+    }
+
+    /// Whether the sweep on read the states in bulk and found none for the app (or a run
+    /// took it since).
+    fn found_no_state(&self, app: &str) -> bool {
+        self.prefetched
+            .lock()
+            .expect("prefetched states")
+            .as_ref()
+            .is_some_and(|all| !all.contains_key(app))
     }
 
     /// Creates the state namespace once per engine, before its first write.

@@ -20,22 +20,31 @@ async fn three_apps() -> Env {
     let (env, head) = three_apps_committed().await;
     let engine = env.engine();
     for a in ["a", "b", "c"] {
-        let job = driftless::queue::Job::new(
-            a,
-            Some(head.clone()),
-            driftless::queue::JobReason::Push {
-                delivery: None,
-                before: String::new(),
-            },
-        );
-        let r = engine
-            .run(&job, driftless::reconcile::RunOptions::default())
-            .await
-            .unwrap();
+        let r = push(&engine, a, &head).await;
         assert_eq!(r.outcome, Outcome::Applied, "{a}");
     }
     engine.settle().await;
     env
+}
+
+/// A push of `head` to app `app`, run by `engine`.
+async fn push(
+    engine: &driftless::reconcile::Engine,
+    app: &str,
+    head: &str,
+) -> driftless::reconcile::RunReport {
+    let job = driftless::queue::Job::new(
+        app,
+        Some(head.to_string()),
+        driftless::queue::JobReason::Push {
+            delivery: None,
+            before: String::new(),
+        },
+    );
+    engine
+        .run(&job, driftless::reconcile::RunOptions::default())
+        .await
+        .unwrap()
 }
 
 /// The three apps of [`three_apps`] in Git (and the head), none applied yet.
@@ -629,18 +638,7 @@ async fn a_state_that_appears_after_the_bulk_read_is_never_overwritten() {
     engine.prefetch_states().await.unwrap();
     // The other replica: applies app a and records it.
     let other = env.engine();
-    let push = driftless::queue::Job::new(
-        "a",
-        Some(head),
-        driftless::queue::JobReason::Push {
-            delivery: None,
-            before: String::new(),
-        },
-    );
-    let r = other
-        .run(&push, driftless::reconcile::RunOptions::default())
-        .await
-        .unwrap();
+    let r = push(&other, "a", &head).await;
     assert_eq!(r.outcome, Outcome::Applied);
     other.settle().await;
     let client = env.ns.client.clone();
