@@ -14,13 +14,14 @@
 //!
 //! Modes (all but the first are how the example runs its own children):
 //!   fleet                                    the benchmark
-//!   fleet --measure OUT -- PROGRAM ARGS...   run PROGRAM, write "<wall µs> <peak RSS KiB>" to OUT
+//!   fleet --measure OUT -- PROGRAM ARGS...   run PROGRAM, write "<wall µs> <peak RSS KiB> <CPU µs>" to OUT
 //!   fleet --floor-apply REPO NS_PREFIX APPS  apply every object of REPO's apps
 //!   fleet --floor-dry-run REPO NS_PREFIX APPS  server-side dry-run every object of REPO's apps
 //!   fleet --floor-list NS_PREFIX APPS        LIST every app object, one request per kind and namespace
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -182,7 +183,12 @@ fn measure(out: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
         .with_context(|| format!("running {program}"))?;
     let wall = started.elapsed();
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
-    std::fs::write(out, format!("{} {}", wall.as_micros(), usage.max_rss()))?;
+    let cpu = |t: nix::sys::time::TimeVal| t.tv_sec() * 1_000_000 + t.tv_usec();
+    let cpu_us = cpu(usage.user_time()) + cpu(usage.system_time());
+    std::fs::write(
+        out,
+        format!("{} {} {cpu_us}", wall.as_micros(), usage.max_rss()),
+    )?;
     std::process::exit(status.code().unwrap_or(128));
 }
 
@@ -226,6 +232,8 @@ fn rate_limit_for(apps: usize) -> u64 {
 struct Measured {
     wall: Duration,
     peak_rss_kib: u64,
+    /// User and system CPU time of the child.
+    cpu: Duration,
     stdout: String,
 }
 
@@ -283,10 +291,12 @@ async fn run_measured(
         );
     }
     let text = std::fs::read_to_string(&out)?;
-    let (wall, rss) = text.split_once(' ').context("--measure wrote no figures")?;
+    let mut figures = text.split(' ');
+    let mut next = || figures.next().context("--measure wrote too few figures");
     Ok(Measured {
-        wall: Duration::from_micros(wall.parse()?),
-        peak_rss_kib: rss.parse()?,
+        wall: Duration::from_micros(next()?.parse()?),
+        peak_rss_kib: next()?.parse()?,
+        cpu: Duration::from_micros(next()?.parse()?),
         stdout,
     })
 }
@@ -342,47 +352,100 @@ async fn floor_apply(repo: &Path, prefix: &str, apps: usize, dry_run: bool) -> a
 /// CPU time the control plane has spent (the API server's and etcd's, when they run on this
 /// machine) and the requests the API server has served (its `apiserver_request_total`, every
 /// client's, the controllers' included), at one moment.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct ServerWork {
     apiserver_cpu: Option<f64>,
     etcd_cpu: Option<f64>,
+    controllers_cpu: Option<f64>,
+    /// CPU time every process of the machine has spent (all but idle and I/O wait).
+    machine_cpu: Option<f64>,
+    /// This process's CPU: the forge simulator's, serving driftless.
+    own_cpu: Option<f64>,
     requests: f64,
+    /// Requests by verb and resource (`PATCH configmaps dry-run`).
+    by_kind: BTreeMap<String, f64>,
 }
 
 impl ServerWork {
     async fn now(client: &Client) -> anyhow::Result<Self> {
         let req = http::Request::get("/metrics").body(Vec::new())?;
         let metrics = client.request_text(req).await?;
-        let requests = metrics
-            .lines()
-            .filter(|l| l.starts_with("apiserver_request_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let mut by_kind = BTreeMap::new();
+        for line in metrics.lines() {
+            let Some(labels) = line.strip_prefix("apiserver_request_total{") else {
+                continue;
+            };
+            let Some(n) = line.rsplit(' ').next().and_then(|n| n.parse::<f64>().ok()) else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels
+                    .split_once(&format!("{name}=\""))
+                    .and_then(|(_, rest)| rest.split_once('"'))
+                    .map_or("", |(value, _)| value)
+                    .to_string()
+            };
+            let dry = if label("dry_run").is_empty() {
+                ""
+            } else {
+                " dry-run"
+            };
+            let kind = format!("{} {}{dry}", label("verb"), label("resource"));
+            *by_kind.entry(kind).or_insert(0.0) += n;
+        }
+        let requests = by_kind.values().sum();
         Ok(Self {
             apiserver_cpu: process_cpu("kube-apiserver"),
             etcd_cpu: process_cpu("etcd"),
+            controllers_cpu: process_cpu("kube-controller"),
+            machine_cpu: machine_cpu(),
+            own_cpu: process_cpu_of(Path::new("/proc/self")),
             requests,
+            by_kind,
         })
     }
 
-    /// What was spent from `self` to `later`, as "API server 12.3 s CPU, etcd 4.5 s CPU,
-    /// 20,000 requests".
-    fn spent(&self, later: &Self) -> (Option<f64>, String) {
+    /// What was spent from `self` to `later` by the control plane and by `client` (the
+    /// measured child), as "API server CPU 12.3 s, etcd CPU 4.5 s, ..., 20,000 API requests".
+    fn spent(&self, later: &Self, client: &Measured) -> (Option<f64>, String) {
         let cpu = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
         let api = cpu(self.apiserver_cpu, later.apiserver_cpu);
-        let etcd = cpu(self.etcd_cpu, later.etcd_cpu);
         let show = |v: Option<f64>| {
             v.map_or("not measured (not on this machine)".into(), |v| {
                 format!("{v:.1} s")
             })
         };
         let text = format!(
-            "API server CPU {}, etcd CPU {}, {} API requests",
+            "API server CPU {}, etcd CPU {}, controller-manager CPU {}, the client's own CPU {:.1} s, the benchmark's (the forge simulator's) {}, the whole machine's CPU {} of {:.1} s (2 cores), {} API requests",
             show(api),
-            show(etcd),
+            show(cpu(self.etcd_cpu, later.etcd_cpu)),
+            show(cpu(self.controllers_cpu, later.controllers_cpu)),
+            client.cpu.as_secs_f64(),
+            show(cpu(self.own_cpu, later.own_cpu)),
+            show(cpu(self.machine_cpu, later.machine_cpu)),
+            2.0 * client.secs(),
             thousands((later.requests - self.requests).round() as usize)
         );
         (api, text)
+    }
+}
+
+impl ServerWork {
+    /// The kinds of API request made from `self` to `later`, most first, as "PATCH
+    /// configmaps 12,000".
+    fn requests_by_kind(&self, later: &Self) -> String {
+        let mut spent: Vec<(&String, f64)> = later
+            .by_kind
+            .iter()
+            .map(|(k, n)| (k, n - self.by_kind.get(k).copied().unwrap_or(0.0)))
+            .filter(|(_, n)| *n >= 1.0)
+            .collect();
+        spent.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let shown: Vec<String> = spent
+            .iter()
+            .map(|(k, n)| format!("{k} {}", thousands(n.round() as usize)))
+            .collect();
+        shown.join(", ")
     }
 }
 
@@ -391,15 +454,34 @@ fn process_cpu(comm: &str) -> Option<f64> {
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let dir = entry.path();
         if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == comm) {
-            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-            // After the parenthesised name: state is field 3; utime and stime are 14 and 15.
-            let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
-            let ticks: f64 =
-                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-            return Some(ticks / CLOCK_TICKS);
+            return process_cpu_of(&dir);
         }
     }
     None
+}
+
+/// User and system CPU seconds of the process whose /proc directory is `dir`.
+fn process_cpu_of(dir: &Path) -> Option<f64> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    // After the parenthesised name: state is field 3; utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split(' ').collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / CLOCK_TICKS)
+}
+
+/// CPU seconds the whole machine has spent since boot: the first line of /proc/stat, all but
+/// idle and I/O wait.
+fn machine_cpu() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    let waiting = ticks.get(3)? + ticks.get(4)?;
+    Some((ticks.iter().take(8).sum::<f64>() - waiting) / CLOCK_TICKS)
 }
 
 /// The kernel's clock ticks per second (USER_HZ), which /proc reports CPU time in: 100 on
@@ -614,6 +696,12 @@ impl Fleet {
             .await?;
         let after_cold = ServerWork::now(&self.client).await?;
         eprintln!(
+            "fleet: API requests of the floor apply: {}; of the floor dry-run: {}; of the cold reconcile: {}",
+            before_floor.requests_by_kind(&after_floor),
+            after_floor.requests_by_kind(&after_dry_run),
+            before_cold.requests_by_kind(&after_cold)
+        );
+        eprintln!(
             "fleet: driftless cold reconcile in {:.1} s, peak RSS {:.0} MiB",
             cold.secs(),
             cold.mib()
@@ -709,9 +797,9 @@ impl Fleet {
             "up to {APPS_PER_NAMESPACE} apps to a namespace ({ns_count} namespace{} per side), one file per app (12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts)",
             if ns_count == 1 { "" } else { "s" }
         );
-        let (floor_api, floor_work) = before_floor.spent(&after_floor);
-        let (dry_api, dry_work) = after_floor.spent(&after_dry_run);
-        let (cold_api, cold_work) = before_cold.spent(&after_cold);
+        let (floor_api, floor_work) = before_floor.spent(&after_floor, &floor_apply);
+        let (dry_api, dry_work) = after_floor.spent(&after_dry_run, &floor_dry_run);
+        let (cold_api, cold_work) = before_cold.spent(&after_cold, &cold);
         let secs = |v: Option<f64>| v.map_or("not measured".into(), |v| format!("{v:.1} s"));
         let ratio = |v: Option<f64>| match (v, floor_api) {
             (Some(v), Some(f)) => format!("{:.2}× floor", v / f),

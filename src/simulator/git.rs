@@ -3,9 +3,11 @@
 //! answer the simulator gives about commits, trees and blobs comes from here.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Output, Stdio};
+use std::sync::Arc;
 
-use tokio::process::Command;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// Why asking git failed (as opposed to git saying "no such object", which is `Ok(None)`).
 #[derive(Debug, thiserror::Error)]
@@ -95,13 +97,102 @@ const COMMIT_FIELDS: usize = 12;
 #[derive(Debug, Clone)]
 pub(crate) struct Repo {
     dir: PathBuf,
+    /// One `git cat-file --batch` kept running for object lookups, started on first use: a
+    /// blob or a commit status would otherwise cost a git process or two each, CPU that a
+    /// benchmark sharing the machine with the cluster would count against the reconciler.
+    objects: Arc<tokio::sync::Mutex<Option<Batch>>>,
+}
+
+/// A running `git cat-file --batch`.
+#[derive(Debug)]
+struct Batch {
+    _child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+/// An object as `git cat-file --batch` names it: full SHA, type and content.
+pub(crate) struct Object {
+    pub sha: String,
+    pub kind: String,
+    pub bytes: Vec<u8>,
 }
 
 impl Repo {
     pub fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_path_buf(),
+            objects: Arc::default(),
         }
+    }
+
+    /// The object `name` (a SHA or a prefix of one, as git resolves object names) names, read
+    /// through the kept `cat-file --batch`; `None` when it names none (or several).
+    async fn object(&self, name: &str) -> Result<Option<Object>, GitError> {
+        let args = "cat-file --batch";
+        let io = |source: std::io::Error| GitError::Spawn {
+            args: args.to_string(),
+            dir: self.dir.display().to_string(),
+            source,
+        };
+        let mut slot = self.objects.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.start_batch().map_err(io)?);
+        }
+        let batch = slot.as_mut().expect("started above");
+        let answer = async {
+            batch
+                .stdin
+                .write_all(format!("{name}\n").as_bytes())
+                .await?;
+            batch.stdin.flush().await?;
+            let mut header = String::new();
+            batch.stdout.read_line(&mut header).await?;
+            let fields: Vec<&str> = header.split_whitespace().collect();
+            let [sha, kind, size] = fields[..] else {
+                // "<name> missing" or "<name> ambiguous"
+                return Ok(None);
+            };
+            let size: usize = size.parse().map_err(std::io::Error::other)?;
+            let mut bytes = vec![0; size + 1];
+            batch.stdout.read_exact(&mut bytes).await?;
+            bytes.pop(); // the newline after the content
+            Ok(Some(Object {
+                sha: sha.to_string(),
+                kind: kind.to_string(),
+                bytes,
+            }))
+        }
+        .await;
+        if answer.is_err() {
+            // A batch that broke mid-answer cannot be trusted for the next one.
+            *slot = None;
+        }
+        answer.map_err(io)
+    }
+
+    fn start_batch(&self) -> std::io::Result<Batch> {
+        let mut child = Command::new("git")
+            .arg("-C")
+            .arg(&self.dir)
+            .args(["cat-file", "--batch"])
+            .env_remove("GIT_DIR")
+            .env_remove("GIT_OBJECT_DIRECTORY")
+            .env("LC_ALL", "C")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let (stdin, stdout) = (child.stdin.take(), child.stdout.take());
+        let (Some(stdin), Some(stdout)) = (stdin, stdout) else {
+            return Err(std::io::Error::other("no pipes to git cat-file"));
+        };
+        Ok(Batch {
+            _child: child,
+            stdin,
+            stdout: BufReader::new(stdout),
+        })
     }
 
     async fn output(&self, args: &[&str]) -> Result<Output, GitError> {
@@ -160,6 +251,15 @@ impl Repo {
     pub async fn resolve(&self, rev: &str, kind: &str) -> Result<Option<String>, GitError> {
         if !safe_rev(rev) {
             return Ok(None);
+        }
+        if is_hex(rev) {
+            // An object named by its SHA that is already of the kind asked for: no peeling, so
+            // the kept batch answers. Anything else (a tag to peel, a missing name that could
+            // be a ref) goes to rev-parse.
+            let named = |o: &Object| o.kind == kind && o.sha.starts_with(&rev.to_ascii_lowercase());
+            if let Some(o) = self.object(rev).await?.filter(named) {
+                return Ok(Some(o.sha));
+            }
         }
         if rev.contains(':') {
             // In `rev:path` a `^{kind}` suffix would be read as part of the path: resolve the
@@ -233,15 +333,12 @@ impl Repo {
         if !is_hex(sha) {
             return Ok(None);
         }
-        let Some(full) = self.resolve(sha, "blob").await? else {
-            return Ok(None);
-        };
-        if !full.starts_with(&sha.to_ascii_lowercase()) {
-            // `^{blob}` peels tags; a blob endpoint answers for blob names only.
-            return Ok(None);
-        }
-        let bytes = self.run(&["cat-file", "blob", &full]).await?;
-        Ok(Some((full, bytes)))
+        // A blob endpoint answers for blob names only (never a tag peeled to its blob).
+        Ok(self
+            .object(sha)
+            .await?
+            .filter(|o| o.kind == "blob" && o.sha.starts_with(&sha.to_ascii_lowercase()))
+            .map(|o| (o.sha, o.bytes)))
     }
 
     /// One commit.

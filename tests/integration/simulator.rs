@@ -395,6 +395,30 @@ async fn github_refs_trees_and_blobs_match_the_openapi_description() {
         gh.get("/repos/acme/deploy/git/blobs/main").await.status,
         404
     );
+    // The simulator keeps one `git cat-file --batch` for object lookups: a prefix names the
+    // blob, and objects committed after the batch started are found too, empty ones included.
+    let short = gh
+        .get(&format!("/repos/acme/deploy/git/blobs/{}", &sha[..7]))
+        .await;
+    assert_eq!((short.status, short.json["sha"].as_str()), (200, Some(sha)));
+    repo.write("apps/web/later.bin", b"\x00\n\xffafter\n\n");
+    repo.write("apps/web/empty.yaml", b"");
+    repo.commit("later");
+    for (file, bytes) in [
+        ("later.bin", &b"\x00\n\xffafter\n\n"[..]),
+        ("empty.yaml", b""),
+    ] {
+        let sha = repo.git(&["rev-parse", &format!("HEAD:apps/web/{file}")]);
+        let raw = gh
+            .send(
+                Method::GET,
+                &format!("/repos/acme/deploy/git/blobs/{sha}"),
+                None,
+                &[("accept", "application/vnd.github.raw+json")],
+            )
+            .await;
+        assert_eq!((raw.status, &raw.bytes[..]), (200, bytes), "{file}");
+    }
 
     assert_github_requests_exist(&sim.requests());
 }
