@@ -469,6 +469,26 @@ fn process_cpu_of(dir: &Path) -> Option<f64> {
     Some(ticks / CLOCK_TICKS)
 }
 
+/// Waits (up to a minute) until the machine is quiet: under a quarter of a core busy over one
+/// second, so that no measured run pays for the controllers' follow-up work of the one
+/// before it. `what` names the run in a line saying how long that took.
+async fn quiet(what: &str) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        let before = machine_cpu();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match before.zip(machine_cpu()) {
+            Some((a, b)) if b - a < 0.25 => break,
+            None => return,
+            _ => {}
+        }
+    }
+    eprintln!(
+        "fleet: quiet before or after {what} in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// CPU seconds the whole machine has spent since boot: the first line of /proc/stat, all but
 /// idle and I/O wait.
 fn machine_cpu() -> Option<f64> {
@@ -594,13 +614,32 @@ impl Fleet {
         all
     }
 
+    /// Runs a child as [`run_measured`] does, once the machine is quiet.
     async fn run_measured(
         &self,
         program: &Path,
         args: &[&str],
         log: &str,
     ) -> anyhow::Result<Measured> {
+        quiet(log).await;
         run_measured(program, args, &self.kubeconfig, &self.work.join(log)).await
+    }
+
+    /// Runs a child as [`Self::run_measured`] does, with the control plane's work from the
+    /// quiet before it to the quiet after it: what the child's requests cost, the controllers'
+    /// follow-up work (Endpoints of its Services, tokens of its ServiceAccounts) included.
+    async fn run_with_work(
+        &self,
+        program: &Path,
+        args: &[&str],
+        log: &str,
+    ) -> anyhow::Result<(Measured, ServerWork, ServerWork)> {
+        quiet(log).await;
+        let before = ServerWork::now(&self.client).await?;
+        let measured = self.run_measured(program, args, log).await?;
+        quiet(log).await;
+        let after = ServerWork::now(&self.client).await?;
+        Ok((measured, before, after))
     }
 
     async fn run(&self, sim: &ForgeSimulator) -> anyhow::Result<Vec<String>> {
@@ -652,15 +691,13 @@ impl Fleet {
         let this = std::env::current_exe()?;
         let repo_arg = repo.to_str().context("temporary path")?;
         let apps_arg = apps.to_string();
-        let before_floor = ServerWork::now(&self.client).await?;
-        let floor_apply = self
-            .run_measured(
+        let (floor_apply, before_floor, after_floor) = self
+            .run_with_work(
                 &this,
                 &["--floor-apply", repo_arg, floor, &apps_arg],
                 "floor-apply.log",
             )
             .await?;
-        let after_floor = ServerWork::now(&self.client).await?;
         eprintln!(
             "fleet: floor applied in {:.1} s, peak RSS {:.0} MiB",
             floor_apply.secs(),
@@ -674,14 +711,13 @@ impl Fleet {
 
         // The dry-run half of a cold reconcile's floor: the same objects dry-run into
         // driftless's namespaces, empty still, so each is the dry-run of a creation.
-        let floor_dry_run = self
-            .run_measured(
+        let (floor_dry_run, before_dry_run, after_dry_run) = self
+            .run_with_work(
                 &this,
                 &["--floor-dry-run", repo_arg, ours, &apps_arg],
                 "floor-dry-run.log",
             )
             .await?;
-        let after_dry_run = ServerWork::now(&self.client).await?;
         eprintln!("fleet: floor dry-run in {:.1} s", floor_dry_run.secs());
         ensure!(
             count_objects(&self.client, ours, apps).await? == 0,
@@ -690,15 +726,13 @@ impl Fleet {
 
         let drift_args = ["drift", "--once", "--config", &config];
         sim.clear_requests();
-        let before_cold = ServerWork::now(&self.client).await?;
-        let cold = self
-            .run_measured(&self.driftless_bin, &drift_args, "cold.log")
+        let (cold, before_cold, after_cold) = self
+            .run_with_work(&self.driftless_bin, &drift_args, "cold.log")
             .await?;
-        let after_cold = ServerWork::now(&self.client).await?;
         eprintln!(
             "fleet: API requests of the floor apply: {}; of the floor dry-run: {}; of the cold reconcile: {}",
             before_floor.requests_by_kind(&after_floor),
-            after_floor.requests_by_kind(&after_dry_run),
+            before_dry_run.requests_by_kind(&after_dry_run),
             before_cold.requests_by_kind(&after_cold)
         );
         eprintln!(
@@ -798,7 +832,7 @@ impl Fleet {
             if ns_count == 1 { "" } else { "s" }
         );
         let (floor_api, floor_work) = before_floor.spent(&after_floor, &floor_apply);
-        let (dry_api, dry_work) = after_floor.spent(&after_dry_run, &floor_dry_run);
+        let (dry_api, dry_work) = before_dry_run.spent(&after_dry_run, &floor_dry_run);
         let (cold_api, cold_work) = before_cold.spent(&after_cold, &cold);
         let secs = |v: Option<f64>| v.map_or("not measured".into(), |v| format!("{v:.1} s"));
         let ratio = |v: Option<f64>| match (v, floor_api) {
@@ -921,6 +955,7 @@ impl Fleet {
         )?;
         let before = self.versions().await?;
         let log = self.work.join("serve.log");
+        quiet("serve restart").await;
         let started = Instant::now();
         let mut child = tokio::process::Command::new(&self.driftless_bin)
             .arg("serve")
