@@ -543,6 +543,41 @@ async fn apply_namespace(client: &Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until the namespaces of earlier runs are gone: the controller manager empties them in
+/// the background after a run, tens of seconds of CPU that would otherwise land on this run's
+/// floor or reconcile.
+async fn earlier_runs_gone(client: &Client) -> anyhow::Result<()> {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let started = Instant::now();
+    loop {
+        let left = api
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|ns| {
+                ns.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("fleet-"))
+            })
+            .count();
+        if left == 0 {
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "{left} namespaces of earlier fleet runs still there after 15 minutes"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    eprintln!(
+        "fleet: earlier runs' namespaces gone after {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 async fn bench() -> anyhow::Result<()> {
     let kubeconfig = std::env::var("DRIFTLESS_TEST_KUBECONFIG")
         .context("DRIFTLESS_TEST_KUBECONFIG: start the test control plane (scripts/bench does)")?;
@@ -555,6 +590,7 @@ async fn bench() -> anyhow::Result<()> {
     let client =
         Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)?;
 
+    earlier_runs_gone(&client).await?;
     let id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
     let work = tempfile::tempdir()?;
     let sim = ForgeSimulator::start(SimConfig {
