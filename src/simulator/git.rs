@@ -1,6 +1,7 @@
 //! The simulator's access to a real repository on disk, through the `git` CLI (no libgit2 in
 //! the dependency tree, and the CLI is the reference behaviour the forges reproduce). Every
-//! answer the simulator gives about commits, trees and blobs comes from here.
+//! answer the simulator gives about commits, trees and blobs comes from here. Objects named by
+//! SHA are read through one `git cat-file --batch` kept per repository, not a process each.
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
