@@ -991,9 +991,9 @@ impl Fleet {
                 "{settings}[server]\nlisten = \"127.0.0.1:{port}\"\n[drift]\ninterval = \"0s\"\n"
             ),
         )?;
+        quiet("serve restart").await;
         let before = self.versions().await?;
         let log = self.work.join("serve.log");
-        quiet("serve restart").await;
         let started = Instant::now();
         let mut child = tokio::process::Command::new(&self.driftless_bin)
             .arg("serve")
