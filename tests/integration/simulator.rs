@@ -150,6 +150,17 @@ struct GithubClient {
 }
 
 impl GithubClient {
+    /// A blob's bytes themselves (`Accept: application/vnd.github.raw+json`).
+    async fn raw_blob(&self, repo: &str, sha: &str) -> Answer {
+        self.send(
+            Method::GET,
+            &format!("/repos/{repo}/git/blobs/{sha}"),
+            None,
+            &[("accept", "application/vnd.github.raw+json")],
+        )
+        .await
+    }
+
     fn new(sim: &ForgeSimulator) -> Self {
         Self {
             api: sim.github_api_url(),
@@ -376,14 +387,7 @@ async fn github_refs_trees_and_blobs_match_the_openapi_description() {
         decoded,
         std::fs::read(repo.path().join("apps/web/deploy.yaml")).unwrap()
     );
-    let raw = gh
-        .send(
-            Method::GET,
-            &format!("/repos/acme/deploy/git/blobs/{sha}"),
-            None,
-            &[("accept", "application/vnd.github.raw+json")],
-        )
-        .await;
+    let raw = gh.raw_blob("acme/deploy", sha).await;
     assert_eq!(raw.bytes, decoded);
     assert_eq!(
         gh.get(&format!("/repos/acme/deploy/git/blobs/{head}"))
@@ -409,14 +413,7 @@ async fn github_refs_trees_and_blobs_match_the_openapi_description() {
         ("empty.yaml", b""),
     ] {
         let sha = repo.git(&["rev-parse", &format!("HEAD:apps/web/{file}")]);
-        let raw = gh
-            .send(
-                Method::GET,
-                &format!("/repos/acme/deploy/git/blobs/{sha}"),
-                None,
-                &[("accept", "application/vnd.github.raw+json")],
-            )
-            .await;
+        let raw = gh.raw_blob("acme/deploy", &sha).await;
         assert_eq!((raw.status, &raw.bytes[..]), (200, bytes), "{file}");
     }
 
