@@ -112,6 +112,34 @@ struct Batch {
     stdout: BufReader<ChildStdout>,
 }
 
+impl Batch {
+    /// One exchange: `name` in, its header and content out.
+    async fn ask(&mut self, name: &str) -> std::io::Result<Option<Object>> {
+        self.stdin.write_all(format!("{name}\n").as_bytes()).await?;
+        self.stdin.flush().await?;
+        let mut header = String::new();
+        self.stdout.read_line(&mut header).await?;
+        let fields: Vec<&str> = header.split_whitespace().collect();
+        match fields[..] {
+            [sha, kind, size] => {
+                let size: usize = size.parse().map_err(std::io::Error::other)?;
+                let mut bytes = vec![0; size + 1];
+                self.stdout.read_exact(&mut bytes).await?;
+                bytes.pop(); // the newline after the content
+                Ok(Some(Object {
+                    sha: sha.to_string(),
+                    kind: kind.to_string(),
+                    bytes,
+                }))
+            }
+            [_, "missing" | "ambiguous"] => Ok(None),
+            _ => Err(std::io::Error::other(format!(
+                "unexpected answer {header:?}"
+            ))),
+        }
+    }
+}
+
 /// An object as `git cat-file --batch` names it: full SHA, type and content.
 pub(crate) struct Object {
     pub sha: String,
@@ -129,47 +157,24 @@ impl Repo {
 
     /// The object `name` (a SHA or a prefix of one, as git resolves object names) names, read
     /// through the kept `cat-file --batch`; `None` when it names none (or several).
+    ///
+    /// The batch is taken out of its slot for the exchange and put back only once the whole
+    /// answer is read: a lookup cut short (its request dropped mid-answer) drops the batch
+    /// with it, so the next lookup never reads the rest of an old answer as its own.
     async fn object(&self, name: &str) -> Result<Option<Object>, GitError> {
-        let args = "cat-file --batch";
         let io = |source: std::io::Error| GitError::Spawn {
-            args: args.to_string(),
+            args: "cat-file --batch".to_string(),
             dir: self.dir.display().to_string(),
             source,
         };
         let mut slot = self.objects.lock().await;
-        if slot.is_none() {
-            *slot = Some(self.start_batch().map_err(io)?);
-        }
-        let batch = slot.as_mut().expect("started above");
-        let answer = async {
-            batch
-                .stdin
-                .write_all(format!("{name}\n").as_bytes())
-                .await?;
-            batch.stdin.flush().await?;
-            let mut header = String::new();
-            batch.stdout.read_line(&mut header).await?;
-            let fields: Vec<&str> = header.split_whitespace().collect();
-            let [sha, kind, size] = fields[..] else {
-                // "<name> missing" or "<name> ambiguous"
-                return Ok(None);
-            };
-            let size: usize = size.parse().map_err(std::io::Error::other)?;
-            let mut bytes = vec![0; size + 1];
-            batch.stdout.read_exact(&mut bytes).await?;
-            bytes.pop(); // the newline after the content
-            Ok(Some(Object {
-                sha: sha.to_string(),
-                kind: kind.to_string(),
-                bytes,
-            }))
-        }
-        .await;
-        if answer.is_err() {
-            // A batch that broke mid-answer cannot be trusted for the next one.
-            *slot = None;
-        }
-        answer.map_err(io)
+        let mut batch = match slot.take() {
+            Some(batch) => batch,
+            None => self.start_batch().map_err(io)?,
+        };
+        let answer = batch.ask(name).await.map_err(io)?;
+        *slot = Some(batch);
+        Ok(answer)
     }
 
     fn start_batch(&self) -> std::io::Result<Batch> {
@@ -335,11 +340,20 @@ impl Repo {
             return Ok(None);
         }
         // A blob endpoint answers for blob names only (never a tag peeled to its blob).
-        Ok(self
-            .object(sha)
-            .await?
-            .filter(|o| o.kind == "blob" && o.sha.starts_with(&sha.to_ascii_lowercase()))
-            .map(|o| (o.sha, o.bytes)))
+        let named = |o: &Object| o.kind == "blob" && o.sha.starts_with(&sha.to_ascii_lowercase());
+        if let Some(o) = self.object(sha).await?.filter(named) {
+            return Ok(Some((o.sha, o.bytes)));
+        }
+        // Not found by the batch: asked again through git processes, as the batch is only a
+        // shortcut for what exists.
+        let Some(full) = self.resolve(sha, "blob").await? else {
+            return Ok(None);
+        };
+        if !full.starts_with(&sha.to_ascii_lowercase()) {
+            return Ok(None);
+        }
+        let bytes = self.run(&["cat-file", "blob", &full]).await?;
+        Ok(Some((full, bytes)))
     }
 
     /// One commit.
