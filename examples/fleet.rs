@@ -352,7 +352,6 @@ async fn floor_apply(repo: &Path, prefix: &str, apps: usize, dry_run: bool) -> a
 /// CPU time the control plane has spent (the API server's and etcd's, when they run on this
 /// machine) and the requests the API server has served (its `apiserver_request_total`, every
 /// client's, the controllers' included), at one moment.
-#[derive(Clone)]
 struct ServerWork {
     apiserver_cpu: Option<f64>,
     etcd_cpu: Option<f64>,
@@ -430,9 +429,7 @@ impl ServerWork {
         );
         (api, text)
     }
-}
 
-impl ServerWork {
     /// The kinds of API request made from `self` to `later`, most first, as "PATCH
     /// configmaps 12,000".
     fn requests_by_kind(&self, later: &Self) -> String {
@@ -674,7 +671,7 @@ impl Fleet {
     ) -> anyhow::Result<(Measured, ServerWork, ServerWork)> {
         quiet(log).await;
         let before = ServerWork::now(&self.client).await?;
-        let measured = self.run_measured(program, args, log).await?;
+        let measured = run_measured(program, args, &self.kubeconfig, &self.work.join(log)).await?;
         quiet(log).await;
         let after = ServerWork::now(&self.client).await?;
         Ok((measured, before, after))

@@ -141,10 +141,18 @@ impl Batch {
 }
 
 /// An object as `git cat-file --batch` names it: full SHA, type and content.
-pub(crate) struct Object {
-    pub sha: String,
-    pub kind: String,
-    pub bytes: Vec<u8>,
+struct Object {
+    sha: String,
+    kind: String,
+    bytes: Vec<u8>,
+}
+
+impl Object {
+    /// Whether this is an object of `kind` whose SHA starts with `name` (not one git found
+    /// by another reading of the name, such as a ref).
+    fn is(&self, kind: &str, name: &str) -> bool {
+        self.kind == kind && self.sha.starts_with(&name.to_ascii_lowercase())
+    }
 }
 
 impl Repo {
@@ -262,8 +270,7 @@ impl Repo {
             // An object named by its SHA that is already of the kind asked for: no peeling, so
             // the kept batch answers. Anything else (a tag to peel, a missing name that could
             // be a ref) goes to rev-parse.
-            let named = |o: &Object| o.kind == kind && o.sha.starts_with(&rev.to_ascii_lowercase());
-            if let Some(o) = self.object(rev).await?.filter(named) {
+            if let Some(o) = self.object(rev).await?.filter(|o| o.is(kind, rev)) {
                 return Ok(Some(o.sha));
             }
         }
@@ -340,13 +347,12 @@ impl Repo {
             return Ok(None);
         }
         // A blob endpoint answers for blob names only (never a tag peeled to its blob).
-        let named = |o: &Object| o.kind == "blob" && o.sha.starts_with(&sha.to_ascii_lowercase());
-        if let Some(o) = self.object(sha).await?.filter(named) {
+        if let Some(o) = self.object(sha).await?.filter(|o| o.is("blob", sha)) {
             return Ok(Some((o.sha, o.bytes)));
         }
         // Not found by the batch: asked again through git processes, as the batch is only a
         // shortcut for what exists.
-        let Some(full) = self.resolve(sha, "blob").await? else {
+        let Some(full) = self.rev_parse(&format!("{sha}^{{blob}}")).await? else {
             return Ok(None);
         };
         if !full.starts_with(&sha.to_ascii_lowercase()) {
