@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use kube::core::ApiResource;
 use kube::Client;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::forge::{BlobCache, Forge, ForgeError, Forges};
 use crate::manifest::{ManifestError, ObjectRef};
@@ -225,7 +225,7 @@ pub struct Engine {
 }
 
 /// App states by name, each with its kept desired manifests, as a sweep reads them in bulk.
-type Prefetched = HashMap<String, (AppState, Option<desired::Stored>)>;
+type Prefetched = HashMap<String, state::Kept>;
 
 fn kube_message(e: &kube::Error) -> String {
     match e {
@@ -392,7 +392,7 @@ impl Engine {
             .lock()
             .expect("prefetched states")
             .as_ref()
-            .map(|all| all.get(&app.name).map(|(st, _)| st.clone()));
+            .map(|all| all.get(&app.name).map(state::Kept::without_inventory));
         let st = match prefetched {
             Some(Some(st)) => st,
             // Not in the sweep's bulk read: no state then (or a run took it since), so a run.
@@ -482,12 +482,18 @@ impl Engine {
     }
 
     /// The app's state read in bulk by the sweep on, taken out (a run or check uses it once).
+    /// A state whose packed inventory cannot be read is dropped (logged): reading the app
+    /// alone reports the error.
     fn take_prefetched(&self, app: &str) -> Option<(AppState, Option<desired::Stored>)> {
-        self.prefetched
+        let kept = self
+            .prefetched
             .lock()
             .expect("prefetched states")
             .as_mut()
-            .and_then(|all| all.remove(app))
+            .and_then(|all| all.remove(app))?;
+        kept.unpack(app)
+            .map_err(|e| warn!(%app, error = %e, "unreadable state left out of the bulk read"))
+            .ok()
     }
 
     /// Whether the sweep on read the app's state in bulk (and no run took it since).

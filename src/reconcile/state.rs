@@ -271,20 +271,14 @@ pub async fn load_with_desired(
     }
 }
 
-/// The state of every app in the namespace with the desired manifests kept beside it, by app:
-/// one paged LIST by label instead of a GET per app; and the requests that took (its pages).
-/// A state that cannot be parsed is left out (logged); reading that app alone reports the
-/// error.
+/// The state of every app in the namespace with the desired manifests kept beside it, by app
+/// (see [`Kept`]): one paged LIST by label instead of a GET per app; and the requests that
+/// took (its pages). A state that cannot be parsed is left out (logged); reading that app
+/// alone reports the error.
 pub async fn load_all(
     client: &Client,
     namespace: &str,
-) -> Result<
-    (
-        std::collections::HashMap<String, (AppState, Option<Stored>)>,
-        usize,
-    ),
-    StateError,
-> {
+) -> Result<(std::collections::HashMap<String, Kept>, usize), StateError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let params = ListParams::default().labels(LABEL_STATE_OF);
     let mut requests = 0;
@@ -299,10 +293,14 @@ pub async fn load_all(
             let Some(app) = cm.labels().get(LABEL_STATE_OF).cloned() else {
                 continue;
             };
-            match from_config_map(&app, &cm) {
-                Ok(st) => {
-                    let stored = desired::from_config_map(&cm);
-                    all.insert(app, (st.without_history(), stored));
+            match packed_from_config_map(&app, &cm) {
+                Ok((st, inventory_gz)) => {
+                    let kept = Kept {
+                        state: st.without_history(),
+                        inventory_gz,
+                        stored: desired::from_config_map(&cm),
+                    };
+                    all.insert(app, kept);
                 }
                 Err(e) => {
                     tracing::warn!(%app, error = %e, "unreadable state left out of the bulk read")
@@ -374,25 +372,71 @@ where
 /// The state held by an app's ConfigMap: the run record under `state.json`, the last drift
 /// finding under `drift.json` (written separately, so neither writer can undo the other).
 pub fn from_config_map(app: &str, cm: &ConfigMap) -> Result<AppState, StateError> {
-    let parse_err = |e: serde_json::Error| StateError {
+    let (mut st, packed) = packed_from_config_map(app, cm)?;
+    if let Some(packed) = packed {
+        st.inventory = unpack_inventory(&packed).map_err(|message| parse_error(app, message))?;
+    }
+    Ok(st)
+}
+
+fn parse_error(app: &str, message: String) -> StateError {
+    StateError {
         app: app.to_string(),
         step: "parse",
-        message: e.to_string(),
-    };
+        message,
+    }
+}
+
+/// [`from_config_map`] with the inventory left packed when it was stored packed.
+fn packed_from_config_map(
+    app: &str,
+    cm: &ConfigMap,
+) -> Result<(AppState, Option<Box<[u8]>>), StateError> {
     let data = cm.data.as_ref();
-    let mut st: AppState = match data.and_then(|d| d.get(KEY)) {
-        Some(text) => decode(text).map_err(|message| StateError {
-            app: app.to_string(),
-            step: "parse",
-            message,
-        })?,
-        None => AppState::default(),
+    let (mut st, packed) = match data.and_then(|d| d.get(KEY)) {
+        Some(text) => decode_packed(text).map_err(|message| parse_error(app, message))?,
+        None => (AppState::default(), None),
     };
     if let Some(text) = data.and_then(|d| d.get(DRIFT_KEY)) {
-        st.drift = Some(serde_json::from_str(text).map_err(parse_err)?);
+        st.drift =
+            Some(serde_json::from_str(text).map_err(|e| parse_error(app, e.to_string()))?);
     }
     st.desired_parts = desired::parts_of(cm);
-    Ok(st)
+    Ok((st, packed))
+}
+
+/// An app's state as a sweep's bulk read keeps it until the app's run or drift check takes
+/// it, without its run history. Decoded, an inventory costs a few hundred bytes per object
+/// (five strings each), most of what a sweep holds per app; it is kept as stored (gzip-packed
+/// JSON, tens of bytes per object) and unpacked when taken.
+pub struct Kept {
+    /// The state; its inventory is empty while it is packed in `inventory_gz`.
+    state: AppState,
+    inventory_gz: Option<Box<[u8]>>,
+    /// The desired manifests kept beside the state.
+    stored: Option<Stored>,
+}
+
+impl Kept {
+    /// The state but for its inventory, which may be left out (packed): enough to tell
+    /// whether the app is at its branch head.
+    pub fn without_inventory(&self) -> AppState {
+        AppState {
+            inventory: Vec::new(),
+            ..self.state.clone()
+        }
+    }
+
+    /// The whole state and the desired manifests kept beside it; fails, naming the app, when
+    /// the packed inventory cannot be read.
+    pub fn unpack(self, app: &str) -> Result<(AppState, Option<Stored>), StateError> {
+        let mut st = self.state;
+        if let Some(packed) = self.inventory_gz {
+            st.inventory =
+                unpack_inventory(&packed).map_err(|message| parse_error(app, message))?;
+        }
+        Ok((st, self.stored))
+    }
 }
 
 /// The stored form of a run record: the inventory (one entry per object, the bulk of the
@@ -414,21 +458,41 @@ fn encode(st: &AppState) -> Result<String, std::io::Error> {
 }
 
 /// Reads a stored run record; also the plain `inventory` list of earlier versions.
+#[cfg(test)]
 fn decode(text: &str) -> Result<AppState, String> {
-    use base64::Engine as _;
-    use std::io::Read as _;
-    let mut v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    if let Some(packed) = v.as_object_mut().and_then(|o| o.remove("inventory_gz")) {
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(packed.as_str().ok_or("inventory_gz: not a string")?)
-            .map_err(|e| format!("inventory_gz: {e}"))?;
-        let mut json = Vec::new();
-        flate2::read::GzDecoder::new(&bytes[..])
-            .read_to_end(&mut json)
-            .map_err(|e| format!("inventory_gz: {e}"))?;
-        v["inventory"] = serde_json::from_slice(&json).map_err(|e| format!("inventory_gz: {e}"))?;
+    let (mut st, packed) = decode_packed(text)?;
+    if let Some(packed) = packed {
+        st.inventory = unpack_inventory(&packed)?;
     }
-    serde_json::from_value(v).map_err(|e| e.to_string())
+    Ok(st)
+}
+
+/// A stored run record with its packed inventory left packed: the state (its inventory empty,
+/// or the plain list of earlier versions) and the gzip-compressed JSON of `inventory_gz`.
+fn decode_packed(text: &str) -> Result<(AppState, Option<Box<[u8]>>), String> {
+    use base64::Engine as _;
+    let mut v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let packed = match v.as_object_mut().and_then(|o| o.remove("inventory_gz")) {
+        Some(packed) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(packed.as_str().ok_or("inventory_gz: not a string")?)
+                .map_err(|e| format!("inventory_gz: {e}"))?
+                .into_boxed_slice(),
+        ),
+        None => None,
+    };
+    let st = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    Ok((st, packed))
+}
+
+/// The inventory of `inventory_gz`, base64-decoded.
+fn unpack_inventory(packed: &[u8]) -> Result<Vec<InventoryItem>, String> {
+    use std::io::Read as _;
+    let mut json = Vec::new();
+    flate2::read::GzDecoder::new(packed)
+        .read_to_end(&mut json)
+        .map_err(|e| format!("inventory_gz: {e}"))?;
+    serde_json::from_slice(&json).map_err(|e| format!("inventory_gz: {e}"))
 }
 
 /// Writes an app's run record (everything but the drift finding).
@@ -806,6 +870,62 @@ mod tests {
             text.len(),
             plain.len()
         );
+    }
+
+    fn config_map(text: String) -> ConfigMap {
+        ConfigMap {
+            data: Some([(KEY.to_string(), text)].into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_kept_state_holds_its_inventory_packed_and_unpacks_to_the_stored_state() {
+        let st = sample(20);
+        let cm = config_map(encode(&st).unwrap());
+        let (head, packed) = packed_from_config_map("web", &cm).unwrap();
+        assert!(head.inventory.is_empty(), "the inventory is left packed");
+        let packed = packed.expect("stored packed");
+        // Packed, the 20 items take a fraction of the bytes their 100 strings would.
+        let decoded: usize = st
+            .inventory
+            .iter()
+            .map(|i| {
+                5 * std::mem::size_of::<String>()
+                    + i.id.api_version.len()
+                    + i.id.kind.len()
+                    + i.id.namespace.as_ref().map_or(0, String::len)
+                    + i.id.name.len()
+                    + i.hash.len()
+            })
+            .sum();
+        assert!(packed.len() * 3 < decoded, "{} packed, {decoded} decoded", packed.len());
+        let kept = Kept {
+            state: head,
+            inventory_gz: Some(packed),
+            stored: None,
+        };
+        assert_eq!(kept.without_inventory().revision, st.revision);
+        let (back, _) = kept.unpack("web").unwrap();
+        assert_eq!(back, from_config_map("web", &cm).unwrap());
+        assert_eq!(back, st);
+
+        // The plain inventory of earlier versions is kept as it is.
+        let (old, packed) =
+            packed_from_config_map("web", &config_map(serde_json::to_string(&st).unwrap()))
+                .unwrap();
+        assert!(packed.is_none());
+        assert_eq!(old, st);
+
+        // A packed inventory that does not unpack is an error naming the app.
+        let broken = Kept {
+            state: AppState::default(),
+            inventory_gz: Some(b"not gzip".to_vec().into_boxed_slice()),
+            stored: None,
+        };
+        let e = broken.unpack("web").unwrap_err();
+        assert_eq!((e.app.as_str(), e.step), ("web", "parse"));
+        assert!(e.message.contains("inventory_gz"), "{}", e.message);
     }
 
     #[test]
