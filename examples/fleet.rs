@@ -836,9 +836,9 @@ impl Fleet {
         let restart = self.restart(&settings).await?;
         let restart_forge = ForgeUse::take(sim);
         eprintln!(
-            "fleet: serve restart caught up in {:.2} s, {} objects written; forge requests: {:?}",
+            "fleet: serve restart caught up in {:.2} s, objects written: {:?}; forge requests: {:?}",
             restart.caught_up.as_secs_f64(),
-            restart.written,
+            restart.writers,
             sim.request_counts()
         );
 
@@ -924,14 +924,15 @@ impl Fleet {
                 2.0 * floor_read.secs() + one_commit_catch_up,
             ),
             format!(
-                "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above: {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written (resourceVersions compared); {restart_forge} |",
+                "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above: {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written by driftless (resourceVersions compared, each write put to the field manager of its latest managedFields entry; {} meanwhile); {restart_forge} |",
                 restart.caught_up.as_secs_f64(),
                 floor_read.secs(),
                 restart.caught_up.as_secs_f64() / floor_read.secs(),
                 thousands(restart.in_sync),
                 thousands(apps),
-                restart.written,
+                restart.written_by_driftless(),
                 thousands(restart.objects),
+                restart.others(),
             ),
         ])
     }
@@ -1029,21 +1030,30 @@ impl Fleet {
         let _ = child.kill().await;
         let (caught_up, in_sync) = found?;
         let after = self.versions().await?;
-        let written = after
-            .iter()
-            .filter(|(k, v)| before.get(*k) != Some(*v))
-            .count();
+        let mut writers = std::collections::BTreeMap::<String, usize>::new();
+        for (key, (rv, writer)) in &after {
+            if before.get(key).map(|(rv, _)| rv) != Some(rv) {
+                *writers.entry(writer.clone()).or_default() += 1;
+            }
+        }
+        let gone = before.keys().filter(|k| !after.contains_key(*k)).count();
+        if gone > 0 {
+            writers.insert("(deleted)".into(), gone);
+        }
         Ok(Restart {
             caught_up,
             in_sync,
-            written,
+            writers,
             objects: after.len(),
         })
     }
 
     /// The resourceVersion of every app object and every ConfigMap and Lease of the state
-    /// namespace, by kind, namespace and name.
-    async fn versions(&self) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    /// namespace, and the field manager of its latest write (see [`last_writer`]), by kind,
+    /// namespace and name.
+    async fn versions(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, (String, String)>> {
         let mut all = std::collections::BTreeMap::new();
         let mut lists: Vec<(String, &str)> = namespaces(&self.ours, self.apps)
             .into_iter()
@@ -1055,20 +1065,22 @@ impl Fleet {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &ns, &kind_resource(kind));
             for o in api.list(&ListParams::default()).await?.items {
+                let writer = last_writer(&o.metadata);
                 let (name, rv) = (o.metadata.name, o.metadata.resource_version);
                 all.insert(
                     format!("{kind} {ns}/{}", name.unwrap_or_default()),
-                    rv.unwrap_or_default(),
+                    (rv.unwrap_or_default(), writer),
                 );
             }
         }
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &self.state_ns, &leases);
         for o in api.list(&ListParams::default()).await?.items {
+            let writer = last_writer(&o.metadata);
             let (name, rv) = (o.metadata.name, o.metadata.resource_version);
             all.insert(
                 format!("Lease {}", name.unwrap_or_default()),
-                rv.unwrap_or_default(),
+                (rv.unwrap_or_default(), writer),
             );
         }
         Ok(all)
@@ -1081,10 +1093,55 @@ struct Restart {
     caught_up: Duration,
     /// Apps the catch-up found at their branch head.
     in_sync: usize,
-    /// Objects whose resourceVersion moved (or that came or went).
-    written: usize,
+    /// Objects whose resourceVersion moved (or that came), by the field manager of the
+    /// latest write; `(deleted)`: objects that went.
+    writers: std::collections::BTreeMap<String, usize>,
     /// Objects compared.
     objects: usize,
+}
+
+impl Restart {
+    /// Objects driftless wrote: those whose latest write was under one of its field managers,
+    /// and any deleted (driftless is the only one deleting in these namespaces).
+    fn written_by_driftless(&self) -> usize {
+        self.writers
+            .iter()
+            .filter(|(w, _)| w.starts_with("driftless") || *w == "(deleted)")
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    /// Writes of the others (the controller manager finishing its work on the objects), by
+    /// field manager.
+    fn others(&self) -> String {
+        let others: Vec<String> = self
+            .writers
+            .iter()
+            .filter(|(w, _)| !w.starts_with("driftless") && *w != "(deleted)")
+            .map(|(w, n)| format!("{n} by {w}"))
+            .collect();
+        if others.is_empty() {
+            "none by anyone else".into()
+        } else {
+            others.join(", ")
+        }
+    }
+}
+
+/// The field manager of an object's latest write: the managedFields entry with the newest
+/// time (the last listed of equals), or `(unknown)`.
+fn last_writer(meta: &kube::api::ObjectMeta) -> String {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .max_by(|a, b| {
+            a.time
+                .as_ref()
+                .map(|t| t.0)
+                .cmp(&b.time.as_ref().map(|t| t.0))
+        })
+        .and_then(|m| m.manager.clone())
+        .unwrap_or_else(|| "(unknown)".into())
 }
 
 /// The apps a `drift --once` reported in sync.

@@ -391,19 +391,21 @@ fn parse_error(app: &str, message: String) -> StateError {
 fn packed_from_config_map(
     app: &str,
     cm: &ConfigMap,
-) -> Result<(AppState, Option<Box<[u8]>>), StateError> {
+) -> Result<(AppState, PackedInventory), StateError> {
     let data = cm.data.as_ref();
     let (mut st, packed) = match data.and_then(|d| d.get(KEY)) {
         Some(text) => decode_packed(text).map_err(|message| parse_error(app, message))?,
         None => (AppState::default(), None),
     };
     if let Some(text) = data.and_then(|d| d.get(DRIFT_KEY)) {
-        st.drift =
-            Some(serde_json::from_str(text).map_err(|e| parse_error(app, e.to_string()))?);
+        st.drift = Some(serde_json::from_str(text).map_err(|e| parse_error(app, e.to_string()))?);
     }
     st.desired_parts = desired::parts_of(cm);
     Ok((st, packed))
 }
+
+/// An inventory as stored under `inventory_gz` (gzip-compressed JSON), if it was.
+type PackedInventory = Option<Box<[u8]>>;
 
 /// An app's state as a sweep's bulk read keeps it until the app's run or drift check takes
 /// it, without its run history. Decoded, an inventory costs a few hundred bytes per object
@@ -412,7 +414,7 @@ fn packed_from_config_map(
 pub struct Kept {
     /// The state; its inventory is empty while it is packed in `inventory_gz`.
     state: AppState,
-    inventory_gz: Option<Box<[u8]>>,
+    inventory_gz: PackedInventory,
     /// The desired manifests kept beside the state.
     stored: Option<Stored>,
 }
@@ -469,7 +471,7 @@ fn decode(text: &str) -> Result<AppState, String> {
 
 /// A stored run record with its packed inventory left packed: the state (its inventory empty,
 /// or the plain list of earlier versions) and the gzip-compressed JSON of `inventory_gz`.
-fn decode_packed(text: &str) -> Result<(AppState, Option<Box<[u8]>>), String> {
+fn decode_packed(text: &str) -> Result<(AppState, PackedInventory), String> {
     use base64::Engine as _;
     let mut v: serde_json::Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     let packed = match v.as_object_mut().and_then(|o| o.remove("inventory_gz")) {
@@ -899,7 +901,11 @@ mod tests {
                     + i.hash.len()
             })
             .sum();
-        assert!(packed.len() * 3 < decoded, "{} packed, {decoded} decoded", packed.len());
+        assert!(
+            packed.len() * 3 < decoded,
+            "{} packed, {decoded} decoded",
+            packed.len()
+        );
         let kept = Kept {
             state: head,
             inventory_gz: Some(packed),
