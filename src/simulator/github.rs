@@ -137,7 +137,7 @@ async fn answer(
     token: Option<&str>,
 ) -> Result<Reply, Reply> {
     if let Some(fault) = state.interfere(FORGE, req).await {
-        return Err(fault_reply(&fault));
+        return Err(fault_reply(&fault, state));
     }
     let Some(token) = token.filter(|t| *t == state.config.github_token) else {
         return Err(error(StatusCode::UNAUTHORIZED, "Bad credentials"));
@@ -318,10 +318,14 @@ pub(super) fn ceil_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-fn fault_reply(kind: &FaultKind) -> Reply {
+/// The reply to an injected fault; a rate limit reports the limit the simulator enforces.
+fn fault_reply(kind: &FaultKind, state: &SimState) -> Reply {
     match kind {
         FaultKind::RateLimited { reset_after } => {
-            rate_limited(now_unix() + ceil_secs(*reset_after) as i64, RATE_LIMIT)
+            let limit = state
+                .github_rate_limit
+                .load(std::sync::atomic::Ordering::Relaxed);
+            rate_limited(now_unix() + ceil_secs(*reset_after) as i64, limit)
         }
         FaultKind::SecondaryRateLimit { retry_after } => error(
             StatusCode::TOO_MANY_REQUESTS,

@@ -1531,7 +1531,9 @@ async fn faults_apply_then_are_consumed() {
     assert_eq!(sim.clear_faults(), 1);
     assert_eq!(gh.get(gh_path).await.status, 200);
 
-    // Primary rate limit: GitHub 403 with remaining 0 and the reset time.
+    // Primary rate limit: GitHub 403 with remaining 0, the reset time and the limit the
+    // simulator enforces (raised here, as the fleet benchmark does).
+    sim.set_github_rate_limit(15_100);
     sim.inject(Fault {
         forge: Some("github"),
         path_contains: "/git/ref/".into(),
@@ -1543,6 +1545,7 @@ async fn faults_apply_then_are_consumed() {
     let limited = gh.get(gh_path).await;
     assert_eq!(limited.status, 403);
     assert_eq!(limited.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(limited.header("x-ratelimit-limit"), Some("15100"));
     let reset: i64 = limited
         .header("x-ratelimit-reset")
         .unwrap()
