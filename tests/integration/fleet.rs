@@ -699,6 +699,68 @@ async fn a_sweep_that_applies_one_app_reads_the_states_in_bulk_only_once() {
 /// state: the app's run fails naming the parse error, and the ConfigMap is left as it is.
 #[tokio::test]
 async fn an_unreadable_state_fails_the_apps_run_by_name_and_is_left_alone() {
+    a_spoiled_state_fails_the_apps_run_by_name("{not json").await;
+}
+
+/// The same for a state that parses but whose inventory, kept packed by the bulk read until
+/// the app's run takes it, does not unpack ("not gzip", base64-encoded).
+#[tokio::test]
+async fn a_state_whose_packed_inventory_does_not_unpack_fails_the_run_by_name() {
+    a_spoiled_state_fails_the_apps_run_by_name(
+        r#"{"revision": null, "inventory_gz": "bm90IGd6aXA="}"#,
+    )
+    .await;
+}
+
+/// A state kept by the bulk read whose packed inventory does not unpack when the app's drift
+/// check takes it: never checked as if it had no objects (that would say "in sync"), but
+/// read alone, which fails naming the parse error; the other apps are checked as usual.
+#[tokio::test]
+async fn a_kept_state_whose_inventory_does_not_unpack_is_not_checked_as_empty() {
+    let (env, _) = three_apps_committed().await;
+    let apps: Vec<String> = ["a", "b", "c"].map(String::from).into();
+    let metrics = driftless::metrics::Metrics::new();
+    let engine = env.engine();
+    let first = driftless::worker::sweep(&engine, &metrics, apps.clone(), 4).await;
+    engine.settle().await;
+    assert!(first.iter().all(|(_, v)| *v == Ok(false)), "{first:?}");
+    let states: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let name = driftless::reconcile::state::object_name("a");
+    let stored = states.get(&name).await.unwrap().data.unwrap()["state.json"].clone();
+    let mut spoiled: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert!(
+        spoiled["inventory_gz"].is_string(),
+        "stored packed: {stored}"
+    );
+    spoiled["inventory_gz"] = json!("bm90IGd6aXA=");
+    let spoiled = spoiled.to_string();
+    let patch = json!({"data": {"state.json": spoiled}});
+    states
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+
+    // A new process: its bulk read keeps a's state, at its head, with the spoiled inventory.
+    let engine = env.engine();
+    let verdicts = driftless::worker::sweep(&engine, &metrics, apps, 4).await;
+    engine.settle().await;
+    let message = verdicts[0]
+        .1
+        .as_ref()
+        .expect_err("a checked with no inventory");
+    assert!(message.contains("state of app a (parse)"), "{message}");
+    assert!(message.contains("inventory_gz"), "{message}");
+    assert_eq!(verdicts[1].1, Ok(false), "b in sync");
+    assert_eq!(verdicts[2].1, Ok(false), "c in sync");
+    let kept = states.get(&name).await.unwrap().data.unwrap();
+    assert_eq!(
+        kept["state.json"], spoiled,
+        "the spoiled state was overwritten"
+    );
+    env.cleanup().await;
+}
+
+async fn a_spoiled_state_fails_the_apps_run_by_name(text: &str) {
     let (env, _) = three_apps_committed().await;
     let states: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
     let spoiled: ConfigMap = serde_json::from_value(json!({
@@ -706,7 +768,7 @@ async fn an_unreadable_state_fails_the_apps_run_by_name_and_is_left_alone() {
             "name": driftless::reconcile::state::object_name("a"),
             "labels": {driftless::reconcile::state::LABEL_STATE_OF: "a"},
         },
-        "data": {"state.json": "{not json"},
+        "data": {"state.json": text},
     }))
     .unwrap();
     states.create(&Default::default(), &spoiled).await.unwrap();
@@ -719,13 +781,14 @@ async fn an_unreadable_state_fails_the_apps_run_by_name_and_is_left_alone() {
     let message = a.as_ref().expect_err("a run over an unreadable state");
     assert!(message.contains("state of app a (parse)"), "{message}");
     assert_eq!(verdicts[1].1, Ok(false), "b applied and in sync");
+    assert_eq!(verdicts[2].1, Ok(false), "c applied and in sync");
     let kept = states
         .get(&driftless::reconcile::state::object_name("a"))
         .await
         .unwrap();
     assert_eq!(
         kept.data.unwrap()["state.json"],
-        "{not json",
+        text,
         "the unreadable state was overwritten"
     );
     env.cleanup().await;
