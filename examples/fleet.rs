@@ -1065,23 +1065,15 @@ impl Fleet {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &ns, &kind_resource(kind));
             for o in api.list(&ListParams::default()).await?.items {
-                let writer = last_writer(&o.metadata);
-                let (name, rv) = (o.metadata.name, o.metadata.resource_version);
-                all.insert(
-                    format!("{kind} {ns}/{}", name.unwrap_or_default()),
-                    (rv.unwrap_or_default(), writer),
-                );
+                let (name, version) = version_of(o);
+                all.insert(format!("{kind} {ns}/{name}"), version);
             }
         }
         let api: Api<DynamicObject> =
             Api::namespaced_with(self.client.clone(), &self.state_ns, &leases);
         for o in api.list(&ListParams::default()).await?.items {
-            let writer = last_writer(&o.metadata);
-            let (name, rv) = (o.metadata.name, o.metadata.resource_version);
-            all.insert(
-                format!("Lease {}", name.unwrap_or_default()),
-                (rv.unwrap_or_default(), writer),
-            );
+            let (name, version) = version_of(o);
+            all.insert(format!("Lease {name}"), version);
         }
         Ok(all)
     }
@@ -1101,12 +1093,17 @@ struct Restart {
 }
 
 impl Restart {
-    /// Objects driftless wrote: those whose latest write was under one of its field managers,
-    /// and any deleted (driftless is the only one deleting in these namespaces).
+    /// Whether a writer of [`Self::writers`] is driftless: one of its field managers, or a
+    /// deletion (driftless is the only one deleting in these namespaces).
+    fn is_driftless(writer: &str) -> bool {
+        writer.starts_with("driftless") || writer == "(deleted)"
+    }
+
+    /// Objects driftless wrote.
     fn written_by_driftless(&self) -> usize {
         self.writers
             .iter()
-            .filter(|(w, _)| w.starts_with("driftless") || *w == "(deleted)")
+            .filter(|(w, _)| Self::is_driftless(w))
             .map(|(_, n)| n)
             .sum()
     }
@@ -1117,7 +1114,7 @@ impl Restart {
         let others: Vec<String> = self
             .writers
             .iter()
-            .filter(|(w, _)| !w.starts_with("driftless") && *w != "(deleted)")
+            .filter(|(w, _)| !Self::is_driftless(w))
             .map(|(w, n)| format!("{n} by {w}"))
             .collect();
         if others.is_empty() {
@@ -1126,6 +1123,13 @@ impl Restart {
             others.join(", ")
         }
     }
+}
+
+/// An object's name, and its resourceVersion with the field manager of its latest write.
+fn version_of(o: DynamicObject) -> (String, (String, String)) {
+    let writer = last_writer(&o.metadata);
+    let (name, rv) = (o.metadata.name, o.metadata.resource_version);
+    (name.unwrap_or_default(), (rv.unwrap_or_default(), writer))
 }
 
 /// The field manager of an object's latest write: the managedFields entry with the newest

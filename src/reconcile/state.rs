@@ -372,11 +372,8 @@ where
 /// The state held by an app's ConfigMap: the run record under `state.json`, the last drift
 /// finding under `drift.json` (written separately, so neither writer can undo the other).
 pub fn from_config_map(app: &str, cm: &ConfigMap) -> Result<AppState, StateError> {
-    let (mut st, packed) = packed_from_config_map(app, cm)?;
-    if let Some(packed) = packed {
-        st.inventory = unpack_inventory(&packed).map_err(|message| parse_error(app, message))?;
-    }
-    Ok(st)
+    let (st, packed) = packed_from_config_map(app, cm)?;
+    with_inventory(st, packed).map_err(|message| parse_error(app, message))
 }
 
 fn parse_error(app: &str, message: String) -> StateError {
@@ -432,11 +429,8 @@ impl Kept {
     /// The whole state and the desired manifests kept beside it; fails, naming the app, when
     /// the packed inventory cannot be read.
     pub fn unpack(self, app: &str) -> Result<(AppState, Option<Stored>), StateError> {
-        let mut st = self.state;
-        if let Some(packed) = self.inventory_gz {
-            st.inventory =
-                unpack_inventory(&packed).map_err(|message| parse_error(app, message))?;
-        }
+        let st = with_inventory(self.state, self.inventory_gz)
+            .map_err(|message| parse_error(app, message))?;
         Ok((st, self.stored))
     }
 }
@@ -462,11 +456,8 @@ fn encode(st: &AppState) -> Result<String, std::io::Error> {
 /// Reads a stored run record; also the plain `inventory` list of earlier versions.
 #[cfg(test)]
 fn decode(text: &str) -> Result<AppState, String> {
-    let (mut st, packed) = decode_packed(text)?;
-    if let Some(packed) = packed {
-        st.inventory = unpack_inventory(&packed)?;
-    }
-    Ok(st)
+    let (st, packed) = decode_packed(text)?;
+    with_inventory(st, packed)
 }
 
 /// A stored run record with its packed inventory left packed: the state (its inventory empty,
@@ -487,14 +478,19 @@ fn decode_packed(text: &str) -> Result<(AppState, PackedInventory), String> {
     Ok((st, packed))
 }
 
-/// The inventory of `inventory_gz`, base64-decoded.
-fn unpack_inventory(packed: &[u8]) -> Result<Vec<InventoryItem>, String> {
+/// `st` with the inventory packed in `packed` (`inventory_gz`, base64-decoded), if any,
+/// unpacked into it.
+fn with_inventory(mut st: AppState, packed: PackedInventory) -> Result<AppState, String> {
     use std::io::Read as _;
+    let Some(packed) = packed else {
+        return Ok(st);
+    };
     let mut json = Vec::new();
-    flate2::read::GzDecoder::new(packed)
+    flate2::read::GzDecoder::new(&packed[..])
         .read_to_end(&mut json)
         .map_err(|e| format!("inventory_gz: {e}"))?;
-    serde_json::from_slice(&json).map_err(|e| format!("inventory_gz: {e}"))
+    st.inventory = serde_json::from_slice(&json).map_err(|e| format!("inventory_gz: {e}"))?;
+    Ok(st)
 }
 
 /// Writes an app's run record (everything but the drift finding).

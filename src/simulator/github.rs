@@ -235,9 +235,7 @@ fn rate_window(state: &SimState, token: &str, spend: bool) -> RateWindow {
     let fresh = RateWindow {
         used: 0,
         reset: now + RATE_WINDOW_SECS,
-        limit: state
-            .github_rate_limit
-            .load(std::sync::atomic::Ordering::Relaxed),
+        limit: state.github_rate_limit(),
     };
     let window = windows.entry(token.to_string()).or_insert(fresh);
     if now >= window.reset {
@@ -321,12 +319,10 @@ pub(super) fn ceil_secs(d: std::time::Duration) -> u64 {
 /// The reply to an injected fault; a rate limit reports the limit the simulator enforces.
 fn fault_reply(kind: &FaultKind, state: &SimState) -> Reply {
     match kind {
-        FaultKind::RateLimited { reset_after } => {
-            let limit = state
-                .github_rate_limit
-                .load(std::sync::atomic::Ordering::Relaxed);
-            rate_limited(now_unix() + ceil_secs(*reset_after) as i64, limit)
-        }
+        FaultKind::RateLimited { reset_after } => rate_limited(
+            now_unix() + ceil_secs(*reset_after) as i64,
+            state.github_rate_limit(),
+        ),
         FaultKind::SecondaryRateLimit { retry_after } => error(
             StatusCode::TOO_MANY_REQUESTS,
             "You have exceeded a secondary rate limit. Please wait a few minutes before you \

@@ -499,6 +499,11 @@ impl SimState {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Requests a GitHub rate limit window allows now.
+    fn github_rate_limit(&self) -> u64 {
+        self.github_rate_limit.load(Ordering::Relaxed)
+    }
+
     fn add_repo(&self, full_name: &str, git_dir: &Path) {
         let key = repo_key(full_name);
         let mut repos = self.repos.write().unwrap_or_else(PoisonError::into_inner);

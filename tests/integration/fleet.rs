@@ -744,20 +744,33 @@ async fn a_kept_state_whose_inventory_does_not_unpack_is_not_checked_as_empty() 
     let engine = env.engine();
     let verdicts = driftless::worker::sweep(&engine, &metrics, apps, 4).await;
     engine.settle().await;
-    let message = verdicts[0]
-        .1
-        .as_ref()
-        .expect_err("a checked with no inventory");
-    assert!(message.contains("state of app a (parse)"), "{message}");
+    let message = only_a_failed_by_name_and_left_alone(&verdicts, &states, &spoiled).await;
     assert!(message.contains("inventory_gz"), "{message}");
-    assert_eq!(verdicts[1].1, Ok(false), "b in sync");
-    assert_eq!(verdicts[2].1, Ok(false), "c in sync");
-    let kept = states.get(&name).await.unwrap().data.unwrap();
+    env.cleanup().await;
+}
+
+/// Asserts a sweep's verdicts over apps a, b and c when a's state was spoiled to `text`: a
+/// failed naming the parse error, b and c are in sync, and a's state is left as it is.
+/// Returns a's error.
+async fn only_a_failed_by_name_and_left_alone(
+    verdicts: &[(String, Result<bool, String>)],
+    states: &Api<ConfigMap>,
+    text: &str,
+) -> String {
+    let message = verdicts[0].1.clone().expect_err("a's spoiled state read");
+    assert!(message.contains("state of app a (parse)"), "{message}");
+    assert_eq!(verdicts[1].1, Ok(false), "b applied and in sync");
+    assert_eq!(verdicts[2].1, Ok(false), "c applied and in sync");
+    let kept = states
+        .get(&driftless::reconcile::state::object_name("a"))
+        .await
+        .unwrap();
     assert_eq!(
-        kept["state.json"], spoiled,
+        kept.data.unwrap()["state.json"],
+        text,
         "the spoiled state was overwritten"
     );
-    env.cleanup().await;
+    message
 }
 
 async fn a_spoiled_state_fails_the_apps_run_by_name(text: &str) {
@@ -777,19 +790,6 @@ async fn a_spoiled_state_fails_the_apps_run_by_name(text: &str) {
     let apps: Vec<String> = ["a", "b", "c"].map(String::from).into();
     let verdicts = driftless::worker::sweep(&engine, &metrics, apps, 4).await;
     engine.settle().await;
-    let (_, a) = &verdicts[0];
-    let message = a.as_ref().expect_err("a run over an unreadable state");
-    assert!(message.contains("state of app a (parse)"), "{message}");
-    assert_eq!(verdicts[1].1, Ok(false), "b applied and in sync");
-    assert_eq!(verdicts[2].1, Ok(false), "c applied and in sync");
-    let kept = states
-        .get(&driftless::reconcile::state::object_name("a"))
-        .await
-        .unwrap();
-    assert_eq!(
-        kept.data.unwrap()["state.json"],
-        text,
-        "the unreadable state was overwritten"
-    );
+    only_a_failed_by_name_and_left_alone(&verdicts, &states, text).await;
     env.cleanup().await;
 }
