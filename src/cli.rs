@@ -158,12 +158,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Drift { once: true } => {
             let names: Vec<String> = settings.apps.iter().map(|a| a.name.clone()).collect();
-            let engine = engine(settings).await?;
+            let engine = Arc::new(engine(settings).await?);
             let metrics = crate::metrics::Metrics::new();
             let mut failed = false;
-            // Catch-ups run a few at a time: each mostly waits on the API server.
-            let results =
-                crate::worker::sweep(&engine, &metrics, names, crate::worker::WORKERS).await;
+            // Catch-ups run a few at a time: each mostly waits on the API server. The sweep
+            // runs as a task of the runtime, not on the main thread `block_on` drives: there
+            // every reply the runtime's threads receive would wake the main thread to go on.
+            let results = {
+                let engine = Arc::clone(&engine);
+                tokio::spawn(async move {
+                    crate::worker::sweep(&engine, &metrics, names, crate::worker::WORKERS).await
+                })
+                .await
+                .map_err(|e| anyhow::anyhow!("the sweep stopped: {e}"))?
+            };
             engine.settle().await;
             log_phase_times(engine.phase_times());
             for (app, result) in results {

@@ -110,12 +110,8 @@ pub async fn sweep(
             0
         }
     };
-    let catch_ups = futures::stream::iter(&apps)
-        .map(|app| async move {
-            let job = Job::new(app.clone(), None, JobReason::MissedPush);
-            let report = engine.run(&job, RunOptions::default()).await?;
-            Ok(report.outcome == crate::reconcile::Outcome::Applied)
-        })
+    let catch_ups = futures::stream::iter(apps.clone())
+        .map(|app: String| catch_up_one(engine, app))
         .buffered(in_flight.max(1))
         .collect::<Vec<Result<bool, ReconcileError>>>();
     let caught_up = engine
@@ -144,6 +140,14 @@ pub async fn sweep(
             (app, verdict)
         })
         .collect()
+}
+
+/// A sweep's catch-up of one app: whether it applied anything. A named function, not a
+/// closure's async block, so that a sweep can run as a spawned task.
+async fn catch_up_one(engine: &Engine, app: String) -> Result<bool, ReconcileError> {
+    let job = Job::new(app, None, JobReason::MissedPush);
+    let report = engine.run(&job, RunOptions::default()).await?;
+    Ok(report.outcome == crate::reconcile::Outcome::Applied)
 }
 
 /// Whether a sweep reads every state again after its runs, `applied` of which applied, the

@@ -161,31 +161,49 @@ impl Engine {
         (index, shares): &Listed,
     ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
         let compared = std::time::Instant::now();
-        let checked = futures::stream::iter(ready.into_iter().zip(shares))
-            .map(|(r, share)| async move {
-                let Ready {
-                    app,
-                    heal,
-                    st,
-                    stored,
-                    mut report,
-                } = r;
-                report.api_requests += share;
-                let desired = self.desired_objects(app, &st, stored);
-                let r = match self.phases.time(Phase::CheckDesired, desired).await {
-                    Ok(desired) => {
-                        self.check_against(app, &st, desired, heal, index, report)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                (app.name.clone(), r)
-            })
-            .buffered(CHECKS_IN_FLIGHT)
-            .collect()
-            .await;
+        // A loop, not a stream combinator: the sweep runs as a spawned task, and the compiler
+        // cannot prove a closure over `Ready<'_>` gives a `Send` future for every lifetime.
+        // Checks start as others end, so at most CHECKS_IN_FLIGHT futures exist at once.
+        let mut waiting = ready.into_iter().zip(shares.iter().copied());
+        let mut running = futures::stream::FuturesOrdered::new();
+        let mut checked = Vec::with_capacity(waiting.len());
+        for (r, share) in waiting.by_ref().take(CHECKS_IN_FLIGHT) {
+            running.push_back(self.check_one(r, share, index));
+        }
+        while let Some(done) = running.next().await {
+            checked.push(done);
+            if let Some((r, share)) = waiting.next() {
+                running.push_back(self.check_one(r, share, index));
+            }
+        }
         self.phases.add(Phase::CheckCompare, compared.elapsed());
         checked
+    }
+
+    /// One app's check of [`Self::check_ready`].
+    async fn check_one(
+        &self,
+        ready: Ready<'_>,
+        share: usize,
+        index: &LiveIndex,
+    ) -> (String, Result<DriftReport, ReconcileError>) {
+        let Ready {
+            app,
+            heal,
+            st,
+            stored,
+            mut report,
+        } = ready;
+        report.api_requests += share;
+        let desired = self.desired_objects(app, &st, stored);
+        let r = match self.phases.time(Phase::CheckDesired, desired).await {
+            Ok(desired) => {
+                self.check_against(app, &st, desired, heal, index, report)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        (app.name.clone(), r)
     }
 
     /// One LIST (paged) per kind and namespace of the objects the apps' states say were
