@@ -4,10 +4,13 @@
 //! states), so a fresh process asks conditionally too and GitHub answers an unmoved branch with
 //! a 304, which costs no rate limit.
 //!
-//! When a head moved, what changed since an app's applied revision is asked once per
-//! (branch, applied revision) with one compare, and kept beside the head: an app none of
-//! whose inputs changed is at the head already, so a commit to one app of a thousand costs
-//! the others nothing, in this sweep and every later one, in this process or the next.
+//! When a head moved, what changed since an app's applied revision is kept beside the head:
+//! an app none of whose inputs changed is at the head already, so a commit to one app of a
+//! thousand costs the others nothing, in this sweep and every later one, in this process or
+//! the next. It takes one compare per head move, however many applied revisions the apps are
+//! left at: what changed up to the head before is kept too, and the compare of the two heads
+//! adds what changed since. Only a revision the head before knows nothing of (or a history
+//! rewritten between the two heads) costs a compare of its own.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -48,10 +51,20 @@ const CHANGES_KEY: &str = "changes";
 /// (their compare is asked again by the next process).
 const MAX_CHANGES_BYTES: usize = 256 * 1024;
 
-/// What changed up to a head, by earlier commit, as kept in the head's ConfigMap. It names
-/// the head it holds for: a record of another head is stale and ignored.
+/// What changed up to a head, by earlier commit, as kept in the head's ConfigMap, and the same
+/// for the head seen before it. It names the head it holds for: a record of another head is
+/// stale and ignored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Since {
+    head: String,
+    since: BTreeMap<String, Option<Vec<String>>>,
+    /// (Absent from the records of earlier versions.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<PreviousRecord>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct PreviousRecord {
     head: String,
     since: BTreeMap<String, Option<Vec<String>>>,
 }
@@ -61,6 +74,8 @@ struct Since {
 struct Known {
     sha: String,
     since: HashMap<String, Changes>,
+    /// The head seen before `sha`, and what changed up to it since earlier commits.
+    previous: Option<(String, HashMap<String, Changes>)>,
 }
 
 /// Branch heads of one engine: resolved at most once per round, asked from the head last seen.
@@ -129,8 +144,11 @@ impl BranchHeads {
     }
 
     /// The paths changed on `branch` of `repo` between commit `from` and its head `to`: kept
-    /// beside the head when an earlier round (of any process) asked, else one compare, asked
-    /// once per round and kept. A compare the forge refuses counts as "anything changed".
+    /// beside the head when an earlier round (of any process) asked; else, when what changed
+    /// from `from` up to the head before is kept, that and the changes between the two heads
+    /// (one compare for every applied revision); else one compare of its own. Each compare is
+    /// asked once per round, and every answer kept. A compare the forge refuses counts as
+    /// "anything changed".
     pub(super) async fn changes_since(
         &self,
         forge: &dyn Forge,
@@ -143,9 +161,28 @@ impl BranchHeads {
         if let Some(kept) = self.kept_changes(&key, from, to).await {
             return kept;
         }
+        if let Some((previous, before)) = self.kept_before(&key, from, to).await {
+            let between = self.compare_once(forge, &key, &previous, to).await;
+            if let Some(changes) = union(before, between) {
+                let changes = Some(Arc::new(changes));
+                self.keep_changes(&key, from, to, changes.clone()).await;
+                return changes;
+            }
+        }
+        self.compare_once(forge, &key, from, to).await
+    }
+
+    /// The compare of `from` with head `to`, asked once per round (and kept).
+    async fn compare_once(
+        &self,
+        forge: &dyn Forge,
+        key: &HeadKey,
+        from: &str,
+        to: &str,
+    ) -> Changes {
         let compare = (key.clone(), from.to_string(), to.to_string());
         let cell = self.in_round(|asked| asked.compares.entry(compare).or_default().clone());
-        let ask = || self.compare(forge, &key, from, to);
+        let ask = || self.compare(forge, key, from, to);
         match cell {
             Some(cell) => cell.get_or_init(ask).await.clone(),
             None => ask().await,
@@ -165,6 +202,37 @@ impl BranchHeads {
         let known = self.known_heads().await.lock().expect("known heads");
         let k = known.get(key).filter(|k| k.sha == to)?;
         k.since.get(from).cloned()
+    }
+
+    /// Whether head `to` of a GitHub branch is known to descend from `from`: what changed
+    /// between them is kept exactly, and GitHub's compare (from the merge base) is exact only
+    /// from an ancestor. GitLab's straight compare is exact between any two commits, so it
+    /// says nothing of their order.
+    pub(super) async fn descends_from(
+        &self,
+        (forge, repo, branch): (ForgeKind, &str, &str),
+        from: &str,
+        to: &str,
+    ) -> bool {
+        if forge != ForgeKind::Github {
+            return false;
+        }
+        let key = (forge, repo.to_string(), branch.to_string());
+        matches!(self.kept_changes(&key, from, to).await, Some(Some(_)))
+    }
+
+    /// The head seen before `to` and what changed from `from` up to it, when `to` is the head
+    /// last seen and that is kept exactly (`from` is not the head before itself).
+    async fn kept_before(
+        &self,
+        key: &HeadKey,
+        from: &str,
+        to: &str,
+    ) -> Option<(String, Arc<Vec<String>>)> {
+        let known = self.known_heads().await.lock().expect("known heads");
+        let (previous, since) = known.get(key).filter(|k| k.sha == to)?.previous.as_ref()?;
+        let before = since.get(from)?.clone()?;
+        Some((previous.clone(), before))
     }
 
     /// Asks the forge what changed between `from` and head `to`, and keeps the answer.
@@ -250,18 +318,19 @@ impl BranchHeads {
                 let key = (forge, d.get("repo")?.clone(), d.get("branch")?.clone());
                 let sha = d.get("sha")?.clone();
                 // A record of another head, or one that does not parse, is only stale.
-                let since = d
+                let record = d
                     .get(CHANGES_KEY)
                     .and_then(|s| serde_json::from_str::<Since>(s).ok())
                     .filter(|s| s.head == sha)
-                    .map(|s| {
-                        s.since
-                            .into_iter()
-                            .map(|(from, paths)| (from, paths.map(Arc::new)))
-                            .collect()
-                    })
                     .unwrap_or_default();
-                Some((key, Known { sha, since }))
+                Some((
+                    key,
+                    Known {
+                        sha,
+                        since: from_record(record.since),
+                        previous: record.previous.map(|p| (p.head, from_record(p.since))),
+                    },
+                ))
             })
             .collect()
     }
@@ -269,14 +338,18 @@ impl BranchHeads {
     /// Keeps a branch's new head in the cluster (only when it moved). A failure is logged:
     /// it costs the next process one counted request, nothing else.
     async fn remember(&self, key: &HeadKey, sha: &str) {
-        let head = Known {
-            sha: sha.to_string(),
-            since: HashMap::new(),
+        let changes = {
+            let known = self.known_heads().await;
+            let mut known = known.lock().expect("known heads");
+            let head = Known {
+                sha: sha.to_string(),
+                since: HashMap::new(),
+                previous: known.remove(key).map(|k| (k.sha, k.since)),
+            };
+            let changes = since_record(&head);
+            known.insert(key.clone(), head);
+            changes
         };
-        let changes = since_record(&head);
-        if let Some(known) = self.known.get() {
-            known.lock().expect("known heads").insert(key.clone(), head);
-        }
         let name = object_name(key);
         let cm = json!({
             "apiVersion": "v1",
@@ -303,30 +376,59 @@ impl BranchHeads {
     }
 }
 
-/// The record of what changed up to a head, as kept in its ConfigMap: the largest lists of
-/// changed paths are left out past [`MAX_CHANGES_BYTES`].
+/// The record of what changed up to a head (and up to the head before), as kept in its
+/// ConfigMap: the largest lists of changed paths are left out past [`MAX_CHANGES_BYTES`]
+/// (those of the head itself first in line).
 fn since_record(k: &Known) -> String {
-    let mut by_size: Vec<(&String, &Changes)> = k.since.iter().collect();
-    by_size.sort_by_key(|(from, c)| (c.as_ref().map_or(0, |p| p.len()), *from));
-    let mut record = Since {
+    let mut budget = MAX_CHANGES_BYTES;
+    let since = bounded(&k.since, &mut budget);
+    let previous = k.previous.as_ref().map(|(head, since)| PreviousRecord {
+        head: head.clone(),
+        since: bounded(since, &mut budget),
+    });
+    let record = Since {
         head: k.sha.clone(),
-        since: BTreeMap::new(),
+        since,
+        previous,
     };
-    let mut bytes = 0;
+    serde_json::to_string(&record).expect("a changes record")
+}
+
+/// The smallest entries of `since` that fit in `budget` bytes (which they use up).
+fn bounded(
+    since: &HashMap<String, Changes>,
+    budget: &mut usize,
+) -> BTreeMap<String, Option<Vec<String>>> {
+    let mut by_size: Vec<(&String, &Changes)> = since.iter().collect();
+    by_size.sort_by_key(|(from, c)| (c.as_ref().map_or(0, |p| p.len()), *from));
+    let mut kept = BTreeMap::new();
     for (from, changes) in by_size {
         let size = from.len()
             + changes
                 .as_ref()
                 .map_or(0, |p| p.iter().map(|p| p.len() + 3).sum());
-        if bytes + size > MAX_CHANGES_BYTES {
+        if size > *budget {
             break;
         }
-        bytes += size;
-        record
-            .since
-            .insert(from.clone(), changes.as_ref().map(|p| p.to_vec()));
+        *budget -= size;
+        kept.insert(from.clone(), changes.as_ref().map(|p| p.to_vec()));
     }
-    serde_json::to_string(&record).expect("a changes record")
+    kept
+}
+
+fn from_record(since: BTreeMap<String, Option<Vec<String>>>) -> HashMap<String, Changes> {
+    since
+        .into_iter()
+        .map(|(from, paths)| (from, paths.map(Arc::new)))
+        .collect()
+}
+
+/// The paths of both lists, or `None` when either is not exact.
+fn union(a: Arc<Vec<String>>, b: Changes) -> Option<Vec<String>> {
+    let mut all: Vec<String> = a.iter().chain(b?.iter()).cloned().collect();
+    all.sort();
+    all.dedup();
+    Some(all)
 }
 
 /// A round of [`BranchHeads`]: each head is asked once while it lives.
@@ -341,6 +443,34 @@ impl Drop for Round<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_record_keeps_the_head_before_and_reads_records_without_it() {
+        let paths = |p: &[&str]| Some(Arc::new(p.iter().map(|s| s.to_string()).collect()));
+        let k = Known {
+            sha: "c3".into(),
+            since: [("c2".to_string(), paths(&["apps/c/x.yaml"]))].into(),
+            previous: Some((
+                "c2".into(),
+                [("c1".to_string(), paths(&["apps/b/x.yaml"]))].into(),
+            )),
+        };
+        let record: Since = serde_json::from_str(&since_record(&k)).unwrap();
+        let previous = record.previous.unwrap();
+        assert_eq!(previous.head, "c2");
+        assert_eq!(
+            previous.since["c1"],
+            Some(vec!["apps/b/x.yaml".to_string()])
+        );
+        let old: Since = serde_json::from_str(r#"{"head":"c3","since":{"c2":null}}"#).unwrap();
+        assert!(old.previous.is_none());
+        assert_eq!(old.since["c2"], None);
+        assert_eq!(
+            union(paths(&["b", "a"]).unwrap(), paths(&["a", "c"])),
+            Some(vec!["a".to_string(), "b".into(), "c".into()])
+        );
+        assert_eq!(union(paths(&["a"]).unwrap(), None), None);
+    }
 
     #[test]
     fn object_names_tell_branches_apart_and_are_valid() {

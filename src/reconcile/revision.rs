@@ -38,8 +38,9 @@ fn known_before(job: &Job) -> Option<&str> {
 impl Engine {
     /// Why the run must not apply `revision`, or `None` when it goes ahead. An explicit manual
     /// revision does what it is told; a push whose `before` is the applied revision moves
-    /// forward by definition (no compare round trip on the common path); otherwise the forge
-    /// says how `revision` relates to the applied one.
+    /// forward by definition (no compare round trip on the common path), and so does a head
+    /// the branch heads know to descend from it; otherwise the forge says how `revision`
+    /// relates to the applied one.
     pub(super) async fn held_back(
         &self,
         forge: &dyn Forge,
@@ -63,6 +64,13 @@ impl Engine {
                 short(revision),
                 app.name
             )));
+        }
+        // What changed between the two, kept exactly beside the branch head, says `revision`
+        // descends from the applied one (a compare from the merge base is exact only from
+        // an ancestor): the sweep that found the app behind its head asked already.
+        let key = (forge.kind(), app.repo.as_str(), app.branch.as_str());
+        if self.heads.descends_from(key, applied, revision).await {
+            return Ok(None);
         }
         match forge.compare(&app.repo, applied, revision).await {
             Ok(Comparison::Identical | Comparison::Ahead) => Ok(None),

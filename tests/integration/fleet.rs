@@ -164,9 +164,9 @@ async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_wr
     let requests = env.sim.requests();
     let count = |route: &str| requests.iter().filter(|r| r.route.contains(route)).count();
     assert_eq!(count("git/blobs"), 1, "only the changed app's file is read");
-    // One for the branch (what changed since the applied revision), one of b's run (whether
-    // the head moves forward); not one per app.
-    assert_eq!(count("/compare/"), 2, "compares");
+    // One for the branch (what changed since the applied revision), which also tells b's run
+    // that the head moves forward; not one per app.
+    assert_eq!(count("/compare/"), 1, "compares");
     let after = versions(&env).await;
     let written: Vec<&String> = after
         .iter()
@@ -203,7 +203,43 @@ async fn a_steady_sweep_in_a_fresh_process_reads_no_file_spends_no_budget_and_wr
     env.cleanup().await;
 }
 
-/// The desired-state copy of app `a` beside its state, made unusable in the way `how` says.
+/// Apps left at different applied revisions (each commit touches another app) cost one
+/// compare per move of the head, not one per applied revision: what changed up to the head
+/// before is kept, and one compare of the two heads adds what changed since.
+#[tokio::test]
+async fn commits_to_different_apps_cost_one_compare_per_head_move() {
+    let env = three_apps().await;
+    let (code, out) = drift_once(&env).await;
+    assert_eq!(code, Some(0), "{out}");
+    for (app, value) in [("b", "b2"), ("c", "c3"), ("a", "a4")] {
+        env.repo.write(
+            &format!("apps/{app}/all.yaml"),
+            &env.cm(&format!("{app}-one"), value),
+        );
+        env.repo.commit(&format!("{app} changes"));
+        env.sim.clear_requests();
+        let (code, out) = drift_once(&env).await;
+        assert_eq!(code, Some(0), "{out}");
+        assert_eq!(out.matches(": in sync").count(), 3, "{out}");
+        assert_eq!(
+            env.cm_value(&format!("{app}-one")).await.as_deref(),
+            Some(value)
+        );
+        let requests = env.sim.requests();
+        let count = |route: &str| requests.iter().filter(|r| r.route.contains(route)).count();
+        assert_eq!(count("git/blobs"), 1, "after {app}'s commit: {requests:?}");
+        // One between the two heads; the changed app's run knows from it that the head
+        // descends from its applied revision.
+        assert_eq!(
+            count("/compare/"),
+            1,
+            "after {app}'s commit, with the apps at {} applied revisions: {requests:?}",
+            if app == "b" { 1 } else { 2 }
+        );
+    }
+    env.cleanup().await;
+}
+
 /// The forge compares from the merge base: after a force push back to an older commit, the
 /// compare of the applied revision with the head lists nothing, yet the app must go back.
 #[tokio::test]
@@ -228,6 +264,7 @@ async fn a_force_push_behind_the_applied_revision_is_applied_not_taken_as_unchan
     env.cleanup().await;
 }
 
+/// The desired-state copy of app `a` beside its state, made unusable in the way `how` says.
 async fn spoil_kept_desired(env: &Env, how: &str) {
     let cms: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
     let name = "driftless-app-a";
