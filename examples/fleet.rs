@@ -2,8 +2,10 @@
 //! reconciled by the real `driftless drift --once` as a child process, against the floor: a
 //! minimal client, also a child process, that only server-side applies the same 20,000 objects
 //! with driftless's overall parallelism in flight. Both are timed and their peak RSS is taken
-//! the same way (getrusage of a waiting parent that has no other child). A second
-//! `drift --once` (nothing changed) is set against the floor of reading every object once.
+//! the same way (getrusage of a waiting parent that has no other child). Further
+//! `drift --once` runs (nothing changed; FLEET_REPEATS of them, 5 unless set) are each set
+//! beside the floor of reading every object once, and the medians compared; so are sweeps
+//! after a commit to one app (FLEET_COMMITS of them, 3 unless set, each to another app).
 //! A floor dry-run (the same objects server-side dry-run, each as a creation) and the control
 //! plane's CPU time and request count around each step say where a cold reconcile's time goes.
 //! Every object is counted in the cluster afterwards; a missing one fails the benchmark. The
@@ -192,8 +194,57 @@ fn measure(out: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
     std::process::exit(status.code().unwrap_or(128));
 }
 
+/// Steady sweeps taken, each beside a floor read (FLEET_REPEATS changes it).
+const REPEATS: usize = 5;
+/// Sweeps taken after a commit to one app, each to another app (FLEET_COMMITS changes it).
+const COMMITS: usize = 3;
+
+/// A count from the environment variable `name`, at least 1, or `default`.
+fn count_from_env(name: &str, default: usize) -> anyhow::Result<usize> {
+    let n = match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .with_context(|| format!("{name}: {v:?} is not a count"))?,
+        Err(_) => default,
+    };
+    ensure!(n >= 1, "{name}: at least one run is needed");
+    Ok(n)
+}
+
+fn repeats() -> anyhow::Result<usize> {
+    count_from_env("FLEET_REPEATS", REPEATS)
+}
+
+fn commits_count() -> anyhow::Result<usize> {
+    count_from_env("FLEET_COMMITS", COMMITS)
+}
+
+/// The index of the median of `v` (of the lower middle one for an even count).
+fn median_index(v: &[f64]) -> usize {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|a, b| v[*a].total_cmp(&v[*b]));
+    order[(v.len() - 1) / 2]
+}
+
+fn median(v: &[f64]) -> f64 {
+    v[median_index(v)]
+}
+
+/// "1.23–4.56" (or one figure when all are equal at that precision).
+fn range(v: &[f64], digits: usize) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = (format!("{lo:.digits$}"), format!("{hi:.digits$}"));
+    if lo == hi {
+        lo
+    } else {
+        format!("{lo}–{hi}")
+    }
+}
+
 /// The GitHub requests the simulator answered since it was last cleared, and how many of
 /// them counted against the token's rate limit (a 304 does not).
+#[derive(PartialEq)]
 struct ForgeUse {
     requests: usize,
     spent: usize,
@@ -797,41 +848,8 @@ impl Fleet {
             "fleet: cold reconcile forge requests: {:?}",
             sim.request_counts()
         );
-        sim.clear_requests();
-        let steady = self
-            .run_measured(&self.driftless_bin, &drift_args, "steady.log")
-            .await?;
-        ensure!(
-            in_sync(&steady) == apps,
-            "driftless: {} of {apps} apps in sync in the steady-state sweep",
-            in_sync(&steady)
-        );
-        let steady_forge = ForgeUse::take(sim);
-        eprintln!(
-            "fleet: steady sweep forge requests: {:?}",
-            sim.request_counts()
-        );
-        let floor_read = self
-            .run_measured(&this, &["--floor-list", ours, &apps_arg], "floor-list.log")
-            .await?;
-        ensure!(
-            floor_read.stdout.trim() == expected.to_string(),
-            "floor read: {} objects listed, {expected} expected",
-            floor_read.stdout.trim()
-        );
-        eprintln!(
-            "fleet: steady sweep {:.1} s (peak RSS {:.0} MiB), floor read {:.2} s",
-            steady.secs(),
-            steady.mib(),
-            floor_read.secs()
-        );
-
-        let (one_commit, one_commit_forge) = self.one_commit_sweep(sim, &repo, &drift_args).await?;
-        eprintln!(
-            "fleet: sweep after a commit to one app {:.1} s; forge requests: {:?}",
-            one_commit.secs(),
-            sim.request_counts()
-        );
+        let sweeps = self.steady_sweeps(sim, &drift_args, &this).await?;
+        let commits = self.one_commit_sweeps(sim, &repo, &drift_args).await?;
         sim.clear_requests();
         let restart = self.restart(&settings).await?;
         let restart_forge = ForgeUse::take(sim);
@@ -842,11 +860,6 @@ impl Fleet {
             sim.request_counts()
         );
 
-        let one_commit_log = std::fs::read_to_string(self.work.join("one-commit.log"))?;
-        let one_commit_steps = phase_times(&one_commit_log, &ONE_COMMIT_PHASES)
-            .context("the one-commit sweep logged no time by phase")?;
-        let one_commit_catch_up = phase_secs(&one_commit_log, "catch_up_s")
-            .context("the one-commit sweep logged no catch-up time")?;
         let size = format!(
             "{} apps × {OBJECTS_PER_APP} objects ({} objects)",
             thousands(apps),
@@ -897,37 +910,20 @@ impl Fleet {
                 thousands(expected),
             ),
             format!(
-                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor client above: {:.0} MiB | {:.2}× floor | ru_maxrss of each child process; steady-state sweep: {:.0} MiB |",
+                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor client above: {:.0} MiB | {:.2}× floor | ru_maxrss of each child process; steady-state sweep: {:.0} MiB (the largest of its {} runs) |",
                 cold.mib(),
                 floor_apply.mib(),
                 cold.mib() / floor_apply.mib(),
-                steady.mib(),
+                sweeps.peak_mib(),
+                sweeps.steady.len(),
             ),
+            sweeps.row(&size)?,
+            commits.row(&size, &sweeps, apps),
             format!(
-                "| fleet: steady-state drift sweep, {size}, nothing changed | {:.2} s | floor (read every object once: one LIST per kind and namespace): {:.2} s | {:.2}× floor | second `drift --once`, a new process: every app state in one paged LIST, one conditional branch-head request ({steady_forge}), the desired objects from the copies kept in the cluster (no file read), one LIST per kind and namespace; peak RSS {:.0} MiB; time by step: {} |",
-                steady.secs(),
-                floor_read.secs(),
-                steady.secs() / floor_read.secs(),
-                steady.mib(),
-                phase_times(
-                    &std::fs::read_to_string(self.work.join("steady.log"))?,
-                    &CHECK_PHASES,
-                )
-                .context("the steady sweep logged no time by phase")?,
-            ),
-            format!(
-                "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s | floor read above: {:.2} s | {:.2}× floor | `drift --once`, a new process: the head moved, so one compare of the applied revision with it, kept beside the head, tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses) and then checked alone; {one_commit_forge}; time by step: {one_commit_steps}; goal ≤ 2× the floor read plus the catch-ups: {:.2} s |",
-                one_commit.secs(),
-                floor_read.secs(),
-                one_commit.secs() / floor_read.secs(),
-                thousands(apps - 1),
-                2.0 * floor_read.secs() + one_commit_catch_up,
-            ),
-            format!(
-                "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above: {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written by driftless (resourceVersions compared, each write put to the field manager of its latest managedFields entry; {} meanwhile); {restart_forge} |",
+                "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above (median): {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written by driftless (resourceVersions compared, each write put to the field manager of its latest managedFields entry; {} meanwhile); {restart_forge} |",
                 restart.caught_up.as_secs_f64(),
-                floor_read.secs(),
-                restart.caught_up.as_secs_f64() / floor_read.secs(),
+                sweeps.floor_secs(),
+                restart.caught_up.as_secs_f64() / sweeps.floor_secs(),
                 thousands(restart.in_sync),
                 thousands(apps),
                 restart.written_by_driftless(),
@@ -937,42 +933,155 @@ impl Fleet {
         ])
     }
 
-    /// A commit changing one value of app a0, then a `drift --once`: it must apply it and
-    /// find every app in sync.
+    /// The steady sweep, nothing changed, [`repeats`] times, each beside a floor read (the
+    /// floor first every other time, so neither always follows the other). Every sweep must
+    /// find every app in sync and spend the same forge requests.
+    async fn steady_sweeps(
+        &self,
+        sim: &ForgeSimulator,
+        drift_args: &[&str],
+        this: &Path,
+    ) -> anyhow::Result<Sweeps> {
+        let (apps, expected) = (self.apps, self.apps * OBJECTS_PER_APP);
+        let apps_arg = apps.to_string();
+        let floor_args = ["--floor-list", self.ours.as_str(), &apps_arg];
+        let mut sweeps = Sweeps::default();
+        for i in 0..repeats()? {
+            let floor_log = format!("floor-list-{i}.log");
+            let floor_first = i % 2 == 1;
+            let mut floor = None;
+            if floor_first {
+                floor = Some(self.run_measured(this, &floor_args, &floor_log).await?);
+            }
+            sim.clear_requests();
+            let log = format!("steady-{i}.log");
+            let steady = self
+                .run_measured(&self.driftless_bin, drift_args, &log)
+                .await?;
+            ensure!(
+                in_sync_count(&steady) == apps,
+                "driftless: {} of {apps} apps in sync in steady sweep {i}",
+                in_sync_count(&steady)
+            );
+            let forge = ForgeUse::take(sim);
+            if let Some(first) = &sweeps.forge {
+                ensure!(
+                    *first == forge,
+                    "steady sweep {i} spent {forge}, the first {first}"
+                );
+            }
+            let floor = match floor {
+                Some(floor) => floor,
+                None => self.run_measured(this, &floor_args, &floor_log).await?,
+            };
+            ensure!(
+                floor.stdout.trim() == expected.to_string(),
+                "floor read {i}: {} objects listed, {expected} expected",
+                floor.stdout.trim()
+            );
+            eprintln!(
+                "fleet: steady sweep {i}: {:.2} s (peak RSS {:.0} MiB), floor read {:.2} s{}: {:.2}×; forge requests: {:?}",
+                steady.secs(),
+                steady.mib(),
+                floor.secs(),
+                if floor_first { " (taken first)" } else { "" },
+                steady.secs() / floor.secs(),
+                sim.request_counts()
+            );
+            let steps = std::fs::read_to_string(self.work.join(&log))?;
+            sweeps.steps.push(
+                phase_times(&steps, &CHECK_PHASES)
+                    .with_context(|| format!("steady sweep {i} logged no time by phase"))?,
+            );
+            sweeps.steady.push(steady);
+            sweeps.floor.push(floor);
+            sweeps.forge = Some(forge);
+        }
+        Ok(sweeps)
+    }
+
+    /// [`commits`] sweeps, each after a commit changing one value of another app (a0, a1,
+    /// ...): each must apply it and find every app in sync.
+    async fn one_commit_sweeps(
+        &self,
+        sim: &ForgeSimulator,
+        repo: &Path,
+        drift_args: &[&str],
+    ) -> anyhow::Result<Commits> {
+        let mut commits = Commits::default();
+        for a in 0..commits_count()?.min(self.apps) {
+            let log = format!("one-commit-{a}.log");
+            let m = self
+                .one_commit_sweep(sim, repo, drift_args, a, &log)
+                .await?;
+            eprintln!(
+                "fleet: sweep after a commit to app a{a}: {:.2} s; forge requests: {:?}",
+                m.secs(),
+                sim.request_counts()
+            );
+            let text = std::fs::read_to_string(self.work.join(&log))?;
+            commits.steps.push(
+                phase_times(&text, &ONE_COMMIT_PHASES)
+                    .with_context(|| format!("{log}: no time by phase"))?,
+            );
+            commits.catch_up.push(
+                phase_secs(&text, "catch_up_s")
+                    .with_context(|| format!("{log}: no catch-up time"))?,
+            );
+            let forge = ForgeUse::take(sim);
+            if let Some(first) = &commits.forge {
+                ensure!(
+                    *first == forge,
+                    "the sweep after a commit to a{a} spent {forge}, the first {first}"
+                );
+            }
+            commits.forge = Some(forge);
+            commits.runs.push(m);
+        }
+        Ok(commits)
+    }
+
+    /// A commit changing one value of app `a`, then a `drift --once` logging to `log`: it
+    /// must apply it and find every app in sync.
     async fn one_commit_sweep(
         &self,
         sim: &ForgeSimulator,
         repo: &Path,
         drift_args: &[&str],
-    ) -> anyhow::Result<(Measured, ForgeUse)> {
-        let file = repo.join("apps/a0/all.yaml");
+        a: usize,
+        log: &str,
+    ) -> anyhow::Result<Measured> {
+        let file = repo.join(format!("apps/a{a}/all.yaml"));
         let text = std::fs::read_to_string(&file)?;
         let changed = text.replacen("key: \"value-0\"", "key: \"value-0-changed\"", 1);
-        ensure!(changed != text, "app a0 has no value to change");
+        ensure!(changed != text, "app a{a} has no value to change");
         std::fs::write(&file, changed)?;
-        git(repo, &["commit", "-q", "-am", "a0 changes one value"]);
+        git(
+            repo,
+            &["commit", "-q", "-am", &format!("a{a} changes one value")],
+        );
         sim.clear_requests();
         let m = self
-            .run_measured(&self.driftless_bin, drift_args, "one-commit.log")
+            .run_measured(&self.driftless_bin, drift_args, log)
             .await?;
         let in_sync = in_sync_count(&m);
         ensure!(
             in_sync == self.apps,
-            "{in_sync} of {} apps in sync after the one-commit sweep",
+            "{in_sync} of {} apps in sync after the sweep after a commit to a{a}",
             self.apps
         );
         let api: Api<DynamicObject> = Api::namespaced_with(
             self.client.clone(),
-            &app_namespace(&self.ours, 0),
+            &app_namespace(&self.ours, a),
             &kind_resource("ConfigMap"),
         );
-        let cm = api.get("a0-cm0").await?;
+        let cm = api.get(&format!("a{a}-cm0")).await?;
         ensure!(
             cm.data["data"]["key"] == "value-0-changed",
-            "the one-commit sweep did not apply the commit: {:?}",
+            "the sweep did not apply the commit to a{a}: {:?}",
             cm.data["data"]
         );
-        Ok((m, ForgeUse::take(sim)))
+        Ok(m)
     }
 
     /// `driftless serve` started with every app in sync, until its start-up catch-up says how
@@ -1122,6 +1231,92 @@ impl Restart {
         } else {
             others.join(", ")
         }
+    }
+}
+
+/// The steady sweeps and the floor read beside each.
+#[derive(Default)]
+struct Sweeps {
+    steady: Vec<Measured>,
+    floor: Vec<Measured>,
+    /// Each sweep's time by step.
+    steps: Vec<String>,
+    /// What each sweep spent (all the same).
+    forge: Option<ForgeUse>,
+}
+
+impl Sweeps {
+    fn steady_secs(&self) -> Vec<f64> {
+        self.steady.iter().map(Measured::secs).collect()
+    }
+    fn floor_secs_each(&self) -> Vec<f64> {
+        self.floor.iter().map(Measured::secs).collect()
+    }
+    /// The median floor read.
+    fn floor_secs(&self) -> f64 {
+        median(&self.floor_secs_each())
+    }
+    fn peak_mib(&self) -> f64 {
+        self.steady.iter().map(Measured::mib).fold(0.0, f64::max)
+    }
+
+    fn row(&self, size: &str) -> anyhow::Result<String> {
+        let steady = self.steady_secs();
+        let floor = self.floor_secs_each();
+        let ratios: Vec<f64> = steady.iter().zip(&floor).map(|(s, f)| s / f).collect();
+        let met = ratios.iter().filter(|r| **r <= 2.0).count();
+        let forge = self.forge.as_ref().context("no steady sweep")?;
+        Ok(format!(
+            "| fleet: steady-state drift sweep, {size}, nothing changed | {:.2} s (median of {n}) | floor (read every object once: one LIST per kind and namespace), median: {:.2} s | {:.2}× floor | `drift --once` again, a new process each time, {n} times, each beside a floor read (the floor first every other time): sweeps {} s, floor reads {} s, ratio of each pair {}× (≤ 2× in {met} of {n}); each sweep: every app state in one paged LIST, one conditional branch-head request ({forge}), the desired objects from the copies kept in the cluster (no file read), one LIST per kind and namespace; peak RSS {:.0} MiB at most; time by step of the median sweep: {} |",
+            median(&steady),
+            median(&floor),
+            median(&steady) / median(&floor),
+            range(&steady, 2),
+            range(&floor, 2),
+            range(&ratios, 2),
+            self.peak_mib(),
+            self.steps[median_index(&steady)],
+            n = steady.len(),
+        ))
+    }
+}
+
+/// The sweeps after a commit to one app.
+#[derive(Default)]
+struct Commits {
+    runs: Vec<Measured>,
+    /// Each sweep's time by step, and its catch-ups' time (the one app's run among them).
+    steps: Vec<String>,
+    catch_up: Vec<f64>,
+    /// What each sweep spent (all the same).
+    forge: Option<ForgeUse>,
+}
+
+impl Commits {
+    fn row(&self, size: &str, sweeps: &Sweeps, apps: usize) -> String {
+        let floor = sweeps.floor_secs();
+        let secs: Vec<f64> = self.runs.iter().map(Measured::secs).collect();
+        let goals: Vec<f64> = self.catch_up.iter().map(|c| 2.0 * floor + c).collect();
+        let met = secs.iter().zip(&goals).filter(|(s, g)| s <= g).count();
+        let each: Vec<String> = secs
+            .iter()
+            .zip(&goals)
+            .map(|(s, g)| format!("{s:.2} s against {g:.2} s"))
+            .collect();
+        let forge = self
+            .forge
+            .as_ref()
+            .map_or("no sweep".into(), |f| f.to_string());
+        let m = median_index(&secs);
+        format!(
+            "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s (median of {n}) | floor read above (median): {floor:.2} s | {:.2}× floor | `drift --once`, a new process, after each of {n} commits, each to another app: the head moved, so one compare of the applied revision with it, kept beside the head, tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses) and then checked alone; {forge}; goal ≤ 2× the floor read plus that sweep's catch-ups, met in {met} of {n} ({}); time by step of the median sweep: {} |",
+            secs[m],
+            secs[m] / floor,
+            thousands(apps - 1),
+            each.join(", "),
+            self.steps[m],
+            n = secs.len(),
+        )
     }
 }
 
