@@ -1267,7 +1267,7 @@ impl Sweeps {
         let met = ratios.iter().filter(|r| **r <= 2.0).count();
         let forge = self.forge.as_ref().context("no steady sweep")?;
         Ok(format!(
-            "| fleet: steady-state drift sweep, {size}, nothing changed | {:.2} s (median of {n}) | floor (read every object once: one LIST per kind and namespace), median: {:.2} s | {:.2}× floor | `drift --once` again, a new process each time, {n} times, each beside a floor read (the floor first every other time): sweeps {} s, floor reads {} s, ratio of each pair {}× (≤ 2× in {met} of {n}); each sweep: every app state in one paged LIST, one conditional branch-head request ({forge}), the desired objects from the copies kept in the cluster (no file read), one LIST per kind and namespace; peak RSS {:.0} MiB at most; time by step of the median sweep: {} |",
+            "| fleet: steady-state drift sweep, {size}, nothing changed | {:.2} s (median of {n}) | floor (read every object once: one LIST per kind and namespace), median: {:.2} s | {:.2}× floor | `drift --once` again, a new process each time, {n} times, each beside a floor read (the floor first every other time): sweeps {} s, floor reads {} s, ratio of each pair {}× (≤ 2× in {met} of {n}); each sweep: every app state in one paged LIST, one conditional branch-head request ({forge}), the desired objects from the copies kept in the cluster (no file read), one LIST per kind and namespace; peak RSS {:.0} MiB at most; CPU of the process (medians): the sweep's {:.2} s, the floor read's {:.2} s; time by step of the median sweep: {} |",
             median(&steady),
             median(&floor),
             median(&steady) / median(&floor),
@@ -1275,10 +1275,17 @@ impl Sweeps {
             range(&floor, 2),
             range(&ratios, 2),
             self.peak_mib(),
+            median(&cpu(&self.steady)),
+            median(&cpu(&self.floor)),
             self.steps[median_index(&steady)],
             n = steady.len(),
         ))
     }
+}
+
+/// The user and system CPU seconds of each child.
+fn cpu(runs: &[Measured]) -> Vec<f64> {
+    runs.iter().map(|m| m.cpu.as_secs_f64()).collect()
 }
 
 /// The sweeps after a commit to one app.
