@@ -1316,7 +1316,7 @@ impl Commits {
             .map_or("no sweep".into(), |f| f.to_string());
         let m = median_index(&secs);
         format!(
-            "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s (median of {n}) | floor read above (median): {floor:.2} s | {:.2}× floor | `drift --once`, a new process, after each of {n} commits, each to another app: the head moved, so one compare of the applied revision with it, kept beside the head, tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses) and then checked alone; {forge}; goal ≤ 2× the floor read plus that sweep's catch-ups, met in {met} of {n} ({}); time by step of the median sweep: {} |",
+            "| fleet: drift sweep after a commit changing one value of one app, {size} | {:.2} s (median of {n}) | floor read above (median): {floor:.2} s | {:.2}× floor | `drift --once`, a new process, after each of {n} commits, each to another app: the head moved, so one compare of the head before with it, added to what changed up to the head before (kept beside the head), tells the {} other apps they are untouched; the one app is reconciled (its file read, its 20 objects dry-run, 1 applied, its state written, 2 statuses) and then checked alone; {forge}; goal ≤ 2× the floor read plus that sweep's catch-ups, met in {met} of {n} ({}); time by step of the median sweep: {} |",
             secs[m],
             secs[m] / floor,
             thousands(apps - 1),

@@ -313,6 +313,14 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// An object from a JSON body that was parsed from `source` before (a copy kept by
+/// driftless), checked as a parsed one is.
+pub fn object_from_body(source: Source, body: Value) -> Result<Object, ManifestError> {
+    let mut out = Vec::with_capacity(1);
+    push_object(source, body, &mut out)?;
+    Ok(out.pop().expect("an object pushed"))
+}
+
 fn push_object(source: Source, body: Value, out: &mut Vec<Object>) -> Result<(), ManifestError> {
     let invalid = |message: &str| ManifestError::Invalid {
         origin: source.to_string(),

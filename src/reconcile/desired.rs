@@ -1,6 +1,9 @@
 //! The rendered manifests of an app's applied revision, kept in the cluster beside its state,
 //! so a drift check of an app whose branch has not moved compares the live objects against
-//! them without reading the forge or rendering. They are gzip-compressed and addressed by what
+//! them without reading the forge or rendering. They are kept parsed, as the JSON body of each
+//! object and the file and document it came from: reading JSON back costs a fraction of
+//! parsing YAML, the largest part of a steady sweep's own work. (Copies of earlier versions
+//! hold the files' text; they are still read.) They are gzip-compressed and addressed by what
 //! they were rendered from (the app's path and renderer, and the SHA of every input tree): a
 //! copy made from anything else is never used. Up to [`MAX_INLINE_BYTES`] they sit in the
 //! app's state ConfigMap (read with it, written with it); larger, in parts of their own.
@@ -19,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::state;
 use crate::forge::AppFile;
+use crate::manifest::{self, Identity, Object, Source};
 use crate::render::SourceVersion;
 use crate::settings::{AppSettings, RenderMode};
 
@@ -66,7 +70,19 @@ pub enum DesiredError {
 #[derive(Serialize, Deserialize)]
 struct Packed {
     address: String,
+    /// The parsed objects.
+    #[serde(default)]
+    objects: Vec<PackedObject>,
+    /// The files' text, as earlier versions kept them (none in a copy of this one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     files: Vec<PackedFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PackedObject {
+    file: String,
+    document: usize,
+    body: Value,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,22 +117,23 @@ pub fn address(app: &AppSettings, kustomize_command: &[String], v: &SourceVersio
     hex::encode(h.finalize())
 }
 
-/// The files compressed under their address; `None` when one is not UTF-8 text (it could
-/// not have been applied) or the whole is too large to keep.
+/// The objects of the files, compressed under their address; `None` when they do not parse
+/// (the run refuses them anyway) or the whole is too large to keep.
 pub fn pack(address: &str, files: &[AppFile]) -> Option<Vec<u8>> {
-    let files = files
-        .iter()
-        .map(|f| {
-            Some(PackedFile {
-                path: f.path.clone(),
-                sha: f.sha.clone(),
-                content: std::str::from_utf8(&f.content).ok()?.to_string(),
+    let objects =
+        manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))
+            .ok()?
+            .into_iter()
+            .map(|o| PackedObject {
+                file: o.source.file,
+                document: o.source.document,
+                body: o.body,
             })
-        })
-        .collect::<Option<Vec<_>>>()?;
+            .collect();
     let packed = Packed {
         address: address.to_string(),
-        files,
+        objects,
+        files: Vec::new(),
     };
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     serde_json::to_writer(&mut gz, &packed).ok()?;
@@ -125,8 +142,9 @@ pub fn pack(address: &str, files: &[AppFile]) -> Option<Vec<u8>> {
     (bytes.len() <= PART_BYTES * MAX_PARTS).then_some(bytes)
 }
 
-/// The files kept under `address`, decompressing at most `limit` bytes.
-pub fn unpack(bytes: &[u8], address: &str, limit: usize) -> Result<Vec<AppFile>, DesiredError> {
+/// The objects kept under `address`, decompressing at most `limit` bytes. A copy of an
+/// earlier version (the files' text) is parsed as the files were.
+pub fn unpack(bytes: &[u8], address: &str, limit: usize) -> Result<Vec<Object>, DesiredError> {
     let mut json = Vec::new();
     flate2::read::GzDecoder::new(bytes)
         .take(limit as u64 + 1)
@@ -142,15 +160,28 @@ pub fn unpack(bytes: &[u8], address: &str, limit: usize) -> Result<Vec<AppFile>,
     if packed.address != address {
         return Err(DesiredError::OtherInputs);
     }
-    Ok(packed
-        .files
-        .into_iter()
-        .map(|f| AppFile {
-            path: f.path,
-            sha: f.sha,
-            content: Bytes::from(f.content),
-        })
-        .collect())
+    let corrupt = |e: manifest::ManifestError| DesiredError::Corrupt(e.to_string());
+    if !packed.files.is_empty() {
+        let files = packed
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.content.as_bytes()));
+        return manifest::parse_files(files).map_err(corrupt);
+    }
+    let mut seen = std::collections::HashSet::<Identity>::new();
+    let mut objects = Vec::with_capacity(packed.objects.len());
+    for o in packed.objects {
+        let source = Source {
+            file: o.file,
+            document: o.document,
+        };
+        let object = manifest::object_from_body(source, o.body).map_err(corrupt)?;
+        if !seen.insert(object.id.identity()) {
+            return Err(DesiredError::Corrupt(format!("{} kept twice", object.id)));
+        }
+        objects.push(object);
+    }
+    Ok(objects)
 }
 
 /// The manifests kept in an app's state ConfigMap, if any.
@@ -297,8 +328,44 @@ mod tests {
         vec![AppFile {
             path: "a.yaml".into(),
             sha: "1".repeat(40),
-            content: Bytes::from_static(b"kind: ConfigMap\n"),
+            content: Bytes::from_static(
+                b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {k: v}\n---\n",
+            ),
         }]
+    }
+
+    fn gzip_json(v: Value) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        serde_json::to_writer(&mut gz, &v).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn a_copy_of_the_files_text_as_earlier_versions_kept_it_is_still_read() {
+        let text = std::str::from_utf8(&files()[0].content)
+            .unwrap()
+            .to_string();
+        let old = gzip_json(json!({"address": "addr",
+            "files": [{"path": "a.yaml", "sha": "1".repeat(40), "content": text}]}));
+        assert_eq!(unpack(&old, "addr", 1 << 20).unwrap(), parsed(&files()));
+    }
+
+    #[test]
+    fn a_copy_holding_an_object_twice_or_one_without_a_name_is_corrupt() {
+        let body = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}});
+        let object = |body: &Value| json!({"file": "a.yaml", "document": 0, "body": body});
+        let twice =
+            gzip_json(json!({"address": "addr", "objects": [object(&body), object(&body)]}));
+        assert!(matches!(
+            unpack(&twice, "addr", 1 << 20),
+            Err(DesiredError::Corrupt(m)) if m.contains("twice")
+        ));
+        let nameless = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}});
+        let nameless = gzip_json(json!({"address": "addr", "objects": [object(&nameless)]}));
+        assert!(matches!(
+            unpack(&nameless, "addr", 1 << 20),
+            Err(DesiredError::Corrupt(_))
+        ));
     }
 
     #[test]
@@ -319,10 +386,14 @@ mod tests {
         assert_eq!(parts_of(&ConfigMap::default()), 0);
     }
 
+    fn parsed(files: &[AppFile]) -> Vec<Object> {
+        manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref()))).unwrap()
+    }
+
     #[test]
     fn packed_files_come_back_only_under_their_address() {
         let packed = pack("addr", &files()).unwrap();
-        assert_eq!(unpack(&packed, "addr", 1 << 20).unwrap(), files());
+        assert_eq!(unpack(&packed, "addr", 1 << 20).unwrap(), parsed(&files()));
         assert!(matches!(
             unpack(&packed, "other", 1 << 20),
             Err(DesiredError::OtherInputs)

@@ -16,7 +16,7 @@ use super::{kube_message, live, now_rfc3339, short, Engine, ReconcileError, LABE
 use crate::drift::{differing_fields, dotted, normalized};
 use crate::forge::AppFile;
 use crate::forge::StatusState;
-use crate::manifest::{self, ObjectRef};
+use crate::manifest::{self, Object, ObjectRef};
 use crate::render::{Plan, SourceVersion};
 use crate::settings::AppSettings;
 
@@ -325,8 +325,17 @@ impl Engine {
     ) -> Result<Vec<Prepared>, ReconcileError> {
         let objects =
             manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;
+        self.prepare_objects(app, &objects).await
+    }
+
+    /// Prepares every object of `objects`.
+    async fn prepare_objects(
+        &self,
+        app: &AppSettings,
+        objects: &[Object],
+    ) -> Result<Vec<Prepared>, ReconcileError> {
         let mut desired = Vec::with_capacity(objects.len());
-        for obj in &objects {
+        for obj in objects {
             desired.push(self.prepare(app, obj).await?);
         }
         Ok(desired)
@@ -359,7 +368,7 @@ impl Engine {
                     .await
                     .and_then(|bytes| desired::unpack(&bytes, address, limit));
                 match kept {
-                    Ok(files) => return self.prepare_all(app, &files).await,
+                    Ok(objects) => return self.prepare_objects(app, &objects).await,
                     Err(e) => e.to_string(),
                 }
             }
