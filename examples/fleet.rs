@@ -259,6 +259,16 @@ impl ForgeUse {
             spent: github.filter(|r| r.status != 304).count(),
         }
     }
+
+    /// Keeps this as `first` when there is none yet; else fails unless it equals it (`what`
+    /// spent it).
+    fn same_as(self, first: &mut Option<ForgeUse>, what: &str) -> anyhow::Result<()> {
+        match first {
+            Some(first) => ensure!(*first == self, "{what} spent {self}, the first {first}"),
+            None => *first = Some(self),
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Display for ForgeUse {
@@ -963,13 +973,7 @@ impl Fleet {
                 "driftless: {} of {apps} apps in sync in steady sweep {i}",
                 in_sync_count(&steady)
             );
-            let forge = ForgeUse::take(sim);
-            if let Some(first) = &sweeps.forge {
-                ensure!(
-                    *first == forge,
-                    "steady sweep {i} spent {forge}, the first {first}"
-                );
-            }
+            ForgeUse::take(sim).same_as(&mut sweeps.forge, &format!("steady sweep {i}"))?;
             let floor = match floor {
                 Some(floor) => floor,
                 None => self.run_measured(this, &floor_args, &floor_log).await?,
@@ -995,7 +999,6 @@ impl Fleet {
             );
             sweeps.steady.push(steady);
             sweeps.floor.push(floor);
-            sweeps.forge = Some(forge);
         }
         Ok(sweeps)
     }
@@ -1028,14 +1031,10 @@ impl Fleet {
                 phase_secs(&text, "catch_up_s")
                     .with_context(|| format!("{log}: no catch-up time"))?,
             );
-            let forge = ForgeUse::take(sim);
-            if let Some(first) = &commits.forge {
-                ensure!(
-                    *first == forge,
-                    "the sweep after a commit to a{a} spent {forge}, the first {first}"
-                );
-            }
-            commits.forge = Some(forge);
+            ForgeUse::take(sim).same_as(
+                &mut commits.forge,
+                &format!("the sweep after a commit to a{a}"),
+            )?;
             commits.runs.push(m);
         }
         Ok(commits)

@@ -67,28 +67,44 @@ pub enum DesiredError {
     ReadPart { part: usize, message: String },
 }
 
-#[derive(Serialize, Deserialize)]
+/// A kept copy as read back ([`Packing`] writes it).
+#[derive(Deserialize)]
 struct Packed {
     address: String,
     /// The parsed objects.
     #[serde(default)]
     objects: Vec<PackedObject>,
     /// The files' text, as earlier versions kept them (none in a copy of this one).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     files: Vec<PackedFile>,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct PackedObject {
     file: String,
     document: usize,
     body: Value,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A [`PackedObject`] as written, borrowing the parsed object.
+#[derive(Serialize)]
+struct PackingObject<'a> {
+    file: &'a str,
+    document: usize,
+    body: &'a Value,
+}
+
+/// What [`pack`] writes: a [`Packed`] borrowing the parsed objects.
+#[derive(Serialize)]
+struct Packing<'a> {
+    address: &'a str,
+    objects: Vec<PackingObject<'a>>,
+}
+
+/// A file as earlier versions kept it (with its blob SHA too, which reading needs not).
+#[derive(Deserialize)]
 struct PackedFile {
     path: String,
-    sha: String,
     content: String,
 }
 
@@ -117,23 +133,30 @@ pub fn address(app: &AppSettings, kustomize_command: &[String], v: &SourceVersio
     hex::encode(h.finalize())
 }
 
+/// The objects of the app's rendered files, in path order.
+pub fn parse(files: &[AppFile]) -> Result<Vec<Object>, manifest::ManifestError> {
+    manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))
+}
+
 /// The objects of the files, compressed under their address; `None` when they do not parse
 /// (the run refuses them anyway) or the whole is too large to keep.
 pub fn pack(address: &str, files: &[AppFile]) -> Option<Vec<u8>> {
-    let objects =
-        manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))
-            .ok()?
-            .into_iter()
-            .map(|o| PackedObject {
-                file: o.source.file,
+    pack_objects(address, &parse(files).ok()?)
+}
+
+/// `objects` (parsed from an app's files) compressed under their address; `None` when the
+/// whole is too large to keep.
+pub fn pack_objects(address: &str, objects: &[Object]) -> Option<Vec<u8>> {
+    let packed = Packing {
+        address,
+        objects: objects
+            .iter()
+            .map(|o| PackingObject {
+                file: &o.source.file,
                 document: o.source.document,
-                body: o.body,
+                body: &o.body,
             })
-            .collect();
-    let packed = Packed {
-        address: address.to_string(),
-        objects,
-        files: Vec::new(),
+            .collect(),
     };
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     serde_json::to_writer(&mut gz, &packed).ok()?;
@@ -387,7 +410,7 @@ mod tests {
     }
 
     fn parsed(files: &[AppFile]) -> Vec<Object> {
-        manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref()))).unwrap()
+        parse(files).unwrap()
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::{kube_message, live, now_rfc3339, short, Engine, ReconcileError, LABE
 use crate::drift::{differing_fields, dotted, normalized};
 use crate::forge::AppFile;
 use crate::forge::StatusState;
-use crate::manifest::{self, Object, ObjectRef};
+use crate::manifest::{Object, ObjectRef};
 use crate::render::{Plan, SourceVersion};
 use crate::settings::AppSettings;
 
@@ -323,9 +323,7 @@ impl Engine {
         app: &AppSettings,
         files: &[AppFile],
     ) -> Result<Vec<Prepared>, ReconcileError> {
-        let objects =
-            manifest::parse_files(files.iter().map(|f| (f.path.as_str(), f.content.as_ref())))?;
-        self.prepare_objects(app, &objects).await
+        self.prepare_objects(app, &desired::parse(files)?).await
     }
 
     /// Prepares every object of `objects`.
@@ -376,8 +374,9 @@ impl Engine {
         let revision = st.revision.as_deref().unwrap_or_default();
         info!(app = %app.name, reason = %unusable, "stored desired state not usable; reading the forge");
         let (files, version) = self.render_from_forge(app, revision).await?;
+        let objects = desired::parse(&files)?;
         if let (Some(address), true) = (&address, st.version().as_ref() == Some(&version)) {
-            if let Some(packed) = desired::pack(address, &files) {
+            if let Some(packed) = desired::pack_objects(address, &objects) {
                 if let Err(e) =
                     state::save_desired(&self.client, ns, &app.name, &packed, st.desired_parts)
                         .await
@@ -386,7 +385,7 @@ impl Engine {
                 }
             }
         }
-        self.prepare_all(app, &files).await
+        self.prepare_objects(app, &objects).await
     }
 
     /// Compares the live objects with `desired`, filling `report` (the objects checked and

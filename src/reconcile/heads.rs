@@ -58,15 +58,10 @@ const MAX_CHANGES_BYTES: usize = 256 * 1024;
 struct Since {
     head: String,
     since: BTreeMap<String, Option<Vec<String>>>,
-    /// (Absent from the records of earlier versions.)
+    /// The same for the head before (itself without a `previous`; absent from the records
+    /// of earlier versions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    previous: Option<PreviousRecord>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct PreviousRecord {
-    head: String,
-    since: BTreeMap<String, Option<Vec<String>>>,
+    previous: Option<Box<Since>>,
 }
 
 /// The head last seen of a branch, and what changed up to it since earlier commits.
@@ -382,9 +377,12 @@ impl BranchHeads {
 fn since_record(k: &Known) -> String {
     let mut budget = MAX_CHANGES_BYTES;
     let since = bounded(&k.since, &mut budget);
-    let previous = k.previous.as_ref().map(|(head, since)| PreviousRecord {
-        head: head.clone(),
-        since: bounded(since, &mut budget),
+    let previous = k.previous.as_ref().map(|(head, since)| {
+        Box::new(Since {
+            head: head.clone(),
+            since: bounded(since, &mut budget),
+            previous: None,
+        })
     });
     let record = Since {
         head: k.sha.clone(),
