@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = driftless::cli::Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match driftless::cli::runtime_for(&cli.command)
         .enable_all()
         .build()
     {
