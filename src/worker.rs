@@ -143,7 +143,8 @@ pub async fn sweep(
 }
 
 /// A sweep's catch-up of one app: whether it applied anything. A named function, not a
-/// closure's async block, so that a sweep can run as a spawned task.
+/// closure's async block, so that the sweep's future is `Send` and can run as a spawned task
+/// on a multi-threaded runtime (checked by `tests::sweep_is_send`).
 async fn catch_up_one(engine: &Engine, app: String) -> Result<bool, ReconcileError> {
     let job = Job::new(app, None, JobReason::MissedPush);
     let report = engine.run(&job, RunOptions::default()).await?;
@@ -305,6 +306,14 @@ pub async fn catch_up(queue: &JobQueue, engine: &Engine, apps: impl IntoIterator
 #[cfg(test)]
 mod tests {
     use super::reread_states;
+
+    /// Compiles only while a sweep's future is `Send`, so it can be spawned on the
+    /// multi-threaded runtime `serve` uses (`drift --once` runs it on the main thread).
+    #[allow(dead_code)]
+    fn sweep_is_send(engine: &'static super::Engine, metrics: &'static super::Metrics) {
+        fn spawnable<F: std::future::Future + Send>(_: F) {}
+        spawnable(super::sweep(engine, metrics, Vec::new(), 1));
+    }
 
     #[test]
     fn states_are_read_again_only_when_many_apps_applied() {

@@ -161,7 +161,8 @@ impl Engine {
         (index, shares): &Listed,
     ) -> Vec<(String, Result<DriftReport, ReconcileError>)> {
         let compared = std::time::Instant::now();
-        // A loop, not a stream combinator: the sweep runs as a spawned task, and the compiler
+        // A loop, not a stream combinator: the sweep's future must stay `Send` (a caller may
+        // spawn it on a multi-threaded runtime), and the compiler
         // cannot prove a closure over `Ready<'_>` gives a `Send` future for every lifetime.
         // Checks start as others end, so at most CHECKS_IN_FLIGHT futures exist at once.
         let mut waiting = ready.into_iter().zip(shares.iter().copied());
