@@ -983,8 +983,11 @@ impl Fleet {
                 "floor read {i}: {} objects listed, {expected} expected",
                 floor.stdout.trim()
             );
+            let steps = std::fs::read_to_string(self.work.join(&log))?;
+            let steps = phase_times(&steps, &CHECK_PHASES)
+                .with_context(|| format!("steady sweep {i} logged no time by phase"))?;
             eprintln!(
-                "fleet: steady sweep {i}: {:.2} s (peak RSS {:.0} MiB), floor read {:.2} s{}: {:.2}×; forge requests: {:?}",
+                "fleet: steady sweep {i}: {:.2} s (peak RSS {:.0} MiB), floor read {:.2} s{}: {:.2}×; forge requests: {:?}; time by step: {steps}",
                 steady.secs(),
                 steady.mib(),
                 floor.secs(),
@@ -992,11 +995,7 @@ impl Fleet {
                 steady.secs() / floor.secs(),
                 sim.request_counts()
             );
-            let steps = std::fs::read_to_string(self.work.join(&log))?;
-            sweeps.steps.push(
-                phase_times(&steps, &CHECK_PHASES)
-                    .with_context(|| format!("steady sweep {i} logged no time by phase"))?,
-            );
+            sweeps.steps.push(steps);
             sweeps.steady.push(steady);
             sweeps.floor.push(floor);
         }
