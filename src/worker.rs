@@ -307,8 +307,8 @@ pub async fn catch_up(queue: &JobQueue, engine: &Engine, apps: impl IntoIterator
 mod tests {
     use super::reread_states;
 
-    /// Compiles only while a sweep's future is `Send`, so it can be spawned on the
-    /// multi-threaded runtime `serve` uses (`drift --once` runs it on the main thread).
+    /// Compiles only while a sweep's future is `Send`: `sweep` is public, and a caller may
+    /// spawn it on a multi-threaded runtime (`drift --once` awaits it on the main thread).
     #[allow(dead_code)]
     fn sweep_is_send(engine: &'static super::Engine, metrics: &'static super::Metrics) {
         fn spawnable<F: std::future::Future + Send>(_: F) {}
