@@ -113,42 +113,97 @@ pub async fn sweep(
     let catch_ups = futures::stream::iter(apps.clone())
         .map(|app: String| catch_up_one(engine, app))
         .buffered(in_flight.max(1))
-        .collect::<Vec<Result<bool, ReconcileError>>>();
+        .collect::<Vec<Result<CaughtUp, ReconcileError>>>();
     let caught_up = engine
         .phase_times()
         .time(crate::reconcile::phases::Phase::CatchUp, catch_ups)
         .await;
-    // Runs that applied wrote new states. Many of them (a cold start): read every state
-    // again in one paged LIST, so their checks share the batch LISTs too. A few (a commit to
-    // one app): each is checked alone, which costs less than reading every state again.
-    // What the runs kept for a next push goes first: a sweep makes no next push.
+    // An app whose run just wrote every object matches what it applied: checking it again
+    // would read back what was written (at a cold start, every object of the fleet). The
+    // others are checked, those a run wrote in part included (drift in the rest is theirs).
+    let checks: Vec<(String, bool)> = apps
+        .iter()
+        .zip(&caught_up)
+        .filter(|(_, c)| !matches!(c, Ok(CaughtUp::WroteAll { .. })))
+        .map(|(a, _)| (a.clone(), heals(engine, a)))
+        .collect();
+    // Runs that applied wrote new states. Many of them checked (a cold start that wrote part
+    // of some apps): read every state again in one paged LIST, so their checks share the
+    // batch LISTs too. A few (a commit to one app): each is checked alone, which costs less
+    // than reading every state again. What the runs kept for a next push goes first: a sweep
+    // makes no next push.
     engine.forget_run_memory();
-    let applied = caught_up.iter().filter(|r| matches!(r, Ok(true))).count();
+    let applied = caught_up
+        .iter()
+        .filter(|c| matches!(c, Ok(CaughtUp::WrotePart)))
+        .count();
     if reread_states(applied, states) {
         if let Err(e) = engine.prefetch_states().await {
             warn!(error = %e, "cannot read the app states in bulk again; checking the applied apps one by one");
         }
     }
-    let caught_up = caught_up.into_iter().map(|r| r.map(|_| ()));
-    let checks: Vec<(String, bool)> = apps.iter().map(|a| (a.clone(), heals(engine, a))).collect();
-    let reports = engine.check_drift_all(&checks).await;
+    let mut reports: std::collections::HashMap<_, _> =
+        engine.check_drift_all(&checks).await.into_iter().collect();
     engine.forget_prefetched();
-    caught_up
-        .zip(reports)
-        .map(|(caught_up, (app, report))| {
+    apps.into_iter()
+        .zip(caught_up)
+        .map(|(app, caught_up)| {
+            let (caught_up, report) = match caught_up {
+                Ok(CaughtUp::WroteAll { revision, objects }) => {
+                    (Ok(()), Ok(written_whole(&app, revision, objects)))
+                }
+                // `check_drift_all` answers for each app it was asked about.
+                other => (
+                    other.map(|_| ()),
+                    reports
+                        .remove(&app)
+                        .unwrap_or_else(|| Err(ReconcileError::UnknownApp(app.clone()))),
+                ),
+            };
             let verdict = drift_verdict(metrics, &app, caught_up, report);
             (app, verdict)
         })
         .collect()
 }
 
-/// A sweep's catch-up of one app: whether it applied anything. A named function, not a
-/// closure's async block, so that the sweep's future is `Send` and can run as a spawned task
-/// on a multi-threaded runtime (checked by `tests::sweep_is_send`).
-async fn catch_up_one(engine: &Engine, app: String) -> Result<bool, ReconcileError> {
+/// What a sweep's catch-up of one app did.
+enum CaughtUp {
+    /// Nothing written: the app was at its head, or its run did not apply.
+    Nothing,
+    /// Wrote some of the app's objects, left the rest as the inventory had them.
+    WrotePart,
+    /// Wrote every object of the app at `revision`.
+    WroteAll {
+        revision: Option<String>,
+        objects: usize,
+    },
+}
+
+/// A sweep's catch-up of one app. A named function, not a closure's async block, so that the
+/// sweep's future is `Send` and can run as a spawned task on a multi-threaded runtime
+/// (checked by `tests::sweep_is_send`).
+async fn catch_up_one(engine: &Engine, app: String) -> Result<CaughtUp, ReconcileError> {
     let job = Job::new(app, None, JobReason::MissedPush);
     let report = engine.run(&job, RunOptions::default()).await?;
-    Ok(report.outcome == crate::reconcile::Outcome::Applied)
+    Ok(match report.outcome {
+        Outcome::Applied if report.applied.len() >= report.objects => CaughtUp::WroteAll {
+            revision: report.revision,
+            objects: report.objects,
+        },
+        Outcome::Applied => CaughtUp::WrotePart,
+        _ => CaughtUp::Nothing,
+    })
+}
+
+/// The drift report of an app whose run just wrote each of its `objects`: nothing drifted,
+/// and no request made to say so.
+fn written_whole(app: &str, revision: Option<String>, objects: usize) -> DriftReport {
+    DriftReport {
+        app: app.to_string(),
+        revision,
+        checked: objects,
+        ..Default::default()
+    }
 }
 
 /// Whether a sweep reads every state again after its runs, `applied` of which applied, the
