@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """API server CPU per request, by kind of request: what a cold reconcile's dry-runs cost
-beside its applies (BENCHMARKS.md, fleet section).
+beside its applies, and what its per-app writes of state cost (a Lease taken and handed
+back, the state ConfigMap created with the run's intent, then merge-patched with its record;
+sizes like those of a 20-object app) (BENCHMARKS.md, fleet section).
 
 Needs the test control plane of tests/cluster/up.sh running on this machine (its API server
 and etcd are found by process name; the admin token and port are the ones up.sh writes).
@@ -105,6 +107,33 @@ def config_map(name):
     )
 
 
+def lease(name, holder):
+    spec = {"leaseDurationSeconds": 15, "renewTime": "2026-12-05T08:00:00.000000Z"}
+    if holder:
+        spec["holderIdentity"] = holder
+    return json.dumps({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "driftless"}},
+        "spec": spec,
+    })
+
+
+def state_map(name, data_bytes):
+    """A state ConfigMap about as big as a 20-object app's intent: `data_bytes` of text (a
+    20-object app's state holds 1.6 KB of record; 2.6 KB with its kept manifests)."""
+    return json.dumps({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "driftless", "driftless.dev/state-of": name},
+            "annotations": {"driftless.dev/inputs": "[]"},
+        },
+        "data": {"state": "x" * data_bytes},
+    })
+
+
 def main():
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
     with open(os.path.join(CLUSTER_DIR, "admin.token")) as f:
@@ -116,6 +145,7 @@ def main():
     if status != 201:
         sys.exit(f"request_cost: creating namespace {NS}: HTTP {status}")
     base = f"/api/v1/namespaces/{NS}/configmaps"
+    leases = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
     apply = "application/apply-patch+yaml"
     merge = "application/merge-patch+json"
     kinds = [
@@ -130,6 +160,18 @@ def main():
            config_map(f"p-{i}")) for i in range(n)]),
         ("merge patch of an existing object", 200,
          [("PATCH", f"{base}/a-{i}", json.dumps({"data": {"k2": "v"}}), merge)
+          for i in range(n)]),
+        ("ConfigMap creation, 1.6 KB (a state's intent)", 201,
+         [("POST", base, state_map(f"s-{i}", 1600)) for i in range(n)]),
+        ("merge patch, 2.6 KB (a state's record)", 200,
+         [("PATCH", f"{base}/s-{i}", json.dumps({"data": {"state": "y" * 2600}}), merge)
+          for i in range(n)]),
+        ("Lease creation (a run's lease taken)", 201,
+         [("POST", leases, lease(f"l-{i}", "replica-1")) for i in range(n)]),
+        # driftless hands a lease back with a replace at the resourceVersion it holds; a
+        # merge patch of the same change stands in for it here.
+        ("Lease handed back (merge patch)", 200,
+         [("PATCH", f"{leases}/l-{i}", json.dumps({"spec": {"holderIdentity": None}}), merge)
           for i in range(n)]),
         ("GET of a missing object (404)", 404,
          [("GET", f"{base}/missing-{i}") for i in range(n)]),
