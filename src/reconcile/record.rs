@@ -174,9 +174,9 @@ impl Engine {
             pruned: report.pruned.len(),
         });
         // Every object of the app was just written, so the cluster matches the revision: that
-        // is the drift finding until a check finds otherwise (the check that follows a cold
-        // start then writes nothing). A run that wrote some objects leaves the finding alone:
-        // the others may still differ.
+        // is the drift finding until a check finds otherwise (a sweep reports it so without
+        // checking). A run that wrote some objects leaves the finding alone: the others may
+        // still differ.
         let all_written = changed == report.objects && report.kept.is_empty();
         if all_written {
             st.drift = Some(state::DriftRecord {
