@@ -234,6 +234,19 @@ async fn value_of(client: &Client, ns: &str, name: &str) -> Option<String> {
         .and_then(|d| d.get("value").cloned())
 }
 
+/// That the app's run history holds a run of `sha` for a push that applied: its last run may
+/// be a later drift tick that found it unchanged.
+fn assert_push_applied(st: &AppState, sha: &str) {
+    assert!(
+        st.runs.iter().any(|r| r.revision.as_deref() == Some(sha)
+            && r.reason == "push"
+            && r.outcome == "applied"),
+        "no push run that applied {sha}: {:?} (last: {:?})",
+        st.runs,
+        st.last_result
+    );
+}
+
 /// The app's state record in the `driftless` namespace, once its last run was for `sha`.
 async fn state_at(client: &Client, app: &str, sha: &str) -> Option<AppState> {
     let st = state::load(client, "driftless", app).await.ok()?;
@@ -438,15 +451,7 @@ async fn webhook_applies_into_bound_namespace_only(install: &Install) -> String 
     })
     .await;
     // Applied for the delivery (the drift timer may also have looked at it since).
-    assert!(
-        st.runs
-            .iter()
-            .any(|r| r.revision.as_deref() == Some(c1.as_str())
-                && r.reason == "push"
-                && r.outcome == "applied"),
-        "{:?}",
-        st.runs
-    );
+    assert_push_applied(&st, &c1);
     assert_eq!(
         value_of(client, "demo", "greeting").await.as_deref(),
         Some("v2")
@@ -457,16 +462,7 @@ async fn webhook_applies_into_bound_namespace_only(install: &Install) -> String 
     })
     .await;
     // As for "demo": the drift timer may have found it unchanged since the push applied it.
-    assert!(
-        st.runs
-            .iter()
-            .any(|r| r.revision.as_deref() == Some(c1.as_str())
-                && r.reason == "push"
-                && r.outcome == "applied"),
-        "{:?} (last: {:?})",
-        st.runs,
-        st.last_result
-    );
+    assert_push_applied(&st, &c1);
     assert_eq!(
         value_of(client, "demo", "k-greeting").await.as_deref(),
         Some("v2")
