@@ -165,14 +165,20 @@ impl Bench {
         }
     }
 
-    /// Who holds the app's Lease (empty when nobody does).
+    /// Who holds the app's Lease (empty when nobody does: no holder, or one whose run's
+    /// record released it).
     async fn lease_holder(&self) -> String {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.state_ns);
-        leases
-            .get_opt("driftless-app-app")
-            .await
-            .unwrap()
-            .and_then(|l| l.spec)
+        let Some(lease) = leases.get_opt("driftless-app-app").await.unwrap() else {
+            return String::new();
+        };
+        let released =
+            driftless::reconcile::state::released_lease(&self.client, &self.state_ns, "app").await;
+        if released.is_some() && released == driftless::reconcile::lease::token(&lease) {
+            return String::new();
+        }
+        lease
+            .spec
             .and_then(|s| s.holder_identity)
             .unwrap_or_default()
     }

@@ -785,7 +785,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     // SIGTERM: keep serving, but refuse new webhooks with 503 (the forge retries them, on
     // another replica or later) and report not ready; let running reconciles finish within
     // the grace period, then interrupt them (their state records it and the next start resumes
-    // them); hand back the leases; stop.
+    // them); let go of the leases (a run's final record releases its Lease; one that recorded
+    // nothing hands it back); stop.
     let grace = settings.server.shutdown_grace;
     let drain = {
         let (shutdown, queue, engine) = (shutdown.clone(), queue.clone(), engine.clone());
@@ -803,7 +804,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 let _ = tokio::time::timeout(INTERRUPT_WAIT, &mut workers).await;
             }
             engine.settle().await;
-            info!("leases handed back; stopping");
+            info!("leases let go; stopping");
             handle.stop(true).await;
         })
     };

@@ -5,6 +5,11 @@
 //! replica judges it expired by its own clock (unchanged for a whole duration since it first
 //! saw it), never by comparing the holder's `renewTime` with its clock. Every write is
 //! conditional on the resourceVersion last seen, and a conflict is answered by reading again.
+//!
+//! A run's final record releases the lease without a write of it: the record carries the
+//! lease's token (holder and acquire time, [`token`]), and a replica that finds a held lease
+//! whose token the app's state says was released takes it at once (see
+//! [`state::Release`]). A guard that records nothing hands the lease back with a write.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -17,7 +22,7 @@ use kube::api::{Api, PostParams};
 use kube::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::state::object_name;
+use super::state::{self, object_name};
 
 /// The default lease duration: client-go's leader election default. A crashed holder blocks
 /// its app for at most this long.
@@ -120,6 +125,17 @@ impl Drop for Claim {
     fn drop(&mut self) {
         local().held.remove(&self.0);
     }
+}
+
+/// A held lease's token: its holder and when that holder took it (`acquireTime`, which a
+/// renewal leaves alone and every take writes anew), so it names one holding of the lease.
+/// A run's final record carries it to release the lease (see [`state::Release`]). `None`
+/// for a lease no one holds.
+pub fn token(lease: &Lease) -> Option<String> {
+    let spec = lease.spec.as_ref()?;
+    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
+    let acquired = spec.acquire_time.as_ref()?;
+    Some(format!("{holder} {}", acquired.0))
 }
 
 fn holder_of(lease: &Lease) -> &str {
@@ -226,6 +242,7 @@ impl LeaseWatch {
 #[derive(Clone)]
 pub struct Leases {
     api: Api<Lease>,
+    client: Client,
     namespace: String,
     identity: String,
     timing: LeaseTiming,
@@ -235,6 +252,7 @@ impl Leases {
     pub fn new(client: &Client, namespace: &str, identity: &str, timing: LeaseTiming) -> Self {
         Self {
             api: Api::namespaced(client.clone(), namespace),
+            client: client.clone(),
             namespace: namespace.to_string(),
             identity: identity.to_string(),
             timing,
@@ -369,7 +387,8 @@ impl Leases {
                     let free = holder.is_empty()
                         // Ours from an earlier guard that could not hand it back.
                         || holder == self.identity
-                        || expired(&self.namespace, lease, self.timing.duration);
+                        || expired(&self.namespace, lease, self.timing.duration)
+                        || self.released_by_record(app, lease).await;
                     if !free {
                         return Ok(Err(holder.to_string()));
                     }
@@ -384,6 +403,16 @@ impl Leases {
                 Err(e) => return Err(self.api_error(app, e)),
             }
         }
+    }
+
+    /// Whether the app's state says the run holding `lease` has ended: its final record
+    /// carries the lease's token (see [`state::Release`]). A state that cannot be read says
+    /// no, and the lease is waited for as before.
+    async fn released_by_record(&self, app: &str, lease: &Lease) -> bool {
+        let Some(held) = token(lease) else {
+            return false;
+        };
+        state::released_lease(&self.client, &self.namespace, app).await == Some(held)
     }
 
     /// Starts renewing `lease`, just written by us with a request sent at `sent`.
@@ -515,6 +544,22 @@ impl LeaseGuard {
     /// A handle telling whether the lease is still ours.
     pub fn watch(&self) -> LeaseWatch {
         self.watch.clone()
+    }
+
+    /// The lease's token (see [`token`]), for the run's final record to release it.
+    pub fn token(&self) -> Option<String> {
+        token(&self.current.lock().expect("lease"))
+    }
+
+    /// Stops holding a lease that the run's final record released (its token written with
+    /// it): nothing is written, and anyone may take the lease now. Returns the lease as last
+    /// written, for [`Leases::take_released`]; `None` if it was lost meanwhile.
+    pub fn finish(self) -> Option<Lease> {
+        self.renewer.abort();
+        if self.watch.lost().is_some() {
+            return None;
+        }
+        Some(self.current.lock().expect("lease").clone())
     }
 
     /// Hands the lease back so the next holder does not wait for it to expire. Returns the

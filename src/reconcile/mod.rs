@@ -569,6 +569,11 @@ impl Engine {
         );
         held?;
         self.watch_run_lease(&app.name, run_lease);
+        // The run's final record releases its lease (see `state::Release`).
+        st.release = match run_lease.token() {
+            Some(token) => state::Release::Pending(token),
+            None => state::Release::None,
+        };
         let attempt = Attempt {
             app,
             job,

@@ -1,11 +1,12 @@
 //! A run's hold on its app: the app's Lease (taken alongside the fetch, checked at every safe
-//! point, handed back after the run) and what this replica remembers of the app between runs,
+//! point, released by the run's final record, or handed back when the run records nothing)
+//! and what this replica remembers of the app between runs,
 //! so that a push takes the lease back with one write and reads no state.
 
 use std::sync::Arc;
 
 use super::plan::FileMemos;
-use super::state::AppState;
+use super::state::{self, AppState};
 use super::{lease, Engine, ReconcileError, RunReport};
 
 /// What one replica keeps of an app between runs, so a push costs no lease or state reads.
@@ -71,6 +72,14 @@ impl RunLease {
         Ok(())
     }
 
+    /// The held lease's token (see [`lease::token`]); `None` unless held.
+    pub(super) fn token(&self) -> Option<String> {
+        match self {
+            RunLease::Held(g) => g.token(),
+            _ => None,
+        }
+    }
+
     async fn into_guard(mut self) -> Option<lease::LeaseGuard> {
         let _ = self.held().await;
         match self {
@@ -78,6 +87,12 @@ impl RunLease {
             _ => None,
         }
     }
+}
+
+/// Whether the run's record released the lease `guard` holds: it was written with the
+/// guard's token.
+fn released_by(release: &state::Release, guard: &lease::LeaseGuard) -> bool {
+    matches!((release, guard.token()), (state::Release::Written(w), Some(t)) if *w == t)
 }
 
 impl Engine {
@@ -197,8 +212,9 @@ impl Engine {
             .clone()
     }
 
-    /// Hands the lease back off the push's critical path and remembers what the next run of
-    /// the app can reuse. The app's slot stays locked until the lease is back, so that run
+    /// Lets go of the lease (with no write when the run's record released it, see
+    /// [`state::Release`]; else handing it back off the push's critical path) and remembers
+    /// what the next run of the app can reuse. The app's slot stays locked until the lease is back, so that run
     /// takes it again with one write. A state whose saving failed is not remembered: the next
     /// run reads it from the cluster.
     pub(super) fn finish_run(
@@ -207,7 +223,7 @@ impl Engine {
         run_lease: RunLease,
         mut slot: tokio::sync::OwnedMutexGuard<AppSlot>,
         result: &Result<RunReport, ReconcileError>,
-        st: AppState,
+        mut st: AppState,
     ) {
         self.run_leases.lock().expect("run leases").remove(app);
         let state_current = !matches!(
@@ -216,8 +232,11 @@ impl Engine {
                 | ReconcileError::Lease(_)
                 | ReconcileError::LeaseLost { .. })
         );
+        let release = std::mem::take(&mut st.release);
         tokio::spawn(async move {
             let released = match run_lease.into_guard().await {
+                // The run's record released the lease: nothing to write.
+                Some(guard) if released_by(&release, &guard) => guard.finish(),
                 Some(guard) => guard.release().await,
                 None => None,
             };

@@ -68,6 +68,42 @@ pub struct AppState {
     /// nothing of). Cleared by that first write.
     #[serde(skip)]
     pub absent: bool,
+    /// The run's Lease, released by its final record (see [`ANNOTATION_RELEASED`]); not part
+    /// of the stored record.
+    #[serde(skip)]
+    pub release: Release,
+}
+
+/// A run's Lease as its final record releases it: the record is the run's last write under
+/// the Lease, so it carries the Lease's token ([`super::lease::token`]) in
+/// [`ANNOTATION_RELEASED`], and a replica waiting for the Lease that finds the two equal
+/// takes it at once. The holder then spends no write handing the Lease back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Release {
+    /// Nothing to release with the next write (a dry run, the intent, a drift check).
+    #[default]
+    None,
+    /// The token the next record write carries.
+    Pending(String),
+    /// A record carrying this token was written: the Lease is released.
+    Written(String),
+}
+
+impl Release {
+    /// The token a record write carries now, if any.
+    fn pending(&self) -> Option<&str> {
+        match self {
+            Release::Pending(token) => Some(token),
+            _ => None,
+        }
+    }
+
+    /// After a successful record write: a pending token is now written.
+    fn written(&mut self) {
+        if let Release::Pending(token) = self {
+            *self = Release::Written(std::mem::take(token));
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -507,8 +543,12 @@ pub async fn save(
             message: "failure injected by a test".into(),
         });
     }
-    save_intent(client, namespace, app, state).await?;
+    let mut patch = json!({});
+    add_record(&mut patch, app, state)?;
+    add_release(&mut patch, state);
+    write_keys(client, namespace, app, patch, state.absent).await?;
     state.absent = false;
+    state.release.written();
     Ok(())
 }
 
@@ -554,6 +594,26 @@ fn add_record(
     Ok(())
 }
 
+/// Annotation of an app's state ConfigMap: the token of the app's Lease as the run whose
+/// record this is held it (holder and acquire time, see [`super::lease::token`]). Equal to
+/// the Lease's own token, it says the Lease is free: that run has ended.
+pub const ANNOTATION_RELEASED: &str = "driftless.dev/released-lease";
+
+/// Adds the release of the run's Lease (see [`Release`]) to the record's merge patch.
+fn add_release(patch: &mut serde_json::Value, state: &AppState) {
+    if let Some(token) = state.release.pending() {
+        patch["metadata"]["annotations"][ANNOTATION_RELEASED] = json!(token);
+    }
+}
+
+/// The Lease token the app's last record released (see [`ANNOTATION_RELEASED`]), from its
+/// metadata alone; `None` when there is no state, no such record, or it cannot be read.
+pub async fn released_lease(client: &Client, namespace: &str, app: &str) -> Option<String> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let meta = api.get_metadata_opt(&object_name(app)).await.ok()??;
+    meta.annotations().get(ANNOTATION_RELEASED).cloned()
+}
+
 /// Each app's recorded input directories, from one metadata-only LIST (paged) of the state
 /// ConfigMaps: `Some(dirs)` from [`ANNOTATION_INPUTS`], `None` for a state written before it
 /// (whose record must be read). An app with no state is not in the map.
@@ -594,8 +654,8 @@ pub async fn recorded_inputs(
 
 /// Writes an app's run record and the desired manifests it was applied from (`packed`, see
 /// `desired`; `None` forgets any kept before), in one write when they fit inline, with the
-/// drift finding `state.drift` when `with_drift`; then deletes the parts kept before that the
-/// new copy no longer needs (`state.desired_parts`, updated).
+/// drift finding `state.drift` when `with_drift`, after deleting the parts kept before that
+/// the new copy no longer needs (`state.desired_parts`, updated).
 pub async fn save_with_desired(
     client: &Client,
     namespace: &str,
@@ -620,14 +680,20 @@ pub async fn save_with_desired(
         .await
         .map_err(|e| err("write desired parts", e.to_string()))?;
     add_record(&mut patch, app, state)?;
+    add_release(&mut patch, state);
     if let Some(drift) = state.drift.as_ref().filter(|_| with_drift) {
         patch["data"][DRIFT_KEY] =
             json!(bounded_drift(drift).map_err(|e| err("encode", e.to_string()))?);
     }
-    write_keys(client, namespace, app, patch, state.absent).await?;
-    state.absent = false;
+    // The parts no longer needed go before the record: a record that releases the Lease must
+    // be the run's last write (a new holder's parts may reuse their names). Should the record
+    // then fail, the old one names parts that are gone or rewritten, and a drift check falls
+    // back to the forge.
     let parts = desired::parts_needed(packed);
     desired::delete_parts(client, namespace, app, parts..state.desired_parts).await;
+    write_keys(client, namespace, app, patch, state.absent).await?;
+    state.absent = false;
+    state.release.written();
     state.desired_parts = parts;
     Ok(())
 }

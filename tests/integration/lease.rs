@@ -544,3 +544,100 @@ async fn a_new_apps_lease_is_created_in_one_request_and_an_existing_one_still_re
     second.release().await;
     ns.cleanup().await;
 }
+
+/// A run's final record is its last write under the app's lease, and it releases the lease
+/// itself: no Lease write follows it, and another replica takes the lease at once, without
+/// waiting for it to expire. An earlier run's record does not release a later holding: while
+/// the next run holds the lease, the other replica still waits.
+#[tokio::test]
+async fn a_runs_record_releases_its_lease_without_a_lease_write() {
+    let env = Env::new("github", "health_timeout = \"300s\"").await;
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let forges = driftless::forge::from_settings(&env.settings).unwrap();
+    let engine = Arc::new(Engine::new(client, forges, Arc::new(env.settings.clone())));
+    env.repo.write("app/b.yaml", &env.cm("b", "0"));
+    let first = env.repo.commit("first");
+    env.push(&engine, &first).await.unwrap();
+    engine.settle().await;
+
+    let made = calls.take();
+    let state_path = format!("/namespaces/{}/configmaps/{LEASE}", env.state_ns.name);
+    let record = made
+        .iter()
+        .rposition(|c| c.starts_with("PATCH ") && c.contains(&state_path))
+        .unwrap_or_else(|| panic!("no record written: {made:#?}"));
+    let lease_writes: Vec<&String> = made
+        .iter()
+        .filter(|c| c.contains("/leases") && !c.starts_with("GET "))
+        .collect();
+    assert!(!lease_writes.is_empty(), "no lease taken: {made:#?}");
+    assert!(
+        made[record..]
+            .iter()
+            .all(|c| !c.contains("/leases") || c.starts_with("GET ")),
+        "a Lease write after the run's record: {:#?}",
+        &made[record..]
+    );
+
+    // The record released it: another replica takes it with one look, no wait.
+    let leases: Api<Lease> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let lease = leases.get(LEASE).await.unwrap();
+    let states: Api<ConfigMap> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let state_cm = states.get(LEASE).await.unwrap();
+    assert_eq!(
+        state_cm
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(state::ANNOTATION_RELEASED)),
+        driftless::reconcile::lease::token(&lease).as_ref(),
+        "the record carries the lease's token"
+    );
+    let other = leases_of(
+        &env.ns.client,
+        &env.state_ns.name,
+        "replica-b",
+        Duration::ZERO,
+    )
+    .acquire("demo")
+    .await
+    .expect("a lease its run's record released is taken at once");
+    assert_eq!(
+        holder(&leases.get(LEASE).await.unwrap()).as_deref(),
+        Some("replica-b")
+    );
+    other.release().await;
+
+    // The next run holds the lease again (waiting for web's health); the record of c0 says
+    // nothing of this holding, so the other replica waits and gives up.
+    let (_, _, run) = run_holding_the_lease(&env, &engine).await;
+    let waited = leases_of(
+        &env.ns.client,
+        &env.state_ns.name,
+        "replica-b",
+        Duration::from_secs(1),
+    )
+    .acquire("demo")
+    .await;
+    assert!(
+        matches!(
+            waited,
+            Err(driftless::reconcile::lease::LeaseError::Held { .. })
+        ),
+        "replica-b took a lease a run holds, on an earlier run's record"
+    );
+    complete_rollout(&env.ns.client, &env.ns.name).await;
+    run.await.unwrap().unwrap();
+    engine.settle().await;
+    let other = leases_of(
+        &env.ns.client,
+        &env.state_ns.name,
+        "replica-b",
+        Duration::ZERO,
+    )
+    .acquire("demo")
+    .await
+    .expect("the second run's record released the lease too");
+    other.release().await;
+    env.cleanup().await;
+}

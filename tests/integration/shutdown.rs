@@ -125,10 +125,14 @@ async fn sigterm_interrupts_cleanly_and_the_next_start_finishes_the_job() {
             .contains("interrupted"),
         "{statuses:?}"
     );
-    // The lease was handed back.
+    // The lease was let go: the run's record of the interruption released it.
     let leases: Api<Lease> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
     let lease = leases.get("driftless-app-demo").await.unwrap();
-    assert_eq!(lease.spec.unwrap().holder_identity, None);
+    let released = state::released_lease(&env.ns.client, &env.state_ns.name, "demo").await;
+    assert!(
+        released.is_some() && released == driftless::reconcile::lease::token(&lease),
+        "the lease is still held: {lease:?}, released {released:?}"
+    );
 
     // The controller makes web available; the next start finishes c1.
     let generation = deployments.get("web").await.unwrap().metadata.generation;
