@@ -16,8 +16,9 @@ use super::health::{self, Health};
 use super::phases::Phase;
 use super::plan::{Desired, Prepared, Wanted};
 use super::record::check_state_fits;
+use super::run_lease::RunLease;
 use super::state::{self, AppState, InventoryItem};
-use super::{kube_message, Engine, ReconcileError, RunOptions, RunReport, FIELD_MANAGER};
+use super::{kube_message, Attempt, Engine, ReconcileError, RunReport, FIELD_MANAGER};
 use crate::manifest::{self, Object, ObjectRef, Stage};
 use crate::queue::Job;
 use crate::settings::AppSettings;
@@ -57,13 +58,13 @@ impl Engine {
     /// `report.applied`.
     pub(super) async fn apply(
         &self,
-        app: &AppSettings,
-        job: &Job,
-        opts: RunOptions,
+        at: &Attempt<'_>,
         st: &mut AppState,
+        run_lease: &mut RunLease,
         desired: Desired,
         report: &mut RunReport,
     ) -> Result<Option<Vec<Wanted>>, ReconcileError> {
+        let (app, job, opts) = (at.app, at.job, at.opts);
         let Desired { wanted, after_crds } = desired;
         if wanted.is_empty() && after_crds.is_empty() && !app.allow_empty {
             return Err(ReconcileError::EmptySet);
@@ -87,13 +88,15 @@ impl Engine {
             report.applied = writes.all.iter().map(|p| p.id.clone()).collect();
             return Ok(None);
         }
-        self.record_intent(app, st, writes.all.iter().map(|p| &p.id))
+        self.record_intent(app, st, run_lease, writes.all.iter().map(|p| &p.id))
             .await?;
 
         let created = self
             .apply_foundation(app, &writes, !after_crds.is_empty(), report)
             .await?;
-        let late = self.prepare_after_crds(app, st, &after_crds).await?;
+        let late = self
+            .prepare_after_crds(app, st, run_lease, &after_crds)
+            .await?;
         let late_refs: Vec<&Prepared> = late.iter().collect();
         self.validate_later(app, &writes, &late_refs, &created, report)
             .await?;
@@ -221,13 +224,14 @@ impl Engine {
         &self,
         app: &AppSettings,
         st: &mut AppState,
+        run_lease: &mut RunLease,
         after_crds: &[Object],
     ) -> Result<Vec<Prepared>, ReconcileError> {
         let mut late = Vec::new();
         for obj in after_crds {
             late.push(self.prepare_defined_kind(app, obj).await?);
         }
-        self.record_intent(app, st, late.iter().map(|p| &p.id))
+        self.record_intent(app, st, run_lease, late.iter().map(|p| &p.id))
             .await?;
         Ok(late)
     }
@@ -285,11 +289,13 @@ impl Engine {
     /// Adds to the inventory, and saves before anything is written, the objects it does not
     /// know yet (by identity), with an empty hash: if the run dies or its final save fails,
     /// the next run still knows them, fetches the app again and can prune them. Costs no
-    /// write when the run only changes known objects.
+    /// write when the run only changes known objects. A new app's first run (its lease
+    /// deferred) saves them on the Lease it creates now instead, when they fit there.
     async fn record_intent<'a>(
         &self,
         app: &AppSettings,
         st: &mut AppState,
+        run_lease: &mut RunLease,
         ids: impl Iterator<Item = &'a ObjectRef>,
     ) -> Result<(), ReconcileError> {
         let known: HashSet<manifest::Identity> =
@@ -301,6 +307,16 @@ impl Engine {
                 hash: String::new(),
             })
             .collect();
+        if matches!(run_lease, RunLease::Deferred) {
+            let intent = state::intent_on_lease(st.inventory.iter().chain(&new));
+            let on_lease = intent.is_some();
+            let hold = self.hold_deferred(&app.name, run_lease, st, intent);
+            self.phases.time(Phase::State, hold).await?;
+            if on_lease {
+                st.inventory.extend(new);
+                return Ok(());
+            }
+        }
         if new.is_empty() {
             return Ok(());
         }

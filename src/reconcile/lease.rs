@@ -10,6 +10,12 @@
 //! lease's token (holder and acquire time, [`token`]), and a replica that finds a held lease
 //! whose token the app's state says was released takes it at once (see
 //! [`state::Release`]). A guard that records nothing hands the lease back with a write.
+//!
+//! A new app's Lease also carries its first run's intent: the run creates it only once its
+//! set is validated, just before its first write, with the objects it is about to apply
+//! ([`ANNOTATION_INTENT`]), so a cold start writes no separate intent. Every later take
+//! carries the annotation forward, and a run that finds no state reads it: should the first
+//! run die before its record, the next one still knows what it may have applied.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -23,6 +29,14 @@ use kube::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::state::{self, object_name};
+
+/// Annotation of an app's Lease: the objects its first run was about to apply (a JSON array
+/// of object references), written when the run created the Lease instead of a separate
+/// write-ahead intent in the app's state, and carried forward by every later take. Read only
+/// while the app has no state; a state, once written, knows more.
+pub const ANNOTATION_INTENT: &str = "driftless.dev/intent";
+/// The largest intent the Lease carries; a larger one is written to the state as before.
+pub const MAX_INTENT_BYTES: usize = 64 * 1024;
 
 /// The default lease duration: client-go's leader election default. A crashed holder blocks
 /// its app for at most this long.
@@ -81,7 +95,8 @@ pub enum LeaseError {
     },
     #[error("lease of app {app}: {message}")]
     Api { app: String, message: String },
-    /// The lease changed since this replica last wrote it (the quick path only).
+    /// The lease changed since this replica last wrote it (the quick path), or a new app's
+    /// Lease exists after all: the run, which wrote nothing, starts again the ordinary way.
     #[error("lease of app {app} changed since this replica released it")]
     Moved { app: String },
 }
@@ -125,6 +140,16 @@ impl Drop for Claim {
     fn drop(&mut self) {
         local().held.remove(&self.0);
     }
+}
+
+/// The first run's intent on `lease` (see [`ANNOTATION_INTENT`]).
+fn intent_of(lease: &Lease) -> Option<&str> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ANNOTATION_INTENT)
+        .map(String::as_str)
 }
 
 /// A held lease's token: its holder and when that holder took it (`acquireTime`, which a
@@ -316,31 +341,12 @@ impl Leases {
     /// Takes the app's lease, waiting up to [`LeaseTiming::wait`] while another holder (or
     /// another guard of this process) has it.
     pub async fn acquire(&self, app: &str) -> Result<LeaseGuard, LeaseError> {
-        self.acquire_with(app, false).await
-    }
-
-    /// Takes the lease of an app that has likely never run (a sweep found no state for it),
-    /// as [`Self::acquire`] does, but creates the Lease before looking for one: a cold start
-    /// spends one request per app, not two. Should the Lease exist after all, the creation
-    /// fails with a conflict and the ordinary path follows.
-    pub async fn acquire_new(&self, app: &str) -> Result<LeaseGuard, LeaseError> {
-        self.acquire_with(app, true).await
-    }
-
-    async fn acquire_with(
-        &self,
-        app: &str,
-        mut create_first: bool,
-    ) -> Result<LeaseGuard, LeaseError> {
         let name = object_name(app);
         let started = Instant::now();
         loop {
             let holder = match Claim::take(&self.namespace, &name, &self.identity) {
                 None => format!("{} (another run in this process)", self.identity),
-                Some(claim) => match self
-                    .try_take(app, &name, claim, std::mem::take(&mut create_first))
-                    .await?
-                {
+                Some(claim) => match self.try_take(app, &name, claim).await? {
                     Ok(guard) => return Ok(guard),
                     Err(holder) => holder,
                 },
@@ -356,25 +362,48 @@ impl Leases {
         }
     }
 
+    /// Takes the lease of an app that has likely never run (a sweep found no state for it)
+    /// with one request: creates its Lease, carrying `intent` (the objects the run is about to
+    /// apply, see [`ANNOTATION_INTENT`]) when there is one. Fails with [`LeaseError::Moved`]
+    /// when the Lease exists after all (or another guard of this process holds it): the
+    /// caller, which has written nothing, takes the ordinary path ([`Leases::acquire`]).
+    pub async fn create_new(
+        &self,
+        app: &str,
+        intent: Option<String>,
+    ) -> Result<LeaseGuard, LeaseError> {
+        let name = object_name(app);
+        let moved = || LeaseError::Moved {
+            app: app.to_string(),
+        };
+        let claim = Claim::take(&self.namespace, &name, &self.identity).ok_or_else(moved)?;
+        let mut body = self.body(&name, None);
+        if let Some(intent) = intent {
+            body.metadata.annotations = Some([(ANNOTATION_INTENT.to_string(), intent)].into());
+        }
+        let sent = Instant::now();
+        match self.api.create(&PostParams::default(), &body).await {
+            Ok(lease) => Ok(self.hold(name, lease, sent, claim)),
+            Err(kube::Error::Api(e)) if e.code == 409 => Err(moved()),
+            Err(e) => Err(self.api_error(app, e)),
+        }
+    }
+
     /// One look at the lease with this process's claim on it: taken, or the holder to wait
-    /// for. A write that meets a conflict (someone else wrote first) reads again. With
-    /// `create_first`, the first look assumes there is no Lease and creates it.
+    /// for. A write that meets a conflict (someone else wrote first) reads again. A first
+    /// run's intent on the Lease is carried forward.
     async fn try_take(
         &self,
         app: &str,
         name: &str,
         claim: Claim,
-        mut create_first: bool,
     ) -> Result<Result<LeaseGuard, String>, LeaseError> {
         loop {
-            let current = if std::mem::take(&mut create_first) {
-                None
-            } else {
-                self.api
-                    .get_opt(name)
-                    .await
-                    .map_err(|e| self.api_error(app, e))?
-            };
+            let current = self
+                .api
+                .get_opt(name)
+                .await
+                .map_err(|e| self.api_error(app, e))?;
             let sent = Instant::now();
             let attempt = match &current {
                 None => {
@@ -392,7 +421,11 @@ impl Leases {
                     if !free {
                         return Ok(Err(holder.to_string()));
                     }
-                    let body = self.body(name, lease.metadata.resource_version.clone());
+                    let mut body = self.body(name, lease.metadata.resource_version.clone());
+                    if let Some(intent) = intent_of(lease) {
+                        body.metadata.annotations =
+                            Some([(ANNOTATION_INTENT.to_string(), intent.to_string())].into());
+                    }
                     self.api.replace(name, &PostParams::default(), &body).await
                 }
             };
@@ -549,6 +582,11 @@ impl LeaseGuard {
     /// The lease's token (see [`token`]), for the run's final record to release it.
     pub fn token(&self) -> Option<String> {
         token(&self.current.lock().expect("lease"))
+    }
+
+    /// The first run's intent the lease carries (see [`ANNOTATION_INTENT`]), as written.
+    pub fn intent(&self) -> Option<String> {
+        intent_of(&self.current.lock().expect("lease")).map(str::to_string)
     }
 
     /// Stops holding a lease that the run's final record released (its token written with

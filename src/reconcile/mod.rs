@@ -348,22 +348,35 @@ impl Engine {
             }
         }
 
-        let leases = self.leases();
-        let guard = if likely_new {
-            leases.acquire_new(&app.name).await?
-        } else {
-            leases.acquire(&app.name).await?
-        };
-        let mut run_lease = RunLease::Held(Box::new(guard));
-        // No state a moment ago: not read again (a cold start saves a request per app), and
-        // the first write creates it, or fails should one have appeared meanwhile.
-        let loaded = if likely_new {
-            Ok(AppState {
+        // No state a moment ago: not read again, and the Lease is created only at the run's
+        // first write, carrying its intent (a cold start writes one Lease and one state per
+        // app). Should the Lease exist after all, nothing was written: the ordinary path.
+        if likely_new {
+            let mut st = AppState {
                 absent: true,
                 ..AppState::default()
-            })
-        } else {
-            state::load(&self.client, &ns, &app.name).await
+            };
+            let mut run_lease = RunLease::Deferred;
+            let r = self
+                .run_locked(&app, job, opts, &mut st, &mut run_lease, &mut slot.files)
+                .await;
+            if !matches!(
+                r,
+                Err(ReconcileError::Lease(lease::LeaseError::Moved { .. }))
+            ) {
+                self.finish_run(&app.name, run_lease, slot_guard, &r, st);
+                return r;
+            }
+        }
+
+        let guard = self.leases().acquire(&app.name).await?;
+        let intent = guard.intent();
+        let mut run_lease = RunLease::Held(Box::new(guard));
+        // No state: the first run's intent on the Lease, if it ended before its record.
+        let loaded = match state::load_found(&self.client, &ns, &app.name).await {
+            Ok(Some((st, _))) => Ok(st),
+            Ok(None) => state::absent_with_intent(&app.name, intent),
+            Err(e) => Err(e),
         };
         let mut st = match loaded {
             Ok(st) => st,
@@ -586,16 +599,13 @@ impl Engine {
         let (version, files) = match fetched {
             Ok(Plan::Changed { version, files }) => (version, files),
             Ok(Plan::Unchanged(version)) => {
+                self.hold_deferred(&app.name, run_lease, st, None).await?;
                 return self
                     .finish_unchanged(forge.as_ref(), &attempt, st, version, report)
-                    .await
+                    .await;
             }
             // Nothing was written; report the failure where the user looks.
-            Err(e) => {
-                return Err(self
-                    .finish_failed(&attempt, st, e.into(), &mut report)
-                    .await)
-            }
+            Err(e) => return Err(self.fail(&attempt, st, run_lease, e.into(), report).await),
         };
 
         // What was rendered, kept beside the state so drift checks need not render it again.
@@ -610,7 +620,10 @@ impl Engine {
             // A full run writes every object: no file is taken as applied.
             let inventory = (!job.full).then_some(st.inventory.as_slice());
             let desired = self.prepare_files(app, &files, memos, inventory).await?;
-            let Some(desired) = self.apply(app, job, opts, st, desired, &mut report).await? else {
+            let Some(desired) = self
+                .apply(&attempt, st, run_lease, desired, &mut report)
+                .await?
+            else {
                 // A dry run stops once everything is validated.
                 return Ok(Vec::new());
             };
@@ -631,10 +644,35 @@ impl Engine {
                     inventory,
                     packed,
                 };
+                self.hold_deferred(&app.name, run_lease, st, None).await?;
                 self.finish_applied(forge.as_ref(), &attempt, st, applied, report)
                     .await
             }
-            Err(err) => Err(self.finish_failed(&attempt, st, err, &mut report).await),
+            Err(err) => Err(self.fail(&attempt, st, run_lease, err, report).await),
         }
+    }
+
+    /// Ends a run that failed with `err` (see [`Self::finish_failed`]), once it holds its
+    /// lease: a new app's run that failed before its first write creates its Lease now, and
+    /// ends with that error instead should it not get it (a Lease that exists after all
+    /// sends the run the ordinary way, where it fails again and records why).
+    async fn fail(
+        &self,
+        at: &Attempt<'_>,
+        st: &mut AppState,
+        run_lease: &mut RunLease,
+        err: ReconcileError,
+        mut report: RunReport,
+    ) -> ReconcileError {
+        if matches!(run_lease, RunLease::Deferred)
+            && matches!(err, ReconcileError::Lease(lease::LeaseError::Moved { .. }))
+        {
+            return err;
+        }
+        if let Err(lease) = self.hold_deferred(&at.app.name, run_lease, st, None).await {
+            warn!(app = %at.app.name, error = %err, "failed before taking its lease");
+            return lease;
+        }
+        self.finish_failed(at, st, err, &mut report).await
     }
 }

@@ -49,15 +49,18 @@ impl AppSlot {
 }
 
 /// The lease of a run: being taken in the background (the quick path, alongside the fetch),
-/// held, or none (a dry run, or a take that failed).
+/// held, to be created at the run's first write (a new app's, see [`Engine::hold_deferred`]),
+/// or none (a dry run, or a take that failed).
 pub(super) enum RunLease {
     Taking(tokio::task::JoinHandle<Result<lease::LeaseGuard, lease::LeaseError>>),
     Held(Box<lease::LeaseGuard>),
+    Deferred,
     None,
 }
 
 impl RunLease {
-    /// Waits until the lease is held; every write of a run comes after this.
+    /// Waits until the lease is held, unless it is deferred; every write of a run comes
+    /// after this, and after [`Engine::hold_deferred`].
     pub(super) async fn held(&mut self) -> Result<(), ReconcileError> {
         let RunLease::Taking(task) = self else {
             return Ok(());
@@ -158,6 +161,30 @@ impl Engine {
             },
             None => self.interrupt.cancelled().await,
         }
+    }
+
+    /// Creates a new app's deferred lease (see [`RunLease::Deferred`]) before the run's first
+    /// write, with the run's `intent` (see [`lease::ANNOTATION_INTENT`]); from then on the
+    /// run's safe points check it and its record releases it. Nothing to do for a lease
+    /// held already. Fails with [`lease::LeaseError::Moved`] when the Lease exists after all:
+    /// the run, which has written nothing, starts again the ordinary way.
+    pub(super) async fn hold_deferred(
+        &self,
+        app: &str,
+        run_lease: &mut RunLease,
+        st: &mut AppState,
+        intent: Option<String>,
+    ) -> Result<(), ReconcileError> {
+        if !matches!(run_lease, RunLease::Deferred) {
+            return Ok(());
+        }
+        let guard = self.leases().create_new(app, intent).await?;
+        *run_lease = RunLease::Held(Box::new(guard));
+        self.watch_run_lease(app, run_lease);
+        if let Some(token) = run_lease.token() {
+            st.release = state::Release::Pending(token);
+        }
+        Ok(())
     }
 
     /// From now on the safe points of the app's run check `run_lease`.

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::desired::{self, Stored};
+use super::lease;
 use crate::manifest::ObjectRef;
 use crate::render::SourceVersion;
 
@@ -295,10 +296,24 @@ pub async fn load_with_desired(
     namespace: &str,
     app: &str,
 ) -> Result<(AppState, Option<Stored>), StateError> {
+    Ok(load_found(client, namespace, app)
+        .await?
+        .unwrap_or_default())
+}
+
+/// Reads an app's state and the desired manifests kept with it; `None` when it has no state.
+pub async fn load_found(
+    client: &Client,
+    namespace: &str,
+    app: &str,
+) -> Result<Option<(AppState, Option<Stored>)>, StateError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     match api.get_opt(&object_name(app)).await {
-        Ok(Some(cm)) => Ok((from_config_map(app, &cm)?, desired::from_config_map(&cm))),
-        Ok(None) => Ok((AppState::default(), None)),
+        Ok(Some(cm)) => Ok(Some((
+            from_config_map(app, &cm)?,
+            desired::from_config_map(&cm),
+        ))),
+        Ok(None) => Ok(None),
         Err(e) => Err(StateError {
             app: app.to_string(),
             step: "read",
@@ -564,6 +579,56 @@ pub async fn save_intent(
     let mut patch = json!({});
     add_record(&mut patch, app, state)?;
     write_keys(client, namespace, app, patch, state.absent).await
+}
+
+/// The intent of a new app's first run for its Lease (see [`lease::ANNOTATION_INTENT`]): the
+/// objects of `items` as a JSON array of references; `None` when there are none or they do
+/// not fit in [`lease::MAX_INTENT_BYTES`] (the run then saves its intent in the state).
+pub fn intent_on_lease<'a>(items: impl Iterator<Item = &'a InventoryItem>) -> Option<String> {
+    let ids: Vec<&ObjectRef> = items.map(|i| &i.id).collect();
+    let text = serde_json::to_string(&ids).ok()?;
+    (!ids.is_empty() && text.len() <= lease::MAX_INTENT_BYTES).then_some(text)
+}
+
+/// The state of an app that has none: empty, created by the run's first write, with the
+/// intent of a first run that ended before its record (`intent`, from the app's Lease) in its
+/// inventory, so the run knows what that one may have applied. An intent that cannot be read
+/// fails the run: guessing could forget an object, and a state written from the guess would
+/// keep it forgotten.
+pub fn absent_with_intent(app: &str, intent: Option<String>) -> Result<AppState, StateError> {
+    let mut st = AppState {
+        absent: true,
+        ..AppState::default()
+    };
+    let Some(text) = intent else {
+        return Ok(st);
+    };
+    let unreadable = |why: String| StateError {
+        app: app.to_string(),
+        step: "intent",
+        message: format!(
+            "annotation {} of Lease {}: {why}",
+            lease::ANNOTATION_INTENT,
+            object_name(app)
+        ),
+    };
+    if text.len() > lease::MAX_INTENT_BYTES {
+        return Err(unreadable(format!(
+            "{} bytes, more than the {} a run writes",
+            text.len(),
+            lease::MAX_INTENT_BYTES
+        )));
+    }
+    let ids: Vec<ObjectRef> = serde_json::from_str(&text)
+        .map_err(|e| unreadable(format!("not a list of objects: {e}")))?;
+    st.inventory = ids
+        .into_iter()
+        .map(|id| InventoryItem {
+            id,
+            hash: String::new(),
+        })
+        .collect();
+    Ok(st)
 }
 
 /// Annotation of an app's state ConfigMap: the directories its last render read (JSON array;

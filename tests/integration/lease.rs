@@ -504,39 +504,55 @@ async fn after_kill_9_the_restarted_process_applies_the_push() {
 }
 
 /// The lease of an app that has likely never run is created without a look first (one
-/// request on a cold start); one that exists after all is taken the ordinary way, or waited
-/// for while someone holds it.
+/// request on a cold start), carrying the run's intent; one that exists after all is not
+/// taken that way, and the ordinary take waits for its holder, then carries the intent on.
 #[tokio::test]
-async fn a_new_apps_lease_is_created_in_one_request_and_an_existing_one_still_respected() {
+async fn a_new_apps_lease_is_created_in_one_request_with_its_intent_and_an_existing_one_still_respected(
+) {
+    use driftless::reconcile::lease::{LeaseError, ANNOTATION_INTENT};
     let ns = TestNamespace::new("it-lease").await;
     let (client, calls) = crate::support::api_calls::counting_client().await;
+    let intent = r#"[{"api_version":"v1","kind":"ConfigMap","namespace":"x","name":"a"}]"#;
     let first = leases_of(&client, &ns.name, "replica-a", Duration::from_secs(5))
-        .acquire_new("demo")
+        .create_new("demo", Some(intent.to_string()))
         .await
         .unwrap();
     let made = calls.take();
     let lease_calls: Vec<&String> = made.iter().filter(|c| c.contains("/leases")).collect();
     assert_eq!(lease_calls.len(), 1, "one creation: {lease_calls:#?}");
     assert!(lease_calls[0].starts_with("POST "), "{lease_calls:#?}");
+    let leases: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    let written = leases.get(LEASE).await.unwrap();
+    assert_eq!(
+        written
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .get(ANNOTATION_INTENT)
+            .map(String::as_str),
+        Some(intent)
+    );
 
-    // Held by replica-a: replica-b's guess is wrong, and it must wait, then give up.
-    let second = leases_of(&client, &ns.name, "replica-b", Duration::from_secs(1))
-        .acquire_new("demo")
-        .await;
+    // Held by replica-a: replica-b's guess is wrong, and the ordinary take must wait, then
+    // give up.
+    let b = leases_of(&client, &ns.name, "replica-b", Duration::from_secs(1));
+    let second = b.create_new("demo", None).await;
     assert!(
-        matches!(
-            second,
-            Err(driftless::reconcile::lease::LeaseError::Held { .. })
-        ),
+        matches!(second, Err(LeaseError::Moved { .. })),
+        "replica-b created a Lease that exists"
+    );
+    let second = b.acquire("demo").await;
+    assert!(
+        matches!(second, Err(LeaseError::Held { .. })),
         "replica-b took a lease replica-a holds"
     );
-    // Released: replica-b takes it, though its creation meets the Lease that exists.
+    // Released: replica-b takes it, and the first run's intent stays on it.
     first.release().await;
     let second = leases_of(&client, &ns.name, "replica-b", Duration::from_secs(5))
-        .acquire_new("demo")
+        .acquire("demo")
         .await
         .expect("a released lease is taken");
-    let leases: Api<Lease> = Api::namespaced(ns.client.clone(), &ns.name);
+    assert_eq!(second.intent().as_deref(), Some(intent));
     assert_eq!(
         holder(&leases.get(LEASE).await.unwrap()).as_deref(),
         Some("replica-b")
@@ -639,5 +655,75 @@ async fn a_runs_record_releases_its_lease_without_a_lease_write() {
     .await
     .expect("the second run's record released the lease too");
     other.release().await;
+    env.cleanup().await;
+}
+
+/// A cold start (a sweep found no state for the app) makes two writes besides the app's
+/// objects: the Lease, created just before the first object with the run's intent on it,
+/// and the state, created with the run's record, which releases that Lease. Nothing is
+/// written before the Lease, and neither is written twice.
+#[tokio::test]
+async fn a_new_apps_first_run_creates_its_lease_with_the_intent_then_its_state_once() {
+    use driftless::reconcile::lease::ANNOTATION_INTENT;
+    let env = Env::new("github", "").await;
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let forges = driftless::forge::from_settings(&env.settings).unwrap();
+    let engine = Arc::new(Engine::new(client, forges, Arc::new(env.settings.clone())));
+    env.repo.write("app/a.yaml", &env.cm("a", "0"));
+    env.repo.write("app/b.yaml", &env.cm("b", "0"));
+    let first = env.repo.commit("first");
+    assert_eq!(engine.prefetch_states().await.unwrap(), 0);
+    calls.take();
+    env.push(&engine, &first).await.unwrap();
+    engine.settle().await;
+
+    let made = calls.take();
+    let writes: Vec<&String> = made
+        .iter()
+        .filter(|c| !c.starts_with("GET ") && !c.contains("dryRun"))
+        .collect();
+    let state_ns = format!("/namespaces/{}/", env.state_ns.name);
+    let (state_writes, object_writes): (Vec<&String>, Vec<&String>) =
+        writes.iter().partition(|c| c.contains(&state_ns));
+    assert_eq!(object_writes.len(), 2, "{writes:#?}");
+    assert_eq!(state_writes.len(), 2, "{writes:#?}");
+    assert!(
+        state_writes[0].starts_with("POST ") && state_writes[0].contains("/leases"),
+        "the Lease is created first: {writes:#?}"
+    );
+    assert!(
+        state_writes[1].starts_with("POST ") && state_writes[1].contains("/configmaps"),
+        "the state is created once, with the record: {writes:#?}"
+    );
+    let lease_at = writes.iter().position(|c| c.contains("/leases")).unwrap();
+    assert_eq!(
+        lease_at, 0,
+        "an object written before the Lease: {writes:#?}"
+    );
+
+    let leases: Api<Lease> = Api::namespaced(env.ns.client.clone(), &env.state_ns.name);
+    let lease = leases.get(LEASE).await.unwrap();
+    let intent = lease.metadata.annotations.unwrap_or_default()[ANNOTATION_INTENT].clone();
+    for name in ["a", "b"] {
+        assert!(intent.contains(&format!("\"name\":\"{name}\"")), "{intent}");
+    }
+    let st = state::load(&env.ns.client, &env.state_ns.name, "demo")
+        .await
+        .unwrap();
+    assert_eq!(st.revision.as_deref(), Some(first.as_str()));
+    assert_eq!(st.inventory.len(), 2);
+    assert!(st.inventory.iter().all(|i| !i.hash.is_empty()));
+    // The record released the Lease: another replica takes it at once.
+    leases_of(
+        &env.ns.client,
+        &env.state_ns.name,
+        "replica-b",
+        Duration::ZERO,
+    )
+    .acquire("demo")
+    .await
+    .expect("the first run's record released its Lease")
+    .release()
+    .await;
     env.cleanup().await;
 }

@@ -365,6 +365,44 @@ async fn a_failed_save_after_an_apply_loses_no_object() {
     env.cleanup().await;
 }
 
+/// A cold start writes its intent on the app's new Lease, not in a state: should the first
+/// run apply and then fail to record, the next run (another replica, nothing remembered) finds
+/// no state, reads the intent from the Lease, and prunes what left Git since.
+#[tokio::test]
+async fn a_first_run_that_cannot_record_leaves_its_intent_on_the_lease_and_loses_no_object() {
+    let env = Env::new("github", "").await;
+    let engine = env.engine();
+    env.repo.write("app/a.yaml", &env.cm("a", "v1"));
+    env.repo.write("app/b.yaml", &env.cm("b", "v1"));
+    let c1 = env.repo.commit("a and b");
+    assert_eq!(engine.prefetch_states().await.unwrap(), 0);
+    state::fail_next_save(&env.state_ns.name, "demo");
+    let e = env.push(&engine, &c1).await.unwrap_err();
+    assert!(matches!(e, ReconcileError::State(_)), "{e}");
+    engine.settle().await;
+    assert_eq!(
+        env.cm_value("b").await.as_deref(),
+        Some("v1"),
+        "b was applied"
+    );
+    let st = state::load_found(&env.ns.client, &env.state_ns.name, "demo")
+        .await
+        .unwrap();
+    assert!(st.is_none(), "the first run wrote a state: {st:?}");
+
+    // The next run also guesses the app is new; its Lease exists, so it goes the ordinary
+    // way and reads the intent there.
+    let engine = env.engine();
+    env.repo.remove("app/b.yaml");
+    let c2 = env.repo.commit("remove b");
+    assert_eq!(engine.prefetch_states().await.unwrap(), 0);
+    let r = env.push(&engine, &c2).await.unwrap();
+    assert_eq!(r.pruned, [env.id("ConfigMap", "b")]);
+    assert!(env.configmaps().get_opt("b").await.unwrap().is_none());
+    assert_eq!(env.cm_value("a").await.as_deref(), Some("v1"));
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_rejected_object_in_a_namespace_the_commit_creates_leaves_no_namespace() {
     let env = Env::new("github", "").await;
