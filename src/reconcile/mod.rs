@@ -325,26 +325,22 @@ impl Engine {
         self.take_prefetched(&app.name);
         self.ensure_state_namespace(&ns).await?;
         let mut slot_guard = self.slot(&app.name).lock_owned().await;
-        let slot = &mut *slot_guard;
 
         // The quick path: this replica released the lease last, so taking it back is one
         // conditional write, made while the forge is read, and the state it saved is current.
-        if let (Some(released), Some(mut st)) = (slot.lease.take(), slot.state.take()) {
+        if let (Some(released), Some(st)) = (slot_guard.lease.take(), slot_guard.state.take()) {
             let take = {
                 let (leases, app) = (self.leases(), app.name.clone());
                 tokio::spawn(async move { leases.take_released(&app, released).await })
             };
-            let mut run_lease = RunLease::Taking(take);
-            let r = self
-                .run_locked(&app, job, opts, &mut st, &mut run_lease, &mut slot.files)
-                .await;
-            // Moved: someone else held the app since; start again from the cluster's state.
-            if !matches!(
-                r,
-                Err(ReconcileError::Lease(lease::LeaseError::Moved { .. }))
-            ) {
-                self.finish_run(&app.name, run_lease, slot_guard, &r, st);
-                return r;
+            let run_lease = RunLease::Taking(take);
+            match self
+                .run_unless_moved(&app, job, opts, st, run_lease, slot_guard)
+                .await
+            {
+                Ok(r) => return r,
+                // Someone else held the app since; start again from the cluster's state.
+                Err(slot) => slot_guard = slot,
             }
         }
 
@@ -352,20 +348,16 @@ impl Engine {
         // first write, carrying its intent (a cold start writes one Lease and one state per
         // app). Should the Lease exist after all, nothing was written: the ordinary path.
         if likely_new {
-            let mut st = AppState {
+            let st = AppState {
                 absent: true,
                 ..AppState::default()
             };
-            let mut run_lease = RunLease::Deferred;
-            let r = self
-                .run_locked(&app, job, opts, &mut st, &mut run_lease, &mut slot.files)
-                .await;
-            if !matches!(
-                r,
-                Err(ReconcileError::Lease(lease::LeaseError::Moved { .. }))
-            ) {
-                self.finish_run(&app.name, run_lease, slot_guard, &r, st);
-                return r;
+            match self
+                .run_unless_moved(&app, job, opts, st, RunLease::Deferred, slot_guard)
+                .await
+            {
+                Ok(r) => return r,
+                Err(slot) => slot_guard = slot,
             }
         }
 
@@ -387,10 +379,42 @@ impl Engine {
             }
         };
         let r = self
-            .run_locked(&app, job, opts, &mut st, &mut run_lease, &mut slot.files)
+            .run_locked(
+                &app,
+                job,
+                opts,
+                &mut st,
+                &mut run_lease,
+                &mut slot_guard.files,
+            )
             .await;
         self.finish_run(&app.name, run_lease, slot_guard, &r, st);
         r
+    }
+
+    /// One run that may find it must start again the ordinary way, having written nothing:
+    /// the lease it took back moved, or the Lease it would create for a new app exists. Then
+    /// the app's slot comes back; otherwise the run's result, its lease let go.
+    async fn run_unless_moved(
+        &self,
+        app: &AppSettings,
+        job: &Job,
+        opts: RunOptions,
+        mut st: AppState,
+        mut run_lease: RunLease,
+        mut slot: tokio::sync::OwnedMutexGuard<AppSlot>,
+    ) -> Result<Result<RunReport, ReconcileError>, tokio::sync::OwnedMutexGuard<AppSlot>> {
+        let r = self
+            .run_locked(app, job, opts, &mut st, &mut run_lease, &mut slot.files)
+            .await;
+        if matches!(
+            r,
+            Err(ReconcileError::Lease(lease::LeaseError::Moved { .. }))
+        ) {
+            return Err(slot);
+        }
+        self.finish_run(&app.name, run_lease, slot, &r, st);
+        Ok(r)
     }
 
     /// A catch-up's report when the app's applied revision is its branch head, or no input of

@@ -561,6 +561,29 @@ async fn a_new_apps_lease_is_created_in_one_request_with_its_intent_and_an_exist
     ns.cleanup().await;
 }
 
+/// Another replica's take of app demo's lease that does not wait: it succeeds only if the
+/// lease is free now (released by a record, or handed back).
+async fn replica_b_takes_at_once(
+    env: &Env,
+) -> Result<driftless::reconcile::lease::LeaseGuard, driftless::reconcile::lease::LeaseError> {
+    leases_of(
+        &env.ns.client,
+        &env.state_ns.name,
+        "replica-b",
+        Duration::ZERO,
+    )
+    .acquire("demo")
+    .await
+}
+
+/// An engine for `env` whose every API request is recorded.
+async fn counting_engine(env: &Env) -> (Arc<Engine>, crate::support::api_calls::ApiCalls) {
+    let (client, calls) = crate::support::api_calls::counting_client().await;
+    let forges = driftless::forge::from_settings(&env.settings).unwrap();
+    let engine = Engine::new(client, forges, Arc::new(env.settings.clone()));
+    (Arc::new(engine), calls)
+}
+
 /// A run's final record is its last write under the app's lease, and it releases the lease
 /// itself: no Lease write follows it, and another replica takes the lease at once, without
 /// waiting for it to expire. An earlier run's record does not release a later holding: while
@@ -568,9 +591,7 @@ async fn a_new_apps_lease_is_created_in_one_request_with_its_intent_and_an_exist
 #[tokio::test]
 async fn a_runs_record_releases_its_lease_without_a_lease_write() {
     let env = Env::new("github", "health_timeout = \"300s\"").await;
-    let (client, calls) = crate::support::api_calls::counting_client().await;
-    let forges = driftless::forge::from_settings(&env.settings).unwrap();
-    let engine = Arc::new(Engine::new(client, forges, Arc::new(env.settings.clone())));
+    let (engine, calls) = counting_engine(&env).await;
     env.repo.write("app/b.yaml", &env.cm("b", "0"));
     let first = env.repo.commit("first");
     env.push(&engine, &first).await.unwrap();
@@ -609,15 +630,9 @@ async fn a_runs_record_releases_its_lease_without_a_lease_write() {
         driftless::reconcile::lease::token(&lease).as_ref(),
         "the record carries the lease's token"
     );
-    let other = leases_of(
-        &env.ns.client,
-        &env.state_ns.name,
-        "replica-b",
-        Duration::ZERO,
-    )
-    .acquire("demo")
-    .await
-    .expect("a lease its run's record released is taken at once");
+    let other = replica_b_takes_at_once(&env)
+        .await
+        .expect("a lease its run's record released is taken at once");
     assert_eq!(
         holder(&leases.get(LEASE).await.unwrap()).as_deref(),
         Some("replica-b")
@@ -645,15 +660,9 @@ async fn a_runs_record_releases_its_lease_without_a_lease_write() {
     complete_rollout(&env.ns.client, &env.ns.name).await;
     run.await.unwrap().unwrap();
     engine.settle().await;
-    let other = leases_of(
-        &env.ns.client,
-        &env.state_ns.name,
-        "replica-b",
-        Duration::ZERO,
-    )
-    .acquire("demo")
-    .await
-    .expect("the second run's record released the lease too");
+    let other = replica_b_takes_at_once(&env)
+        .await
+        .expect("the second run's record released the lease too");
     other.release().await;
     env.cleanup().await;
 }
@@ -666,9 +675,7 @@ async fn a_runs_record_releases_its_lease_without_a_lease_write() {
 async fn a_new_apps_first_run_creates_its_lease_with_the_intent_then_its_state_once() {
     use driftless::reconcile::lease::ANNOTATION_INTENT;
     let env = Env::new("github", "").await;
-    let (client, calls) = crate::support::api_calls::counting_client().await;
-    let forges = driftless::forge::from_settings(&env.settings).unwrap();
-    let engine = Arc::new(Engine::new(client, forges, Arc::new(env.settings.clone())));
+    let (engine, calls) = counting_engine(&env).await;
     env.repo.write("app/a.yaml", &env.cm("a", "0"));
     env.repo.write("app/b.yaml", &env.cm("b", "0"));
     let first = env.repo.commit("first");
@@ -714,16 +721,10 @@ async fn a_new_apps_first_run_creates_its_lease_with_the_intent_then_its_state_o
     assert_eq!(st.inventory.len(), 2);
     assert!(st.inventory.iter().all(|i| !i.hash.is_empty()));
     // The record released the Lease: another replica takes it at once.
-    leases_of(
-        &env.ns.client,
-        &env.state_ns.name,
-        "replica-b",
-        Duration::ZERO,
-    )
-    .acquire("demo")
-    .await
-    .expect("the first run's record released its Lease")
-    .release()
-    .await;
+    replica_b_takes_at_once(&env)
+        .await
+        .expect("the first run's record released its Lease")
+        .release()
+        .await;
     env.cleanup().await;
 }
