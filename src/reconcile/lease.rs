@@ -288,7 +288,9 @@ impl Leases {
         self.timing
     }
 
-    fn body(&self, name: &str, resource_version: Option<String>) -> Lease {
+    /// The Lease this identity writes to take `name`: conditional on `resource_version`
+    /// (`None` to create it), carrying a first run's `intent` (see [`ANNOTATION_INTENT`]).
+    fn body(&self, name: &str, resource_version: Option<String>, intent: Option<&str>) -> Lease {
         let now = MicroTime(Timestamp::now());
         let mut lease: Lease = serde_json::from_value(serde_json::json!({
             "apiVersion": "coordination.k8s.io/v1",
@@ -301,6 +303,10 @@ impl Leases {
         }))
         .expect("a static Lease");
         lease.metadata.resource_version = resource_version;
+        if let Some(intent) = intent {
+            lease.metadata.annotations =
+                Some([(ANNOTATION_INTENT.to_string(), intent.to_string())].into());
+        }
         if let Some(spec) = lease.spec.as_mut() {
             spec.acquire_time = Some(now.clone());
             spec.renew_time = Some(now);
@@ -329,7 +335,7 @@ impl Leases {
             app: app.to_string(),
         };
         let claim = Claim::take(&self.namespace, &name, &self.identity).ok_or_else(moved)?;
-        let body = self.body(&name, released.metadata.resource_version.clone());
+        let body = self.body(&name, released.metadata.resource_version.clone(), None);
         let sent = Instant::now();
         match self.api.replace(&name, &PostParams::default(), &body).await {
             Ok(lease) => Ok(self.hold(name, lease, sent, claim)),
@@ -377,10 +383,7 @@ impl Leases {
             app: app.to_string(),
         };
         let claim = Claim::take(&self.namespace, &name, &self.identity).ok_or_else(moved)?;
-        let mut body = self.body(&name, None);
-        if let Some(intent) = intent {
-            body.metadata.annotations = Some([(ANNOTATION_INTENT.to_string(), intent)].into());
-        }
+        let body = self.body(&name, None, intent.as_deref());
         let sent = Instant::now();
         match self.api.create(&PostParams::default(), &body).await {
             Ok(lease) => Ok(self.hold(name, lease, sent, claim)),
@@ -408,7 +411,7 @@ impl Leases {
             let attempt = match &current {
                 None => {
                     self.api
-                        .create(&PostParams::default(), &self.body(name, None))
+                        .create(&PostParams::default(), &self.body(name, None, None))
                         .await
                 }
                 Some(lease) => {
@@ -421,11 +424,8 @@ impl Leases {
                     if !free {
                         return Ok(Err(holder.to_string()));
                     }
-                    let mut body = self.body(name, lease.metadata.resource_version.clone());
-                    if let Some(intent) = intent_of(lease) {
-                        body.metadata.annotations =
-                            Some([(ANNOTATION_INTENT.to_string(), intent.to_string())].into());
-                    }
+                    let version = lease.metadata.resource_version.clone();
+                    let body = self.body(name, version, intent_of(lease));
                     self.api.replace(name, &PostParams::default(), &body).await
                 }
             };

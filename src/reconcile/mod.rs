@@ -348,10 +348,7 @@ impl Engine {
         // first write, carrying its intent (a cold start writes one Lease and one state per
         // app). Should the Lease exist after all, nothing was written: the ordinary path.
         if likely_new {
-            let st = AppState {
-                absent: true,
-                ..AppState::default()
-            };
+            let st = state::absent_with_intent(&app.name, None)?;
             match self
                 .run_unless_moved(&app, job, opts, st, RunLease::Deferred, slot_guard)
                 .await
