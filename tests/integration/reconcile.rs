@@ -342,6 +342,8 @@ async fn one_invalid_object_writes_nothing_and_fails_the_commit() {
         )),
         "{msg}"
     );
+    // The API server's own reason (its Status message), not only that it failed.
+    assert!(msg.contains("replicas"), "{msg}");
     // Nothing was written: a keeps v1, b does not exist.
     assert_eq!(env.cm_value("a").await.as_deref(), Some("v1"));
     assert!(env.configmaps().get_opt("b").await.unwrap().is_none());
