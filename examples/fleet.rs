@@ -569,29 +569,23 @@ struct Backlog {
 
 impl Backlog {
     async fn now(client: &Client) -> anyhow::Result<Self> {
-        async fn count(client: &Client, ar: ApiResource, p: ListParams) -> anyhow::Result<usize> {
+        use k8s_openapi::api::core::v1::{Endpoints, Secret, Service, ServiceAccount};
+        async fn count(client: &Client, ar: ApiResource, p: &ListParams) -> anyhow::Result<usize> {
             let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
-            Ok(api.list_metadata(&p).await?.items.len())
+            Ok(api.list_metadata(p).await?.items.len())
         }
-        let ar = |group: &str, version: &str, kind: &str, plural: &str| {
-            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural)
-        };
+        // Served as v1beta1 by the test control plane (1.20), which k8s-openapi has no type for.
+        let slice = GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice");
+        let slice = ApiResource::from_gvk_with_plural(&slice, "endpointslices");
         // The benchmark's Services only: the `kubernetes` one has no Endpoints here.
         let ours = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=driftless"));
         let all = ListParams::default();
         let token = ListParams::default().fields("type=kubernetes.io/service-account-token");
-        let slice = ar(
-            "discovery.k8s.io",
-            "v1beta1",
-            "EndpointSlice",
-            "endpointslices",
-        );
-        let services = count(client, ar("", "v1", "Service", "services"), ours).await?;
-        let endpoints = count(client, ar("", "v1", "Endpoints", "endpoints"), all.clone()).await?;
-        let slices = count(client, slice, all.clone()).await?;
-        let accounts = ar("", "v1", "ServiceAccount", "serviceaccounts");
-        let accounts = count(client, accounts, all).await?;
-        let tokens = count(client, ar("", "v1", "Secret", "secrets"), token).await?;
+        let services = count(client, ApiResource::erase::<Service>(&()), &ours).await?;
+        let endpoints = count(client, ApiResource::erase::<Endpoints>(&()), &all).await?;
+        let slices = count(client, slice, &all).await?;
+        let accounts = count(client, ApiResource::erase::<ServiceAccount>(&()), &all).await?;
+        let tokens = count(client, ApiResource::erase::<Secret>(&()), &token).await?;
         Ok(Backlog {
             endpoints: services.saturating_sub(endpoints),
             slices: services.saturating_sub(slices),
@@ -604,27 +598,23 @@ impl Backlog {
 /// caught up (see [`Backlog`]); `what` names the step in a line saying how long that took.
 async fn caught_up(client: &Client, what: &str) {
     let started = Instant::now();
-    let mut last = None;
+    let mut left = None;
     while started.elapsed() < Duration::from_secs(900) {
         match Backlog::now(client).await {
             Ok(b) if b == Backlog::default() => {
-                last = Some(b);
-                break;
+                let secs = started.elapsed().as_secs_f64();
+                eprintln!("fleet: controllers caught up by {what} in {secs:.0} s");
+                return;
             }
-            Ok(b) => last = Some(b),
+            Ok(b) => left = Some(b),
             Err(e) => eprintln!("fleet: controllers' backlog unknown: {e}"),
         }
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
-    let secs = started.elapsed().as_secs_f64();
-    match last {
-        Some(b) if b == Backlog::default() => {
-            eprintln!("fleet: controllers caught up by {what} in {secs:.0} s")
-        }
-        left => eprintln!(
-            "fleet: controllers still behind by {what} after {secs:.0} s, measuring anyway: {left:?}"
-        ),
-    }
+    eprintln!(
+        "fleet: controllers still behind by {what} after {:.0} s, measuring anyway: {left:?}",
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// CPU seconds the whole machine has spent since boot: the first line of /proc/stat, all but
@@ -792,20 +782,33 @@ impl Fleet {
         all
     }
 
-    /// Runs a child as [`run_measured`] does, once the machine is quiet.
+    /// Runs a child as [`run_measured`] does, once the cluster has settled (see
+    /// [`Self::settle`]).
     async fn run_measured(
         &self,
         program: &Path,
         args: &[&str],
         log: &str,
     ) -> anyhow::Result<Measured> {
-        self.quiet(log).await;
+        self.settle(log).await;
         run_measured(program, args, &self.kubeconfig, &self.work.join(log)).await
+    }
+
+    /// Fails unless every object of the apps is in the cluster under the namespaces of
+    /// `prefix` (`what` names that copy in the error).
+    async fn ensure_all_objects(&self, prefix: &str, what: &str) -> anyhow::Result<()> {
+        let expected = self.apps * OBJECTS_PER_APP;
+        let found = count_objects(&self.client, prefix, self.apps).await?;
+        ensure!(
+            found == expected,
+            "{what}: {found} of {expected} objects in the cluster"
+        );
+        Ok(())
     }
 
     /// Waits until the controller-manager has caught up with the objects written so far
     /// (see [`caught_up`]), then until the machine is quiet (see [`quiet`]).
-    async fn quiet(&self, log: &str) {
+    async fn settle(&self, log: &str) {
         caught_up(&self.client, log).await;
         quiet(log).await;
     }
@@ -821,7 +824,7 @@ impl Fleet {
         args: &[&str],
         log: &str,
     ) -> anyhow::Result<(Measured, ServerWork, ServerWork)> {
-        self.quiet(log).await;
+        self.settle(log).await;
         let before = ServerWork::now(&self.client).await?;
         let measured = run_measured(program, args, &self.kubeconfig, &self.work.join(log)).await?;
         quiet(log).await;
@@ -891,11 +894,7 @@ impl Fleet {
             floor_apply.secs(),
             floor_apply.mib()
         );
-        let floor_count = count_objects(&self.client, floor, apps).await?;
-        ensure!(
-            floor_count == expected,
-            "floor: {floor_count} of {expected} objects in the cluster"
-        );
+        self.ensure_all_objects(floor, "floor").await?;
 
         // The dry-run half of a cold reconcile's floor: the same objects dry-run into
         // driftless's namespaces, empty still, so each is the dry-run of a creation.
@@ -952,11 +951,8 @@ impl Fleet {
             )
             .await?;
         eprintln!("fleet: floor applied again in {:.1} s", floor_again.secs());
-        let again_count = count_objects(&self.client, &self.floor_after, apps).await?;
-        ensure!(
-            again_count == expected,
-            "floor after: {again_count} of {expected} objects in the cluster"
-        );
+        self.ensure_all_objects(&self.floor_after, "floor after")
+            .await?;
         let floor_mean = (floor_apply.secs() + floor_again.secs()) / 2.0;
 
         let cold_forge = ForgeUse::take(sim);
@@ -1208,7 +1204,7 @@ impl Fleet {
                 "{settings}[server]\nlisten = \"127.0.0.1:{port}\"\n[drift]\ninterval = \"0s\"\n"
             ),
         )?;
-        self.quiet("serve restart").await;
+        self.settle("serve restart").await;
         let before = self.versions().await?;
         let log = self.work.join("serve.log");
         let started = Instant::now();
