@@ -6,7 +6,7 @@
 //! previews, the oldest going first.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::sync::{Arc, Mutex};
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use super::report::{AppOutcome, PullRequestPreview};
+use crate::reconcile::desired::gzip_json;
 use crate::reconcile::{state, LABEL_MANAGED_BY};
 use crate::status_pages::{esc, page, wants_json};
 
@@ -166,12 +167,7 @@ fn object_name(key: &str) -> String {
 /// The preview compressed, cut down until it fits [`MAX_STORED_BYTES`]; `None` if even
 /// without diffs it does not.
 fn pack(p: &PullRequestPreview) -> Option<Vec<u8>> {
-    let gz = |p: &PullRequestPreview| -> Option<Vec<u8>> {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        serde_json::to_writer(&mut gz, p).ok()?;
-        gz.flush().ok()?;
-        gz.finish().ok()
-    };
+    let gz = |p: &PullRequestPreview| gzip_json(p).ok();
     let whole = gz(p)?;
     if whole.len() <= MAX_STORED_BYTES {
         return Some(whole);

@@ -491,16 +491,13 @@ impl Kept {
 /// to a 1,000-object app writes tens of KiB instead of hundreds.
 fn encode(st: &AppState) -> Result<String, std::io::Error> {
     use base64::Engine as _;
-    use std::io::Write as _;
     let mut v = serde_json::to_value(st)?;
     let inventory = v
         .as_object_mut()
         .and_then(|o| o.remove("inventory"))
         .unwrap_or_default();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&serde_json::to_vec(&inventory)?)?;
-    v["inventory_gz"] =
-        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(gz.finish()?));
+    let packed = super::desired::gzip_json(&inventory)?;
+    v["inventory_gz"] = serde_json::json!(base64::engine::general_purpose::STANDARD.encode(packed));
     Ok(serde_json::to_string(&v)?)
 }
 
