@@ -776,10 +776,16 @@ struct Fleet {
 impl Fleet {
     fn all_namespaces(&self) -> Vec<String> {
         let mut all = vec![self.state_ns.clone()];
-        all.extend(namespaces(&self.ours, self.apps));
-        all.extend(namespaces(&self.floor, self.apps));
-        all.extend(namespaces(&self.floor_after, self.apps));
+        all.extend(self.app_namespaces());
         all
+    }
+
+    /// The namespaces of the apps' copies: driftless's, the floor's and the floor's second.
+    fn app_namespaces(&self) -> Vec<String> {
+        [&self.ours, &self.floor, &self.floor_after]
+            .into_iter()
+            .flat_map(|prefix| namespaces(prefix, self.apps))
+            .collect()
     }
 
     /// Runs a child as [`run_measured`] does, once the cluster has settled (see
@@ -865,12 +871,8 @@ impl Fleet {
         let config = config.to_str().context("temporary path")?.to_string();
         // The app namespaces exist beforehand, as they would in a cluster driftless is given;
         // the state namespace is driftless's to create.
-        for ns in namespaces(ours, apps)
-            .iter()
-            .chain(&namespaces(floor, apps))
-            .chain(&namespaces(&self.floor_after, apps))
-        {
-            apply_namespace(&self.client, ns).await?;
+        for ns in self.app_namespaces() {
+            apply_namespace(&self.client, &ns).await?;
         }
         let expected = apps * OBJECTS_PER_APP;
         eprintln!(
@@ -927,11 +929,8 @@ impl Fleet {
             cold.secs(),
             cold.mib()
         );
-        let ours_count = count_objects(&self.client, ours, apps).await?;
-        ensure!(
-            ours_count == expected,
-            "driftless: {ours_count} of {expected} objects in the cluster after `drift --once`"
-        );
+        self.ensure_all_objects(ours, "driftless after `drift --once`")
+            .await?;
         let in_sync = in_sync_count;
         ensure!(
             in_sync(&cold) == apps,

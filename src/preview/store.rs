@@ -18,7 +18,6 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use super::report::{AppOutcome, PullRequestPreview};
-use crate::reconcile::desired::gzip_json;
 use crate::reconcile::{state, LABEL_MANAGED_BY};
 use crate::status_pages::{esc, page, wants_json};
 
@@ -167,8 +166,7 @@ fn object_name(key: &str) -> String {
 /// The preview compressed, cut down until it fits [`MAX_STORED_BYTES`]; `None` if even
 /// without diffs it does not.
 fn pack(p: &PullRequestPreview) -> Option<Vec<u8>> {
-    let gz = |p: &PullRequestPreview| gzip_json(p).ok();
-    let whole = gz(p)?;
+    let whole = state::gzip_json(p).ok()?;
     if whole.len() <= MAX_STORED_BYTES {
         return Some(whole);
     }
@@ -185,7 +183,9 @@ fn pack(p: &PullRequestPreview) -> Option<Vec<u8>> {
                 o.diff = kept;
             }
         }
-        gz(&cut).filter(|b| b.len() <= MAX_STORED_BYTES)
+        state::gzip_json(&cut)
+            .ok()
+            .filter(|b| b.len() <= MAX_STORED_BYTES)
     })
 }
 

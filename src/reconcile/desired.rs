@@ -8,7 +8,7 @@
 //! copy made from anything else is never used. Up to [`MAX_INLINE_BYTES`] they sit in the
 //! app's state ConfigMap (read with it, written with it); larger, in parts of their own.
 
-use std::io::{Read as _, Write as _};
+use std::io::Read as _;
 use std::ops::Range;
 
 use base64::Engine as _;
@@ -158,19 +158,8 @@ pub fn pack_objects(address: &str, objects: &[Object]) -> Option<Vec<u8>> {
             })
             .collect(),
     };
-    let bytes = gzip_json(&packed).ok()?;
+    let bytes = state::gzip_json(&packed).ok()?;
     (bytes.len() <= PART_BYTES * MAX_PARTS).then_some(bytes)
-}
-
-/// `value` as JSON, gzip-compressed. The JSON is made whole before it is compressed:
-/// serde_json writes in small pieces, and flate2 initializes its encoder's 32 KiB output
-/// buffer on every write, which was a sixth of a cold start's own CPU when the packing of
-/// each app's objects wrote straight into the encoder.
-pub(crate) fn gzip_json<T: Serialize + ?Sized>(value: &T) -> std::io::Result<Vec<u8>> {
-    let json = serde_json::to_vec(value)?;
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&json)?;
-    gz.finish()
 }
 
 /// The objects kept under `address`, decompressing at most `limit` bytes. A copy of an
@@ -366,9 +355,7 @@ mod tests {
     }
 
     fn gzip_json(v: Value) -> Vec<u8> {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        serde_json::to_writer(&mut gz, &v).unwrap();
-        gz.finish().unwrap()
+        state::gzip_json(&v).unwrap()
     }
 
     #[test]
