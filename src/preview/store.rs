@@ -6,7 +6,6 @@
 //! previews, the oldest going first.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::Read as _;
 use std::sync::{Arc, Mutex};
 
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -34,7 +33,7 @@ const DATA_KEY: &str = "preview.json.gz";
 /// is kept with its diffs cut.
 const MAX_STORED_BYTES: usize = 900 * 1024;
 /// Bytes a stored preview may expand to when read back.
-const MAX_EXPANDED_BYTES: u64 = 64 << 20;
+const MAX_EXPANDED_BYTES: usize = 64 << 20;
 /// Lines each diff keeps when a preview is cut to fit, tried in turn.
 const CUT_LINES: [usize; 3] = [200, 20, 0];
 
@@ -190,14 +189,7 @@ fn pack(p: &PullRequestPreview) -> Option<Vec<u8>> {
 }
 
 fn unpack(bytes: &[u8]) -> Result<PullRequestPreview, String> {
-    let mut json = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .take(MAX_EXPANDED_BYTES + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| e.to_string())?;
-    if json.len() as u64 > MAX_EXPANDED_BYTES {
-        return Err(format!("expands to more than {MAX_EXPANDED_BYTES} bytes"));
-    }
+    let json = state::gunzip_bounded(bytes, MAX_EXPANDED_BYTES)?;
     serde_json::from_slice(&json).map_err(|e| e.to_string())
 }
 

@@ -8,7 +8,6 @@
 //! copy made from anything else is never used. Up to [`MAX_INLINE_BYTES`] they sit in the
 //! app's state ConfigMap (read with it, written with it); larger, in parts of their own.
 
-use std::io::Read as _;
 use std::ops::Range;
 
 use base64::Engine as _;
@@ -165,16 +164,7 @@ pub fn pack_objects(address: &str, objects: &[Object]) -> Option<Vec<u8>> {
 /// The objects kept under `address`, decompressing at most `limit` bytes. A copy of an
 /// earlier version (the files' text) is parsed as the files were.
 pub fn unpack(bytes: &[u8], address: &str, limit: usize) -> Result<Vec<Object>, DesiredError> {
-    let mut json = Vec::new();
-    flate2::read::GzDecoder::new(bytes)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut json)
-        .map_err(|e| DesiredError::Corrupt(e.to_string()))?;
-    if json.len() > limit {
-        return Err(DesiredError::Corrupt(format!(
-            "expands to more than {limit} bytes"
-        )));
-    }
+    let json = state::gunzip_bounded(bytes, limit).map_err(DesiredError::Corrupt)?;
     let packed: Packed =
         serde_json::from_slice(&json).map_err(|e| DesiredError::Corrupt(e.to_string()))?;
     if packed.address != address {

@@ -32,6 +32,9 @@ pub const MAX_DRIFT_BYTES: usize = 64 * 1024;
 /// for the keys.
 pub const MAX_STATE_BYTES: usize =
     1024 * 1024 - MAX_DRIFT_BYTES - super::desired::MAX_INLINE_BYTES * 4 / 3 - 1024;
+/// Bytes a packed inventory may expand to (its JSON) when read; [`check_fits`] refuses a
+/// state whose inventory would expand further, so every state written can be read back.
+pub const MAX_INVENTORY_JSON_BYTES: usize = 32 << 20;
 /// State ConfigMaps read per page of a bulk read: a page of small apps is a few MiB.
 pub const LIST_PAGE: u32 = 250;
 
@@ -232,27 +235,41 @@ pub const STEP_SIZE: &str = "size";
 /// Called before a run writes anything, with the largest state the run could leave behind, so
 /// no object is ever applied that could not then be recorded (and so never pruned).
 pub fn check_fits(app: &str, state: &AppState) -> Result<(), StateError> {
+    let error = |step, message: String| StateError {
+        app: app.to_string(),
+        step,
+        message,
+    };
+    let encoding = |e: serde_json::Error| error("encode", e.to_string());
+    let objects = state.inventory.len();
+    let expanded = serde_json::to_vec(&state.inventory)
+        .map_err(encoding)?
+        .len();
+    if expanded > MAX_INVENTORY_JSON_BYTES {
+        return Err(error(
+            STEP_SIZE,
+            format!(
+                "the inventory of {objects} objects would expand to {expanded} bytes, over the \
+                 {MAX_INVENTORY_JSON_BYTES} bytes a read unpacks; nothing was applied (split \
+                 the app into smaller apps)"
+            ),
+        ));
+    }
     let size = encode(&AppState {
         drift: None,
         ..state.clone()
     })
-    .map_err(|e| StateError {
-        app: app.to_string(),
-        step: "encode",
-        message: e.to_string(),
-    })?
+    .map_err(|e| error("encode", e.to_string()))?
     .len();
     if size > MAX_STATE_BYTES {
-        return Err(StateError {
-            app: app.to_string(),
-            step: STEP_SIZE,
-            message: format!(
-                "the state of {} objects would take {size} bytes, over the {MAX_STATE_BYTES} \
-                 bytes one ConfigMap can hold beside the drift record; nothing was applied \
-                 (split the app into smaller apps)",
-                state.inventory.len()
+        return Err(error(
+            STEP_SIZE,
+            format!(
+                "the state of {objects} objects would take {size} bytes, over the \
+                 {MAX_STATE_BYTES} bytes one ConfigMap can hold beside the drift record; \
+                 nothing was applied (split the app into smaller apps)"
             ),
-        });
+        ));
     }
     Ok(())
 }
@@ -498,6 +515,21 @@ pub(crate) fn gzip_json<T: Serialize + ?Sized>(value: &T) -> std::io::Result<Vec
     gz.finish()
 }
 
+/// `bytes` gzip-decompressed, failing once they expand past `limit` bytes: everything read
+/// back from the cluster is bounded, so a corrupt or hostile copy cannot fill memory.
+pub(crate) fn gunzip_bounded(bytes: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    if out.len() > limit {
+        return Err(format!("expands to more than {limit} bytes"));
+    }
+    Ok(out)
+}
+
 /// The stored form of a run record: the inventory (one entry per object, the bulk of the
 /// state of a large app) gzip-compressed and base64-encoded under `inventory_gz`, so a push
 /// to a 1,000-object app writes tens of KiB instead of hundreds.
@@ -541,13 +573,10 @@ fn decode_packed(text: &str) -> Result<(AppState, PackedInventory), String> {
 /// `st` with the inventory packed in `packed` (`inventory_gz`, base64-decoded), if any,
 /// unpacked into it.
 fn with_inventory(mut st: AppState, packed: PackedInventory) -> Result<AppState, String> {
-    use std::io::Read as _;
     let Some(packed) = packed else {
         return Ok(st);
     };
-    let mut json = Vec::new();
-    flate2::read::GzDecoder::new(&packed[..])
-        .read_to_end(&mut json)
+    let json = gunzip_bounded(&packed, MAX_INVENTORY_JSON_BYTES)
         .map_err(|e| format!("inventory_gz: {e}"))?;
     st.inventory = serde_json::from_slice(&json).map_err(|e| format!("inventory_gz: {e}"))?;
     Ok(st)
@@ -1141,6 +1170,61 @@ mod tests {
         let e = check_fits("big", &st).unwrap_err().to_string();
         assert!(
             e.starts_with("state of app big (size): the state of 20000 objects would take "),
+            "{e}"
+        );
+        assert!(e.contains("nothing was applied"), "{e}");
+    }
+
+    #[test]
+    fn a_packed_inventory_is_read_only_up_to_its_bound() {
+        // A few KiB of gzip that expands past the bound (valid JSON: an empty list padded with
+        // spaces) is refused, naming the key, before it can fill memory.
+        let mut padded = vec![b' '; MAX_INVENTORY_JSON_BYTES];
+        padded[0] = b'[';
+        padded.push(b']');
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut gz, &padded).unwrap();
+        let bomb = gz.finish().unwrap();
+        assert!(bomb.len() < 64 * 1024, "{} bytes", bomb.len());
+        let kept = Kept {
+            state: AppState::default(),
+            inventory_gz: Some(bomb.into_boxed_slice()),
+            stored: None,
+        };
+        let e = kept.unpack("web").unwrap_err();
+        assert_eq!((e.app.as_str(), e.step), ("web", "parse"));
+        assert!(
+            e.message.starts_with("inventory_gz: expands to more than "),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn a_state_whose_inventory_would_expand_past_the_read_bound_is_refused() {
+        // Entries alike but for their names pack small enough for the ConfigMap, yet expand
+        // past what a read unpacks: the run must refuse them before applying anything, or it
+        // would leave a state no later run can read.
+        let mut st = sample(0);
+        let kind = "K".repeat(1400);
+        let n = MAX_INVENTORY_JSON_BYTES / 1400 + 1;
+        st.inventory = (0..n)
+            .map(|i| InventoryItem {
+                id: ObjectRef {
+                    api_version: "v1".into(),
+                    kind: kind.clone(),
+                    namespace: Some("web".into()),
+                    name: format!("n{i}"),
+                },
+                hash: String::new(),
+            })
+            .collect();
+        assert!(encode(&st).unwrap().len() <= MAX_STATE_BYTES);
+        let e = check_fits("big", &st).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "state of app big (size): the inventory of {n} objects would expand to "
+            )),
             "{e}"
         );
         assert!(e.contains("nothing was applied"), "{e}");
