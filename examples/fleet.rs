@@ -13,6 +13,9 @@
 //! for each Service) and the machine is quiet.
 //! The floor apply runs again after the cold reconcile (into a third copy of the namespaces)
 //! and the cold reconcile is set against the mean of the two, as the machine's speed drifts.
+//! Further cold rounds (FLEET_COLD_ROUNDS in all, 3 unless set) each reconcile every app into
+//! namespaces of their own and are followed by a floor apply of their own; the row gives the
+//! round of the median ratio and lists every round.
 //! Every object is counted in the cluster afterwards; a missing one fails the benchmark. The
 //! GitHub requests of each sweep are counted too: the simulator enforces a token's 5,000 an
 //! hour, as GitHub does.
@@ -199,6 +202,9 @@ fn measure(out: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
     std::process::exit(status.code().unwrap_or(128));
 }
 
+/// Cold reconciles taken, each into namespaces of its own between two floor applies
+/// (FLEET_COLD_ROUNDS changes it): one ratio moves by about ±20% with this machine's speed.
+const COLD_ROUNDS: usize = 3;
 /// Steady sweeps taken, each beside a floor read (FLEET_REPEATS changes it).
 const REPEATS: usize = 5;
 /// Sweeps taken after a commit to one app, each to another app (FLEET_COMMITS changes it).
@@ -214,6 +220,10 @@ fn count_from_env(name: &str, default: usize) -> anyhow::Result<usize> {
     };
     ensure!(n >= 1, "{name}: at least one run is needed");
     Ok(n)
+}
+
+fn cold_rounds() -> anyhow::Result<usize> {
+    count_from_env("FLEET_COLD_ROUNDS", COLD_ROUNDS)
 }
 
 fn repeats() -> anyhow::Result<usize> {
@@ -292,6 +302,59 @@ impl std::fmt::Display for ForgeUse {
 /// which driftless would wait out for an hour. The cold row says which.
 fn rate_limit_for(apps: usize) -> u64 {
     RATE_LIMIT.max(COLD_REQUESTS_PER_APP * apps as u64 + 100)
+}
+
+/// The cold rounds: each round's reconcile set against the mean of the floor apply just
+/// before it and the one just after it.
+struct ColdRounds {
+    /// Per round: the reconcile's, the floor before's and the floor after's seconds.
+    secs: Vec<(f64, f64, f64)>,
+    /// The largest peak RSS of the rounds' reconciles, MiB.
+    peak_mib: f64,
+}
+
+impl ColdRounds {
+    /// `floors` holds one more run than `colds`: the floor before each round, then the last
+    /// round's floor after.
+    fn new(colds: &[Measured], floors: &[Measured]) -> ColdRounds {
+        ColdRounds {
+            secs: colds
+                .iter()
+                .zip(floors.windows(2))
+                .map(|(c, f)| (c.secs(), f[0].secs(), f[1].secs()))
+                .collect(),
+            peak_mib: colds.iter().map(Measured::mib).fold(0.0, f64::max),
+        }
+    }
+
+    fn ratios(&self) -> Vec<f64> {
+        self.secs
+            .iter()
+            .map(|(c, a, b)| c / ((a + b) / 2.0))
+            .collect()
+    }
+
+    /// The round of the median ratio: its reconcile's, floor before's and after's seconds.
+    fn median(&self) -> (f64, f64, f64) {
+        self.secs[median_index(&self.ratios())]
+    }
+
+    /// "64.3 s against 27.2 s and 31.2 s (2.20×), ..." in the rounds' order.
+    fn describe(&self) -> String {
+        self.secs
+            .iter()
+            .zip(self.ratios())
+            .map(|((c, a, b), r)| format!("{c:.1} s against {a:.1} s and {b:.1} s ({r:.2}×)"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The namespaces of a further cold round (see [`Fleet::round_names`]).
+struct RoundNames {
+    ours: String,
+    state_ns: String,
+    floor_after: String,
 }
 
 /// What `--measure` recorded about one child.
@@ -726,7 +789,8 @@ async fn bench() -> anyhow::Result<()> {
         gitlab_token: "t".into(),
     })
     .await?;
-    sim.set_github_rate_limit(rate_limit_for(apps));
+    let cold_rounds = cold_rounds()?;
+    sim.set_github_rate_limit(rate_limit_for(apps * cold_rounds));
     let fleet = Fleet {
         client: client.clone(),
         work: work.path().to_path_buf(),
@@ -737,6 +801,7 @@ async fn bench() -> anyhow::Result<()> {
         floor: format!("fleet-{id}-f"),
         floor_after: format!("fleet-{id}-g"),
         state_ns: format!("fleet-{id}-state"),
+        cold_rounds,
     };
     let result = fleet.run(&sim).await;
     // Namespaces finish deleting in the background (the controller manager empties them).
@@ -771,21 +836,110 @@ struct Fleet {
     /// The floor's second copy, applied after the cold reconcile (see [`Fleet::run`]).
     floor_after: String,
     state_ns: String,
+    /// Cold reconciles taken: the first into `ours`, each further one `k` into copies of
+    /// its own (see [`Fleet::round_names`]).
+    cold_rounds: usize,
 }
 
 impl Fleet {
     fn all_namespaces(&self) -> Vec<String> {
-        let mut all = vec![self.state_ns.clone()];
+        let mut all: Vec<String> = (2..=self.cold_rounds)
+            .map(|k| self.round_names(k).state_ns)
+            .collect();
+        all.push(self.state_ns.clone());
         all.extend(self.app_namespaces());
         all
     }
 
-    /// The namespaces of the apps' copies: driftless's, the floor's and the floor's second.
+    /// The namespaces of the apps' copies: driftless's, the floor's and the floor's second,
+    /// and those of the further cold rounds.
     fn app_namespaces(&self) -> Vec<String> {
+        let rounds = (2..=self.cold_rounds).flat_map(|k| {
+            let names = self.round_names(k);
+            [names.ours, names.floor_after]
+        });
         [&self.ours, &self.floor, &self.floor_after]
             .into_iter()
-            .flat_map(|prefix| namespaces(prefix, self.apps))
+            .cloned()
+            .chain(rounds)
+            .flat_map(|prefix| namespaces(&prefix, self.apps))
             .collect()
+    }
+
+    /// Where cold round `k` (from 2) works: driftless's copy of the apps, its state namespace
+    /// and the floor's copy applied after it.
+    fn round_names(&self, k: usize) -> RoundNames {
+        RoundNames {
+            ours: format!("{}{k}", self.ours),
+            state_ns: format!("{}{k}", self.state_ns),
+            floor_after: format!("{}{k}", self.floor_after),
+        }
+    }
+
+    /// driftless's settings for the apps in namespaces `ours`, state kept in `state_ns`.
+    fn settings(&self, sim: &ForgeSimulator, ours: &str, state_ns: &str) -> String {
+        let token = self.work.join("token");
+        let mut settings = format!(
+            "[kubernetes]\nstate_namespace = \"{state_ns}\"\n[forges.github]\napi_url = \"{}\"\ntoken_file = \"{t}\"\nwebhook_secret_file = \"{t}\"\n",
+            sim.github_api_url(),
+            t = token.display()
+        );
+        for a in 0..self.apps {
+            settings.push_str(&format!(
+                "[[apps]]\nname = \"a{a}\"\nforge = \"github\"\nrepo = \"bench/fleet\"\npath = \"apps/a{a}\"\nnamespace = \"{}\"\n",
+                app_namespace(ours, a)
+            ));
+        }
+        settings
+    }
+
+    /// Cold round `k` (from 2): a cold reconcile of every app into fresh namespaces (`drift
+    /// --once` with a state namespace of its own), then a floor apply into a fresh copy.
+    async fn cold_round(
+        &self,
+        sim: &ForgeSimulator,
+        k: usize,
+        repo: &str,
+    ) -> anyhow::Result<(Measured, Measured)> {
+        let names = self.round_names(k);
+        let config = self.work.join(format!("driftless-{k}.toml"));
+        std::fs::write(&config, self.settings(sim, &names.ours, &names.state_ns))?;
+        let config = config.to_str().context("temporary path")?;
+        let cold = self
+            .run_measured(
+                &self.driftless_bin,
+                &["drift", "--once", "--config", config],
+                &format!("cold-{k}.log"),
+            )
+            .await?;
+        self.ensure_all_objects(&names.ours, &format!("driftless's cold round {k}"))
+            .await?;
+        ensure!(
+            in_sync_count(&cold) == self.apps,
+            "driftless: {} of {} apps in sync after cold round {k}",
+            in_sync_count(&cold),
+            self.apps
+        );
+        let floor = self
+            .run_measured(
+                &std::env::current_exe()?,
+                &[
+                    "--floor-apply",
+                    repo,
+                    &names.floor_after,
+                    &self.apps.to_string(),
+                ],
+                &format!("floor-apply-{k}.log"),
+            )
+            .await?;
+        self.ensure_all_objects(&names.floor_after, &format!("floor of cold round {k}"))
+            .await?;
+        eprintln!(
+            "fleet: cold round {k}: driftless {:.1} s, floor after it {:.1} s",
+            cold.secs(),
+            floor.secs()
+        );
+        Ok((cold, floor))
     }
 
     /// Runs a child as [`run_measured`] does, once the cluster has settled (see
@@ -852,20 +1006,8 @@ impl Fleet {
         git(&repo, &["commit", "-q", "-m", "fleet"]);
         sim.add_repo("bench/fleet", &repo);
 
-        let token = self.work.join("token");
-        std::fs::write(&token, "t")?;
-        let mut settings = format!(
-            "[kubernetes]\nstate_namespace = \"{}\"\n[forges.github]\napi_url = \"{}\"\ntoken_file = \"{t}\"\nwebhook_secret_file = \"{t}\"\n",
-            self.state_ns,
-            sim.github_api_url(),
-            t = token.display()
-        );
-        for a in 0..apps {
-            settings.push_str(&format!(
-                "[[apps]]\nname = \"a{a}\"\nforge = \"github\"\nrepo = \"bench/fleet\"\npath = \"apps/a{a}\"\nnamespace = \"{}\"\n",
-                app_namespace(ours, a)
-            ));
-        }
+        std::fs::write(self.work.join("token"), "t")?;
+        let settings = self.settings(sim, ours, &self.state_ns);
         let config = self.work.join("driftless.toml");
         std::fs::write(&config, &settings)?;
         let config = config.to_str().context("temporary path")?.to_string();
@@ -952,8 +1094,6 @@ impl Fleet {
         eprintln!("fleet: floor applied again in {:.1} s", floor_again.secs());
         self.ensure_all_objects(&self.floor_after, "floor after")
             .await?;
-        let floor_mean = (floor_apply.secs() + floor_again.secs()) / 2.0;
-
         let cold_forge = ForgeUse::take(sim);
         let cold_phases = phase_times(
             &std::fs::read_to_string(self.work.join("cold.log"))?,
@@ -964,6 +1104,16 @@ impl Fleet {
             "fleet: cold reconcile forge requests: {:?}",
             sim.request_counts()
         );
+        // Further cold rounds, each set against the floor apply before it and the one after.
+        let mut colds = vec![cold];
+        let mut floors = vec![floor_apply, floor_again];
+        for k in 2..=self.cold_rounds {
+            let (cold, floor) = self.cold_round(sim, k, repo_arg).await?;
+            colds.push(cold);
+            floors.push(floor);
+        }
+        let cold_rounds = ColdRounds::new(&colds, &floors);
+        let (cold, floor_apply) = (&colds[0], &floors[0]);
         let sweeps = self.steady_sweeps(sim, &drift_args, &this).await?;
         let commits = self.one_commit_sweeps(sim, &repo, &drift_args).await?;
         sim.clear_requests();
@@ -982,11 +1132,13 @@ impl Fleet {
             thousands(expected)
         );
         let ns_count = apps.div_ceil(APPS_PER_NAMESPACE);
-        let rate_limit = rate_limit_for(self.apps);
+        let rate_limit = rate_limit_for(self.apps * self.cold_rounds);
         let budget = if rate_limit > RATE_LIMIT {
             format!(
-                "the simulator's rate limit raised to {}/h for this run: one token's 5,000 do not hold a cold start of this many apps",
-                thousands(rate_limit as usize)
+                "the simulator's rate limit raised to {}/h for this run: one token's 5,000 do not hold {} cold start{} of this many apps",
+                thousands(rate_limit as usize),
+                self.cold_rounds,
+                if self.cold_rounds == 1 { "" } else { "s" }
             )
         } else {
             "a token's 5,000/h rate limit".to_string()
@@ -995,18 +1147,19 @@ impl Fleet {
             "up to {APPS_PER_NAMESPACE} apps to a namespace ({ns_count} namespace{} per side), one file per app (12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts)",
             if ns_count == 1 { "" } else { "s" }
         );
-        let (floor_api, floor_work) = before_floor.spent(&after_floor, &floor_apply);
+        let (floor_api, floor_work) = before_floor.spent(&after_floor, floor_apply);
         let (dry_api, dry_work) = before_dry_run.spent(&after_dry_run, &floor_dry_run);
-        let (cold_api, cold_work) = before_cold.spent(&after_cold, &cold);
+        let (cold_api, cold_work) = before_cold.spent(&after_cold, cold);
         let secs = |v: Option<f64>| v.map_or("not measured".into(), |v| format!("{v:.1} s"));
         let ratio = |v: Option<f64>| match (v, floor_api) {
             (Some(v), Some(f)) => format!("{:.2}× floor", v / f),
             _ => "not measured".into(),
         };
         let both_floors = floor_apply.secs() + floor_dry_run.secs();
+        let (median_cold, median_before, median_after) = cold_rounds.median();
         Ok(vec![
             format!(
-                "| fleet: API server CPU of a cold reconcile, {size} | {} | floor apply (its run before the cold reconcile): {} | {} | where the cold reconcile's time goes: the control plane shares this machine's 2 cores, and the API server works through every request. Driftless cold: {:.1} s wall, {cold_work}. Floor apply: {:.1} s wall, {floor_work}. Floor dry-run (the floor's objects server-side dry-run into driftless's still empty namespaces, each a creation, {FLOOR_IN_FLIGHT} in flight): {:.1} s wall ({:.2}× the floor apply), {dry_work} ({}). A reconcile that dry-runs every object before it applies any cannot take less than the two floors together: {both_floors:.1} s, {:.2}× the floor apply |",
+                "| fleet: API server CPU of a cold reconcile, {size} | {} | floor apply (its run before the cold reconcile): {} | {} | where the cold reconcile's time goes (its first round): the control plane shares this machine's 2 cores, and the API server works through every request. Driftless cold: {:.1} s wall, {cold_work}. Floor apply: {:.1} s wall, {floor_work}. Floor dry-run (the floor's objects server-side dry-run into driftless's still empty namespaces, each a creation, {FLOOR_IN_FLIGHT} in flight): {:.1} s wall ({:.2}× the floor apply), {dry_work} ({}). A reconcile that dry-runs every object before it applies any cannot take less than the two floors together: {both_floors:.1} s, {:.2}× the floor apply |",
                 secs(cold_api),
                 secs(floor_api),
                 ratio(cold_api),
@@ -1018,19 +1171,24 @@ impl Fleet {
                 both_floors / floor_apply.secs(),
             ),
             format!(
-                "| fleet: cold reconcile, {size}, `driftless drift --once` | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state), mean of one run before the cold reconcile and one after it: {floor_mean:.1} s ({:.1} s and {:.1} s) | {:.2}× floor | {layout}; driftless fetches from the forge simulator ({cold_forge}; {budget}), dry-runs then applies each app, records state and posts 2 statuses per app; time by phase, summed over the runs ({} at a time): {cold_phases}; all {} objects counted afterwards |",
-                cold.secs(),
-                floor_apply.secs(),
-                floor_again.secs(),
-                cold.secs() / floor_mean,
+                "| fleet: cold reconcile, {size}, `driftless drift --once`, the median of {} rounds | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state), mean of the run just before that round and the one just after it: {:.1} s ({:.1} s and {:.1} s) | {:.2}× floor | each round reconciles every app into namespaces of its own, with a state namespace of its own: {} (ratios {}); {layout}; driftless fetches from the forge simulator (first round: {cold_forge}; {budget}), dry-runs then applies each app, records state and posts 2 statuses per app; the first round's time by phase, summed over the runs ({} at a time): {cold_phases}; all {} objects counted after each round |",
+                self.cold_rounds,
+                median_cold,
+                (median_before + median_after) / 2.0,
+                median_before,
+                median_after,
+                median(&cold_rounds.ratios()),
+                cold_rounds.describe(),
+                range(&cold_rounds.ratios(), 2),
                 driftless::worker::WORKERS,
                 thousands(expected),
             ),
             format!(
-                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor client above: {:.0} MiB | {:.2}× floor | ru_maxrss of each child process; steady-state sweep: {:.0} MiB (the largest of its {} runs) |",
-                cold.mib(),
+                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor client above: {:.0} MiB | {:.2}× floor | ru_maxrss of each child process, the largest of the {} cold rounds; steady-state sweep: {:.0} MiB (the largest of its {} runs) |",
+                cold_rounds.peak_mib,
                 floor_apply.mib(),
-                cold.mib() / floor_apply.mib(),
+                cold_rounds.peak_mib / floor_apply.mib(),
+                self.cold_rounds,
                 sweeps.peak_mib(),
                 sweeps.steady.len(),
             ),
