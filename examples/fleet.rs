@@ -16,6 +16,9 @@
 //! Further cold rounds (FLEET_COLD_ROUNDS in all, 3 unless set) each reconcile every app into
 //! namespaces of their own and are followed by a floor apply of their own; the row gives the
 //! round of the median ratio and lists every round.
+//! FLEET_STEADY_ONLY=1 leaves the floor apply, the floor dry-run and the further rounds out:
+//! the cold reconcile then only sets up the sweeps, for a fleet whose floors would leave the
+//! controller-manager longer to catch up with than a run can wait (5,000 apps).
 //! Every object is counted in the cluster afterwards; a missing one fails the benchmark. The
 //! GitHub requests of each sweep are counted too: the simulator enforces a token's 5,000 an
 //! hour, as GitHub does.
@@ -226,6 +229,16 @@ fn cold_rounds() -> anyhow::Result<usize> {
     count_from_env("FLEET_COLD_ROUNDS", COLD_ROUNDS)
 }
 
+/// FLEET_STEADY_ONLY=1: no floor apply, floor dry-run or further cold round; the cold
+/// reconcile only sets up the steady sweeps (for fleets too large for the floors' follow-up).
+fn steady_only() -> anyhow::Result<bool> {
+    match std::env::var("FLEET_STEADY_ONLY").as_deref() {
+        Err(_) | Ok("" | "0") => Ok(false),
+        Ok("1") => Ok(true),
+        Ok(other) => bail!("FLEET_STEADY_ONLY: {other:?} is neither 0 nor 1"),
+    }
+}
+
 fn repeats() -> anyhow::Result<usize> {
     count_from_env("FLEET_REPEATS", REPEATS)
 }
@@ -348,6 +361,14 @@ impl ColdRounds {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// The cold part of a run: its rows, and the peak RSS of its reconciles and of the floor
+/// apply's client (none when no floor ran).
+struct ColdPart {
+    rows: Vec<String>,
+    peak_mib: f64,
+    floor_mib: Option<f64>,
 }
 
 /// The namespaces of a further cold round (see [`Fleet::round_names`]).
@@ -789,7 +810,8 @@ async fn bench() -> anyhow::Result<()> {
         gitlab_token: "t".into(),
     })
     .await?;
-    let cold_rounds = cold_rounds()?;
+    let steady_only = steady_only()?;
+    let cold_rounds = if steady_only { 1 } else { cold_rounds()? };
     sim.set_github_rate_limit(rate_limit_for(apps * cold_rounds));
     let fleet = Fleet {
         client: client.clone(),
@@ -802,6 +824,7 @@ async fn bench() -> anyhow::Result<()> {
         floor_after: format!("fleet-{id}-g"),
         state_ns: format!("fleet-{id}-state"),
         cold_rounds,
+        steady_only,
     };
     let result = fleet.run(&sim).await;
     // Namespaces finish deleting in the background (the controller manager empties them).
@@ -833,12 +856,16 @@ struct Fleet {
     /// Namespace prefixes: driftless's apps, the floor's copy of them.
     ours: String,
     floor: String,
-    /// The floor's second copy, applied after the cold reconcile (see [`Fleet::run`]).
+    /// The floor's second copy, applied after the cold reconcile (see
+    /// [`Fleet::cold_against_floors`]).
     floor_after: String,
     state_ns: String,
     /// Cold reconciles taken: the first into `ours`, each further one `k` into copies of
     /// its own (see [`Fleet::round_names`]).
     cold_rounds: usize,
+    /// No floor apply or floor dry-run: the cold reconcile only sets up the steady sweeps
+    /// (see [`steady_only`]).
+    steady_only: bool,
 }
 
 impl Fleet {
@@ -854,6 +881,9 @@ impl Fleet {
     /// The namespaces of the apps' copies: driftless's, the floor's and the floor's second,
     /// and those of the further cold rounds.
     fn app_namespaces(&self) -> Vec<String> {
+        if self.steady_only {
+            return namespaces(&self.ours, self.apps);
+        }
         let rounds = (2..=self.cold_rounds).flat_map(|k| {
             let names = self.round_names(k);
             [names.ours, names.floor_after]
@@ -993,10 +1023,9 @@ impl Fleet {
     }
 
     async fn run(&self, sim: &ForgeSimulator) -> anyhow::Result<Vec<String>> {
-        let (apps, ours, floor) = (self.apps, self.ours.as_str(), self.floor.as_str());
         let setup = Instant::now();
         let repo = self.work.join("repo");
-        for a in 0..apps {
+        for a in 0..self.apps {
             let dir = repo.join(format!("apps/a{a}"));
             std::fs::create_dir_all(&dir)?;
             std::fs::write(dir.join("all.yaml"), app_manifests(a))?;
@@ -1007,7 +1036,7 @@ impl Fleet {
         sim.add_repo("bench/fleet", &repo);
 
         std::fs::write(self.work.join("token"), "t")?;
-        let settings = self.settings(sim, ours, &self.state_ns);
+        let settings = self.settings(sim, &self.ours, &self.state_ns);
         let config = self.work.join("driftless.toml");
         std::fs::write(&config, &settings)?;
         let config = config.to_str().context("temporary path")?.to_string();
@@ -1016,19 +1045,181 @@ impl Fleet {
         for ns in self.app_namespaces() {
             apply_namespace(&self.client, &ns).await?;
         }
-        let expected = apps * OBJECTS_PER_APP;
         eprintln!(
-            "fleet: {apps} apps, {expected} objects per side, set up in {:.1} s",
+            "fleet: {} apps, {} objects per side, set up in {:.1} s",
+            self.apps,
+            self.apps * OBJECTS_PER_APP,
             setup.elapsed().as_secs_f64()
         );
 
-        // The floor first, into its own namespaces, so both write fresh objects.
+        let drift_args = ["drift", "--once", "--config", &config];
         let this = std::env::current_exe()?;
-        let repo_arg = repo.to_str().context("temporary path")?;
+        let size = self.size();
+        let cold = if self.steady_only {
+            self.cold_alone(sim, &drift_args, &size).await?
+        } else {
+            let repo_arg = repo.to_str().context("temporary path")?;
+            self.cold_against_floors(sim, &drift_args, &this, repo_arg, &size)
+                .await?
+        };
+        let sweeps = self.steady_sweeps(sim, &drift_args, &this).await?;
+        let commits = self.one_commit_sweeps(sim, &repo, &drift_args).await?;
+        sim.clear_requests();
+        let restart = self.restart(&settings).await?;
+        let restart_forge = ForgeUse::take(sim);
+        eprintln!(
+            "fleet: serve restart caught up in {:.2} s, objects written: {:?}; forge requests: {:?}",
+            restart.caught_up.as_secs_f64(),
+            restart.writers,
+            sim.request_counts()
+        );
+
+        let mut rows = cold.rows;
+        rows.push(match cold.floor_mib {
+            Some(floor_mib) => format!(
+                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor client above: {floor_mib:.0} MiB | {:.2}× floor | ru_maxrss of each child process, the largest of the {} cold rounds; steady-state sweep: {:.0} MiB (the largest of its {} runs) |",
+                cold.peak_mib,
+                cold.peak_mib / floor_mib,
+                self.cold_rounds,
+                sweeps.peak_mib(),
+                sweeps.steady.len(),
+            ),
+            None => format!(
+                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor read client (no floor apply in this run): {:.0} MiB | {:.2}× the read client | ru_maxrss of each child process; steady-state sweep: {:.0} MiB (the largest of its {} runs) |",
+                cold.peak_mib,
+                sweeps.floor_peak_mib(),
+                cold.peak_mib / sweeps.floor_peak_mib(),
+                sweeps.peak_mib(),
+                sweeps.steady.len(),
+            ),
+        });
+        rows.push(sweeps.row(&size)?);
+        rows.push(commits.row(&size, &sweeps, self.apps));
+        rows.push(format!(
+            "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above (median): {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written by driftless (resourceVersions compared, each write put to the field manager of its latest managedFields entry; {} meanwhile); {restart_forge} |",
+            restart.caught_up.as_secs_f64(),
+            sweeps.floor_secs(),
+            restart.caught_up.as_secs_f64() / sweeps.floor_secs(),
+            thousands(restart.in_sync),
+            thousands(self.apps),
+            restart.written_by_driftless(),
+            thousands(restart.objects),
+            restart.others(),
+        ));
+        Ok(rows)
+    }
+
+    /// "1,000 apps × 20 objects (20,000 objects)".
+    fn size(&self) -> String {
+        format!(
+            "{} apps × {OBJECTS_PER_APP} objects ({} objects)",
+            thousands(self.apps),
+            thousands(self.apps * OBJECTS_PER_APP)
+        )
+    }
+
+    /// How the apps are laid out, for the cold rows.
+    fn layout(&self) -> String {
+        let ns_count = self.apps.div_ceil(APPS_PER_NAMESPACE);
+        format!(
+            "up to {APPS_PER_NAMESPACE} apps to a namespace ({ns_count} namespace{} per side), one file per app (12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts)",
+            if ns_count == 1 { "" } else { "s" }
+        )
+    }
+
+    /// The simulator's rate limit for this run's cold starts, as the cold row states it.
+    fn budget(&self, cold_starts: usize) -> String {
+        let rate_limit = rate_limit_for(self.apps * cold_starts);
+        if rate_limit > RATE_LIMIT {
+            format!(
+                "the simulator's rate limit raised to {}/h for this run: one token's 5,000 do not hold {cold_starts} cold start{} of this many apps",
+                thousands(rate_limit as usize),
+                if cold_starts == 1 { "" } else { "s" }
+            )
+        } else {
+            "a token's 5,000/h rate limit".to_string()
+        }
+    }
+
+    /// The first cold reconcile (into `ours`): checks every object and app, and returns it
+    /// with the forge requests it spent and its time by phase.
+    async fn first_cold(
+        &self,
+        sim: &ForgeSimulator,
+        drift_args: &[&str],
+    ) -> anyhow::Result<(Measured, ServerWork, ServerWork, ForgeUse, String)> {
+        sim.clear_requests();
+        let (cold, before, after) = self
+            .run_with_work(&self.driftless_bin, drift_args, "cold.log")
+            .await?;
+        eprintln!(
+            "fleet: driftless cold reconcile in {:.1} s, peak RSS {:.0} MiB",
+            cold.secs(),
+            cold.mib()
+        );
+        self.ensure_all_objects(&self.ours, "driftless after `drift --once`")
+            .await?;
+        ensure!(
+            in_sync_count(&cold) == self.apps,
+            "driftless: {} of {} apps in sync after the cold reconcile",
+            in_sync_count(&cold),
+            self.apps
+        );
+        let forge = ForgeUse::take(sim);
+        eprintln!(
+            "fleet: cold reconcile forge requests: {:?}",
+            sim.request_counts()
+        );
+        let phases = phase_times(
+            &std::fs::read_to_string(self.work.join("cold.log"))?,
+            &RUN_PHASES,
+        )
+        .context("the cold reconcile logged no time by phase")?;
+        Ok((cold, before, after, forge, phases))
+    }
+
+    /// A run with FLEET_STEADY_ONLY set: the cold reconcile only sets up the steady sweeps, with
+    /// no floor beside it (at 5,000 apps each floor apply leaves the controller-manager tens
+    /// of minutes of tokens and Endpoints to write, which every later step waits for).
+    async fn cold_alone(
+        &self,
+        sim: &ForgeSimulator,
+        drift_args: &[&str],
+        size: &str,
+    ) -> anyhow::Result<ColdPart> {
+        let (cold, before, after, forge, phases) = self.first_cold(sim, drift_args).await?;
+        let (_, work) = before.spent(&after, &cold);
+        let row = format!(
+            "| fleet: cold reconcile, {size}, `driftless drift --once`, setting up the steady sweeps | {:.1} s | no floor in this run (FLEET_STEADY_ONLY) | not measured | {}; driftless fetches from the forge simulator ({forge}; {}), dry-runs then applies each app, records state and posts 2 statuses per app; {work}; time by phase, summed over the runs ({} at a time): {phases} |",
+            cold.secs(),
+            self.layout(),
+            self.budget(1),
+            driftless::worker::WORKERS,
+        );
+        Ok(ColdPart {
+            rows: vec![row],
+            peak_mib: cold.mib(),
+            floor_mib: None,
+        })
+    }
+
+    /// The cold reconcile against its floors: the floor apply, the floor dry-run, the first
+    /// cold round and the floor apply after it, then the further cold rounds (see
+    /// [`Self::cold_round`]). Returns the rows of the API server's CPU and of the cold rounds.
+    async fn cold_against_floors(
+        &self,
+        sim: &ForgeSimulator,
+        drift_args: &[&str],
+        this: &Path,
+        repo_arg: &str,
+        size: &str,
+    ) -> anyhow::Result<ColdPart> {
+        let (apps, ours, floor) = (self.apps, self.ours.as_str(), self.floor.as_str());
         let apps_arg = apps.to_string();
+        // The floor first, into its own namespaces, so both write fresh objects.
         let (floor_apply, before_floor, after_floor) = self
             .run_with_work(
-                &this,
+                this,
                 &["--floor-apply", repo_arg, floor, &apps_arg],
                 "floor-apply.log",
             )
@@ -1044,7 +1235,7 @@ impl Fleet {
         // driftless's namespaces, empty still, so each is the dry-run of a creation.
         let (floor_dry_run, before_dry_run, after_dry_run) = self
             .run_with_work(
-                &this,
+                this,
                 &["--floor-dry-run", repo_arg, ours, &apps_arg],
                 "floor-dry-run.log",
             )
@@ -1055,29 +1246,13 @@ impl Fleet {
             "the floor's dry-run wrote objects"
         );
 
-        let drift_args = ["drift", "--once", "--config", &config];
-        sim.clear_requests();
-        let (cold, before_cold, after_cold) = self
-            .run_with_work(&self.driftless_bin, &drift_args, "cold.log")
-            .await?;
+        let (cold, before_cold, after_cold, cold_forge, cold_phases) =
+            self.first_cold(sim, drift_args).await?;
         eprintln!(
             "fleet: API requests of the floor apply: {}; of the floor dry-run: {}; of the cold reconcile: {}",
             before_floor.requests_by_kind(&after_floor),
             before_dry_run.requests_by_kind(&after_dry_run),
             before_cold.requests_by_kind(&after_cold)
-        );
-        eprintln!(
-            "fleet: driftless cold reconcile in {:.1} s, peak RSS {:.0} MiB",
-            cold.secs(),
-            cold.mib()
-        );
-        self.ensure_all_objects(ours, "driftless after `drift --once`")
-            .await?;
-        let in_sync = in_sync_count;
-        ensure!(
-            in_sync(&cold) == apps,
-            "driftless: {} of {apps} apps in sync after the cold reconcile",
-            in_sync(&cold)
         );
 
         // The floor again, into a third copy of the namespaces, once the cold reconcile's
@@ -1086,7 +1261,7 @@ impl Fleet {
         // reconcile is set against the mean of a floor apply before it and one after it.
         let floor_again = self
             .run_measured(
-                &this,
+                this,
                 &["--floor-apply", repo_arg, &self.floor_after, &apps_arg],
                 "floor-apply-after.log",
             )
@@ -1094,17 +1269,8 @@ impl Fleet {
         eprintln!("fleet: floor applied again in {:.1} s", floor_again.secs());
         self.ensure_all_objects(&self.floor_after, "floor after")
             .await?;
-        let cold_forge = ForgeUse::take(sim);
-        let cold_phases = phase_times(
-            &std::fs::read_to_string(self.work.join("cold.log"))?,
-            &RUN_PHASES,
-        )
-        .context("the cold reconcile logged no time by phase")?;
-        eprintln!(
-            "fleet: cold reconcile forge requests: {:?}",
-            sim.request_counts()
-        );
         // Further cold rounds, each set against the floor apply before it and the one after.
+        let floor_mib = floor_apply.mib();
         let mut colds = vec![cold];
         let mut floors = vec![floor_apply, floor_again];
         for k in 2..=self.cold_rounds {
@@ -1114,39 +1280,7 @@ impl Fleet {
         }
         let cold_rounds = ColdRounds::new(&colds, &floors);
         let (cold, floor_apply) = (&colds[0], &floors[0]);
-        let sweeps = self.steady_sweeps(sim, &drift_args, &this).await?;
-        let commits = self.one_commit_sweeps(sim, &repo, &drift_args).await?;
-        sim.clear_requests();
-        let restart = self.restart(&settings).await?;
-        let restart_forge = ForgeUse::take(sim);
-        eprintln!(
-            "fleet: serve restart caught up in {:.2} s, objects written: {:?}; forge requests: {:?}",
-            restart.caught_up.as_secs_f64(),
-            restart.writers,
-            sim.request_counts()
-        );
 
-        let size = format!(
-            "{} apps × {OBJECTS_PER_APP} objects ({} objects)",
-            thousands(apps),
-            thousands(expected)
-        );
-        let ns_count = apps.div_ceil(APPS_PER_NAMESPACE);
-        let rate_limit = rate_limit_for(self.apps * self.cold_rounds);
-        let budget = if rate_limit > RATE_LIMIT {
-            format!(
-                "the simulator's rate limit raised to {}/h for this run: one token's 5,000 do not hold {} cold start{} of this many apps",
-                thousands(rate_limit as usize),
-                self.cold_rounds,
-                if self.cold_rounds == 1 { "" } else { "s" }
-            )
-        } else {
-            "a token's 5,000/h rate limit".to_string()
-        };
-        let layout = format!(
-            "up to {APPS_PER_NAMESPACE} apps to a namespace ({ns_count} namespace{} per side), one file per app (12 ConfigMaps, 4 Secrets, 2 headless Services, 2 ServiceAccounts)",
-            if ns_count == 1 { "" } else { "s" }
-        );
         let (floor_api, floor_work) = before_floor.spent(&after_floor, floor_apply);
         let (dry_api, dry_work) = before_dry_run.spent(&after_dry_run, &floor_dry_run);
         let (cold_api, cold_work) = before_cold.spent(&after_cold, cold);
@@ -1157,7 +1291,7 @@ impl Fleet {
         };
         let both_floors = floor_apply.secs() + floor_dry_run.secs();
         let (median_cold, median_before, median_after) = cold_rounds.median();
-        Ok(vec![
+        let rows = vec![
             format!(
                 "| fleet: API server CPU of a cold reconcile, {size} | {} | floor apply (its run before the cold reconcile): {} | {} | where the cold reconcile's time goes (its first round): the control plane shares this machine's 2 cores, and the API server works through every request. Driftless cold: {:.1} s wall, {cold_work}. Floor apply: {:.1} s wall, {floor_work}. Floor dry-run (the floor's objects server-side dry-run into driftless's still empty namespaces, each a creation, {FLOOR_IN_FLIGHT} in flight): {:.1} s wall ({:.2}× the floor apply), {dry_work} ({}). A reconcile that dry-runs every object before it applies any cannot take less than the two floors together: {both_floors:.1} s, {:.2}× the floor apply |",
                 secs(cold_api),
@@ -1171,7 +1305,7 @@ impl Fleet {
                 both_floors / floor_apply.secs(),
             ),
             format!(
-                "| fleet: cold reconcile, {size}, `driftless drift --once`, the median of {} rounds | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state), mean of the run just before that round and the one just after it: {:.1} s ({:.1} s and {:.1} s) | {:.2}× floor | each round reconciles every app into namespaces of its own, with a state namespace of its own: {} (ratios {}); {layout}; driftless fetches from the forge simulator (first round: {cold_forge}; {budget}), dry-runs then applies each app, records state and posts 2 statuses per app; the first round's time by phase, summed over the runs ({} at a time): {cold_phases}; all {} objects counted after each round |",
+                "| fleet: cold reconcile, {size}, `driftless drift --once`, the median of {} rounds | {:.1} s | floor (server-side apply of each object, {FLOOR_IN_FLIGHT} in flight, no fetch, no state), mean of the run just before that round and the one just after it: {:.1} s ({:.1} s and {:.1} s) | {:.2}× floor | each round reconciles every app into namespaces of its own, with a state namespace of its own: {} (ratios {}); {}; driftless fetches from the forge simulator (first round: {cold_forge}; {}), dry-runs then applies each app, records state and posts 2 statuses per app; the first round's time by phase, summed over the runs ({} at a time): {cold_phases}; all {} objects counted after each round |",
                 self.cold_rounds,
                 median_cold,
                 (median_before + median_after) / 2.0,
@@ -1180,32 +1314,17 @@ impl Fleet {
                 median(&cold_rounds.ratios()),
                 cold_rounds.describe(),
                 range(&cold_rounds.ratios(), 2),
+                self.layout(),
+                self.budget(self.cold_rounds),
                 driftless::worker::WORKERS,
-                thousands(expected),
+                thousands(apps * OBJECTS_PER_APP),
             ),
-            format!(
-                "| fleet: peak RSS, cold reconcile of {size} | {:.0} MiB | floor client above: {:.0} MiB | {:.2}× floor | ru_maxrss of each child process, the largest of the {} cold rounds; steady-state sweep: {:.0} MiB (the largest of its {} runs) |",
-                cold_rounds.peak_mib,
-                floor_apply.mib(),
-                cold_rounds.peak_mib / floor_apply.mib(),
-                self.cold_rounds,
-                sweeps.peak_mib(),
-                sweeps.steady.len(),
-            ),
-            sweeps.row(&size)?,
-            commits.row(&size, &sweeps, apps),
-            format!(
-                "| fleet: `driftless serve` restart with {size} in sync | {:.2} s | floor read above (median): {:.2} s | {:.2}× floor | from the process start to its log line that the start-up catch-up found {} of {} apps at their branch head; {} of the {} objects in the app and state namespaces written by driftless (resourceVersions compared, each write put to the field manager of its latest managedFields entry; {} meanwhile); {restart_forge} |",
-                restart.caught_up.as_secs_f64(),
-                sweeps.floor_secs(),
-                restart.caught_up.as_secs_f64() / sweeps.floor_secs(),
-                thousands(restart.in_sync),
-                thousands(apps),
-                restart.written_by_driftless(),
-                thousands(restart.objects),
-                restart.others(),
-            ),
-        ])
+        ];
+        Ok(ColdPart {
+            rows,
+            peak_mib: cold_rounds.peak_mib,
+            floor_mib: Some(floor_mib),
+        })
     }
 
     /// The steady sweep, nothing changed, [`repeats`] times, each beside a floor read (the
@@ -1521,6 +1640,10 @@ impl Sweeps {
     }
     fn peak_mib(&self) -> f64 {
         self.steady.iter().map(Measured::mib).fold(0.0, f64::max)
+    }
+    /// The floor read client's largest peak RSS.
+    fn floor_peak_mib(&self) -> f64 {
+        self.floor.iter().map(Measured::mib).fold(0.0, f64::max)
     }
 
     fn row(&self, size: &str) -> anyhow::Result<String> {
