@@ -942,14 +942,8 @@ impl Fleet {
                 &format!("cold-{k}.log"),
             )
             .await?;
-        self.ensure_all_objects(&names.ours, &format!("driftless's cold round {k}"))
+        self.ensure_reconciled(&cold, &names.ours, &format!("cold round {k}"))
             .await?;
-        ensure!(
-            in_sync_count(&cold) == self.apps,
-            "driftless: {} of {} apps in sync after cold round {k}",
-            in_sync_count(&cold),
-            self.apps
-        );
         let floor = self
             .run_measured(
                 &std::env::current_exe()?,
@@ -992,6 +986,25 @@ impl Fleet {
         ensure!(
             found == expected,
             "{what}: {found} of {expected} objects in the cluster"
+        );
+        Ok(())
+    }
+
+    /// Fails unless a cold reconcile (`what`) into the namespaces `prefix` left every object
+    /// there and found every app in sync.
+    async fn ensure_reconciled(
+        &self,
+        cold: &Measured,
+        prefix: &str,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        self.ensure_all_objects(prefix, &format!("driftless after {what}"))
+            .await?;
+        ensure!(
+            in_sync_count(cold) == self.apps,
+            "driftless: {} of {} apps in sync after {what}",
+            in_sync_count(cold),
+            self.apps
         );
         Ok(())
     }
@@ -1157,14 +1170,8 @@ impl Fleet {
             cold.secs(),
             cold.mib()
         );
-        self.ensure_all_objects(&self.ours, "driftless after `drift --once`")
+        self.ensure_reconciled(&cold, &self.ours, "the cold reconcile")
             .await?;
-        ensure!(
-            in_sync_count(&cold) == self.apps,
-            "driftless: {} of {} apps in sync after the cold reconcile",
-            in_sync_count(&cold),
-            self.apps
-        );
         let forge = ForgeUse::take(sim);
         eprintln!(
             "fleet: cold reconcile forge requests: {:?}",
