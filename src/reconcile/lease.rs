@@ -321,21 +321,21 @@ impl Leases {
         }
     }
 
-    /// Takes the app's lease with a single write, from the copy this replica wrote when it
-    /// last released it. Fails with [`LeaseError::Moved`] when anyone has written the lease
+    /// Takes the app's lease with a single write, conditional on the `resource_version` this
+    /// replica's release of it last wrote (all a take needs of that copy). Fails with [`LeaseError::Moved`] when anyone has written the lease
     /// since (or another guard of this process holds it); the caller then takes the ordinary
     /// path ([`Leases::acquire`]).
     pub async fn take_released(
         &self,
         app: &str,
-        released: Lease,
+        resource_version: String,
     ) -> Result<LeaseGuard, LeaseError> {
         let name = object_name(app);
         let moved = || LeaseError::Moved {
             app: app.to_string(),
         };
         let claim = Claim::take(&self.namespace, &name, &self.identity).ok_or_else(moved)?;
-        let body = self.body(&name, released.metadata.resource_version.clone(), None);
+        let body = self.body(&name, Some(resource_version), None);
         let sent = Instant::now();
         match self.api.replace(&name, &PostParams::default(), &body).await {
             Ok(lease) => Ok(self.hold(name, lease, sent, claim)),

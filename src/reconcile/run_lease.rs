@@ -14,9 +14,11 @@ use super::{lease, Engine, ReconcileError, RunReport};
 /// replica that starts empty reads it all back from the cluster.
 #[derive(Default)]
 pub(super) struct AppSlot {
-    /// The app's Lease as this replica wrote it when it last released it: the next run takes
-    /// it with one conditional write, which fails if anyone else has written it since.
-    pub(super) lease: Option<k8s_openapi::api::coordination::v1::Lease>,
+    /// The resourceVersion of the app's Lease as this replica wrote it when it last released
+    /// it: the next run takes it with one write conditional on it, which fails if anyone else
+    /// has written it since. Only the version is kept: the Lease as the API server answered
+    /// (managedFields, a new app's intent annotation) is a few KB an app that no take reads.
+    pub(super) lease: Option<String>,
     /// The app's state as this replica last saved it. Only this replica's runs write it while
     /// the lease above is unchanged, so it is current whenever that lease is taken back.
     pub(super) state: Option<AppState>,
@@ -27,15 +29,12 @@ pub(super) struct AppSlot {
 
 impl AppSlot {
     /// Bytes this slot keeps, estimated: the structs themselves, the memos' own count (see
-    /// [`super::plan::FileMemo::bytes`]), and for the lease and the state (structs of short strings) their
-    /// JSON length.
+    /// [`super::plan::FileMemo::bytes`]), the lease's version, and for the state (a struct of
+    /// short strings) its JSON length.
     pub(super) fn bytes(&self) -> usize {
         let json_len = |v: serde_json::Result<Vec<u8>>| v.map_or(0, |v| v.len());
         std::mem::size_of::<Self>()
-            + self
-                .lease
-                .as_ref()
-                .map_or(0, |l| json_len(serde_json::to_vec(l)))
+            + self.lease.as_ref().map_or(0, String::capacity)
             + self
                 .state
                 .as_ref()
@@ -267,8 +266,9 @@ impl Engine {
                 Some(guard) => guard.release().await,
                 None => None,
             };
-            slot.state = (released.is_some() && state_current).then_some(st);
-            slot.lease = released;
+            let version = released.and_then(|lease| lease.metadata.resource_version);
+            slot.state = (version.is_some() && state_current).then_some(st);
+            slot.lease = version;
         });
     }
 }
