@@ -336,7 +336,7 @@ impl ColdRounds {
                 .zip(floors.windows(2))
                 .map(|(c, f)| (c.secs(), f[0].secs(), f[1].secs()))
                 .collect(),
-            peak_mib: colds.iter().map(Measured::mib).fold(0.0, f64::max),
+            peak_mib: peak_mib(colds),
         }
     }
 
@@ -371,11 +371,26 @@ struct ColdPart {
     floor_mib: Option<f64>,
 }
 
+/// The first cold reconcile (into `ours`): the child, the control plane's work around it,
+/// the forge requests it spent and its time by phase.
+struct FirstCold {
+    cold: Measured,
+    before: ServerWork,
+    after: ServerWork,
+    forge: ForgeUse,
+    phases: String,
+}
+
 /// The namespaces of a further cold round (see [`Fleet::round_names`]).
 struct RoundNames {
     ours: String,
     state_ns: String,
     floor_after: String,
+}
+
+/// The largest peak RSS of `runs`, MiB.
+fn peak_mib(runs: &[Measured]) -> f64 {
+    runs.iter().map(Measured::mib).fold(0.0, f64::max)
 }
 
 /// What `--measure` recorded about one child.
@@ -945,18 +960,7 @@ impl Fleet {
         self.ensure_reconciled(&cold, &names.ours, &format!("cold round {k}"))
             .await?;
         let floor = self
-            .run_measured(
-                &std::env::current_exe()?,
-                &[
-                    "--floor-apply",
-                    repo,
-                    &names.floor_after,
-                    &self.apps.to_string(),
-                ],
-                &format!("floor-apply-{k}.log"),
-            )
-            .await?;
-        self.ensure_all_objects(&names.floor_after, &format!("floor of cold round {k}"))
+            .floor_after_round(repo, &names.floor_after, &format!("floor-apply-{k}.log"))
             .await?;
         eprintln!(
             "fleet: cold round {k}: driftless {:.1} s, floor after it {:.1} s",
@@ -964,6 +968,26 @@ impl Fleet {
             floor.secs()
         );
         Ok((cold, floor))
+    }
+
+    /// The floor apply that closes a cold round, into the fresh copy `prefix` (its log `log`);
+    /// every object is counted after it.
+    async fn floor_after_round(
+        &self,
+        repo: &str,
+        prefix: &str,
+        log: &str,
+    ) -> anyhow::Result<Measured> {
+        let floor = self
+            .run_measured(
+                &std::env::current_exe()?,
+                &["--floor-apply", repo, prefix, &self.apps.to_string()],
+                log,
+            )
+            .await?;
+        self.ensure_all_objects(prefix, &format!("floor apply into {prefix}"))
+            .await?;
+        Ok(floor)
     }
 
     /// Runs a child as [`run_measured`] does, once the cluster has settled (see
@@ -1160,7 +1184,7 @@ impl Fleet {
         &self,
         sim: &ForgeSimulator,
         drift_args: &[&str],
-    ) -> anyhow::Result<(Measured, ServerWork, ServerWork, ForgeUse, String)> {
+    ) -> anyhow::Result<FirstCold> {
         sim.clear_requests();
         let (cold, before, after) = self
             .run_with_work(&self.driftless_bin, drift_args, "cold.log")
@@ -1182,7 +1206,13 @@ impl Fleet {
             &RUN_PHASES,
         )
         .context("the cold reconcile logged no time by phase")?;
-        Ok((cold, before, after, forge, phases))
+        Ok(FirstCold {
+            cold,
+            before,
+            after,
+            forge,
+            phases,
+        })
     }
 
     /// A run with FLEET_STEADY_ONLY set: the cold reconcile only sets up the steady sweeps, with
@@ -1194,7 +1224,13 @@ impl Fleet {
         drift_args: &[&str],
         size: &str,
     ) -> anyhow::Result<ColdPart> {
-        let (cold, before, after, forge, phases) = self.first_cold(sim, drift_args).await?;
+        let FirstCold {
+            cold,
+            before,
+            after,
+            forge,
+            phases,
+        } = self.first_cold(sim, drift_args).await?;
         let (_, work) = before.spent(&after, &cold);
         let row = format!(
             "| fleet: cold reconcile, {size}, `driftless drift --once`, setting up the steady sweeps | {:.1} s | no floor in this run (FLEET_STEADY_ONLY) | not measured | {}; driftless fetches from the forge simulator ({forge}; {}), dry-runs then applies each app, records state and posts 2 statuses per app; {work}; time by phase, summed over the runs ({} at a time): {phases} |",
@@ -1253,8 +1289,13 @@ impl Fleet {
             "the floor's dry-run wrote objects"
         );
 
-        let (cold, before_cold, after_cold, cold_forge, cold_phases) =
-            self.first_cold(sim, drift_args).await?;
+        let FirstCold {
+            cold,
+            before: before_cold,
+            after: after_cold,
+            forge: cold_forge,
+            phases: cold_phases,
+        } = self.first_cold(sim, drift_args).await?;
         eprintln!(
             "fleet: API requests of the floor apply: {}; of the floor dry-run: {}; of the cold reconcile: {}",
             before_floor.requests_by_kind(&after_floor),
@@ -1267,15 +1308,9 @@ impl Fleet {
         // work took up to a third more CPU time in one window than in another), so the cold
         // reconcile is set against the mean of a floor apply before it and one after it.
         let floor_again = self
-            .run_measured(
-                this,
-                &["--floor-apply", repo_arg, &self.floor_after, &apps_arg],
-                "floor-apply-after.log",
-            )
+            .floor_after_round(repo_arg, &self.floor_after, "floor-apply-after.log")
             .await?;
         eprintln!("fleet: floor applied again in {:.1} s", floor_again.secs());
-        self.ensure_all_objects(&self.floor_after, "floor after")
-            .await?;
         // Further cold rounds, each set against the floor apply before it and the one after.
         let floor_mib = floor_apply.mib();
         let mut colds = vec![cold];
@@ -1646,11 +1681,11 @@ impl Sweeps {
         median(&self.floor_secs_each())
     }
     fn peak_mib(&self) -> f64 {
-        self.steady.iter().map(Measured::mib).fold(0.0, f64::max)
+        peak_mib(&self.steady)
     }
     /// The floor read client's largest peak RSS.
     fn floor_peak_mib(&self) -> f64 {
-        self.floor.iter().map(Measured::mib).fold(0.0, f64::max)
+        peak_mib(&self.floor)
     }
 
     fn row(&self, size: &str) -> anyhow::Result<String> {

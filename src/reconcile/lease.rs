@@ -590,20 +590,22 @@ impl LeaseGuard {
     }
 
     /// Stops holding a lease that the run's final record released (its token written with
-    /// it): nothing is written, and anyone may take the lease now. Returns the lease as last
-    /// written, for [`Leases::take_released`]; `None` if it was lost meanwhile.
-    pub fn finish(self) -> Option<Lease> {
+    /// it): nothing is written, and anyone may take the lease now. Returns the resourceVersion
+    /// of the lease as last written, for [`Leases::take_released`]; `None` if it was lost
+    /// meanwhile.
+    pub fn finish(self) -> Option<String> {
         self.renewer.abort();
         if self.watch.lost().is_some() {
             return None;
         }
-        Some(self.current.lock().expect("lease").clone())
+        let current = self.current.lock().expect("lease");
+        current.metadata.resource_version.clone()
     }
 
     /// Hands the lease back so the next holder does not wait for it to expire. Returns the
-    /// released lease as written, for [`Leases::take_released`]. A lease already lost is not
-    /// written: it may be someone else's now.
-    pub async fn release(self) -> Option<Lease> {
+    /// resourceVersion of the released lease as written, for [`Leases::take_released`]. A
+    /// lease already lost is not written: it may be someone else's now.
+    pub async fn release(self) -> Option<String> {
         // A renewal cut off mid-flight leaves `current` stale; the replace below then meets a
         // conflict and looks again.
         self.renewer.abort();
@@ -620,7 +622,7 @@ impl LeaseGuard {
                 .replace(&self.name, &PostParams::default(), &lease)
                 .await
             {
-                Ok(released) => return Some(released),
+                Ok(released) => return released.metadata.resource_version,
                 // Changed under us (a renewal racing the release): look again, and hand it
                 // back only if it is still ours.
                 Err(kube::Error::Api(e)) if e.code == 409 => {

@@ -266,9 +266,8 @@ impl Engine {
                 Some(guard) => guard.release().await,
                 None => None,
             };
-            let version = released.and_then(|lease| lease.metadata.resource_version);
-            slot.state = (version.is_some() && state_current).then_some(st);
-            slot.lease = version;
+            slot.state = (released.is_some() && state_current).then_some(st);
+            slot.lease = released;
         });
     }
 }
